@@ -1,0 +1,239 @@
+"""The three ``sparse_matrix`` layers: the sampled sparse layer, REINFORCE, and a dense baseline.
+
+Each answers a ``SparseMatrixSpec``: ``forward(x: (b, *in_shape)) -> (b, *out_shape)`` computes
+``y = W x`` with ``W`` of shape ``out_shape + in_shape``, and ``eval()`` makes ``W`` deterministic.
+The sparse and REINFORCE layers share the paper's parametrisation (``k`` continuous index tuples
+with means, variances and values, §3.1), so they differ only in how a gradient reaches the means.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.special import log_ndtr
+
+from estimators.base import SparseMatrixSpec, StructureLayer
+from estimators.sparse import (
+    SparseLayer,
+    SparseLayerError,
+    rounded_product,
+    sparse_mv,
+    weight_shape,
+)
+from estimators.sparse.functional import Normalise, transform_means, transform_sigmas
+
+__all__ = [
+    "DenseMatrixLayer",
+    "ReinforceMatrixLayer",
+    "SparseMatrixLayer",
+    "discretised_log_prob",
+]
+
+Baseline = Literal["moving_average", "leave_one_out"]
+
+
+class SparseMatrixLayer(StructureLayer):
+    """The paper's sampled sparse layer (Algorithm 1) with ``spec.k`` free continuous tuples.
+
+    Hyperparameters: ``a_l`` local and ``a_g`` global samples per tuple, the local ``region``
+    (default ``ceil(log2 h)`` per dimension, as in the paper's identity experiments), ``tau`` (the
+    variance floor), ``normalise`` (``"tuple"``: per continuous tuple, linear in ``k``; see
+    ``estimators.sparse.functional``) and ``chunk`` (tuples per gradient-accumulation pass).
+    """
+
+    def __init__(
+        self,
+        spec: SparseMatrixSpec,
+        *,
+        a_l: int = 2,
+        a_g: int = 2,
+        region: Sequence[int] | None = None,
+        tau: float = 0.1,
+        normalise: Normalise = "tuple",
+        chunk: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.sparse = SparseLayer(
+            spec.in_shape, spec.out_shape, spec.k, a_l=a_l, a_g=a_g, region=region, tau=tau,
+            normalise=normalise, chunk=chunk,
+        )
+        self._last_sample: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return self.sparse(x)
+        indices = self.sparse.sample_batch(x.shape[0])  # (b, k, s, r), no gradient
+        self._last_sample = indices[0].clone()  # (k, s, r): the first instance, for Fig. 3
+        return self.sparse(x, indices=indices)
+
+    def snapshot(self) -> dict[str, Tensor]:
+        """Means and variances ``(k, r)`` in index space, values ``(k,)`` and, after a training
+        forward, the integer tuples ``samples (k, s, r)`` of its first instance."""
+        out = {
+            "means": self.sparse.means().detach().cpu(),
+            "sigmas": self.sparse.sigmas().detach().cpu(),
+            "values": self.sparse.values.detach().cpu(),
+        }
+        if self._last_sample is not None:
+            out["samples"] = self._last_sample.cpu()
+        return out
+
+
+def discretised_log_prob(
+    indices: Tensor, means: Tensor, sigmas: Tensor, shape: Sequence[int]
+) -> Tensor:
+    """``log P(round(clamp(z)) = j)`` for ``z ~ N(mean, diag(sigma))``, summed over dimensions.
+
+    indices ``(..., r)`` int, means and variances ``(..., r)`` -> ``(...)``. Each integer ``j``
+    owns ``[j - 0.5, j + 0.5)``; the edge cells ``0`` and ``h - 1`` also own the tails beyond them,
+    since samples are clamped into bounds. Differentiable in means and sigmas.
+    """
+    std = sigmas.sqrt()
+    point = indices.to(means.dtype)
+    lo = (point - 0.5 - means) / std  # (..., r), finite everywhere so where() has clean grads
+    hi = (point + 0.5 - means) / std
+    upper = means.new_tensor(shape) - 1
+    first, last = point == 0, point == upper
+    # log(Phi(hi) - Phi(lo)); reflect intervals right of zero into the left tail for accuracy
+    flip = lo > 0
+    a, b = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
+    log_b, log_a = log_ndtr(b), log_ndtr(a)
+    tiny = torch.finfo(means.dtype).tiny
+    middle = log_b + torch.log(-torch.expm1((log_a - log_b).clamp(max=-tiny)))
+    cell = torch.where(first, log_ndtr(hi), torch.where(last, log_ndtr(-lo), middle))
+    cell = torch.where(first & last, torch.zeros_like(cell), cell)  # a dimension of size 1
+    return cell.sum(-1)
+
+
+class ReinforceMatrixLayer(StructureLayer):
+    """REINFORCE baseline of §3.1: one integer tuple per continuous tuple, score-function gradient.
+
+    Per forward, ``samples`` structures are drawn (instance ``i`` uses draw ``i % samples``): each
+    continuous tuple draws ``z ~ N(mean, diag(sigma))``, rounds and clamps it, and ``W`` holds value
+    ``nu`` there (values get the ordinary gradient). ``objective`` adds ``mean_s((L_s - baseline)
+    * log p_s)`` with ``L_s`` the mean loss of the instances that used draw ``s``, ``log p_s`` the
+    draw's log-probability under the discretised Gaussian, and the difference detached. Baselines:
+    ``"moving_average"`` of past losses (``baseline_decay``; the first call uses its own mean) or
+    ``"leave_one_out"``: the mean loss of the other draws (needs ``samples >= 2``).
+    """
+
+    def __init__(
+        self,
+        spec: SparseMatrixSpec,
+        *,
+        baseline: Baseline = "moving_average",
+        samples: int = 1,
+        baseline_decay: float = 0.9,
+        tau: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if baseline not in ("moving_average", "leave_one_out"):
+            raise SparseLayerError(
+                f"baseline must be 'moving_average' or 'leave_one_out', got {baseline!r}"
+            )
+        if samples < 1 or (baseline == "leave_one_out" and samples < 2):
+            raise SparseLayerError(
+                f"samples must be >= 1 (>= 2 for leave_one_out), got {samples} with {baseline!r}"
+            )
+        if not 0 <= baseline_decay < 1:
+            raise SparseLayerError(f"baseline_decay must be in [0, 1), got {baseline_decay}")
+        if spec.k < 1:
+            raise SparseLayerError(f"spec.k (number of index tuples) must be >= 1, got {spec.k}")
+        self.in_shape, self.out_shape = tuple(spec.in_shape), tuple(spec.out_shape)
+        self.shape = weight_shape(self.in_shape, self.out_shape)
+        self.baseline_kind: Baseline = baseline
+        self.samples, self.decay, self.tau = samples, baseline_decay, tau
+        self.means_raw = nn.Parameter(torch.randn(spec.k, len(self.shape)))
+        self.sigmas_raw = nn.Parameter(torch.zeros(spec.k))
+        self.values = nn.Parameter(torch.randn(spec.k))
+        self.register_buffer("baseline", torch.zeros(()))
+        self.register_buffer("baseline_set", torch.zeros((), dtype=torch.bool))
+        self._log_prob: Tensor | None = None  # (samples,) from the last training forward
+        self._last_sample: Tensor | None = None
+
+    def means(self) -> Tensor:
+        """Continuous index tuples in index space, ``(k, r)``."""
+        return transform_means(self.means_raw, self.shape)
+
+    def sigmas(self) -> Tensor:
+        """Per-dimension variances, ``(k, r)``."""
+        return transform_sigmas(self.sigmas_raw, self.shape, self.tau)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        means, values = self.means(), self.values  # (k, r), (k,)
+        if not self.training:
+            return rounded_product(
+                x, means.expand(b, -1, -1), values.expand(b, -1), self.in_shape, self.out_shape
+            )
+        if b < self.samples:
+            raise SparseLayerError(f"batch of {b} is smaller than samples={self.samples}")
+        sigmas = self.sigmas()  # (k, r)
+        with torch.no_grad():
+            noise = torch.randn(self.samples, *means.shape, device=means.device, dtype=means.dtype)
+            z = means + sigmas.sqrt() * noise  # (samples, k, r)
+            upper = means.new_tensor(self.shape) - 1
+            draws = torch.minimum(z.round().clamp(min=0), upper).long()  # (samples, k, r)
+        self._log_prob = discretised_log_prob(draws, means, sigmas, self.shape).sum(-1)
+        self._last_sample = draws[0]
+        which = torch.arange(b, device=x.device) % self.samples  # (b,)
+        return sparse_mv(x, draws[which], values.expand(b, -1), self.in_shape, self.out_shape)
+
+    def objective(self, per_sample_loss: Tensor) -> Tensor:
+        loss = per_sample_loss.mean()
+        if self._log_prob is None:  # eval, or the surrogate was already used
+            return loss
+        log_prob, self._log_prob = self._log_prob, None
+        with torch.no_grad():
+            which = torch.arange(per_sample_loss.shape[0], device=loss.device) % self.samples
+            draw_loss = torch.zeros_like(log_prob).index_add_(0, which, per_sample_loss.detach())
+            draw_loss /= torch.bincount(which, minlength=self.samples).to(draw_loss)  # (samples,)
+            if self.baseline_kind == "leave_one_out":
+                base = (draw_loss.sum() - draw_loss) / (self.samples - 1)
+            else:
+                if not self.baseline_set:
+                    self.baseline.copy_(draw_loss.mean())
+                    self.baseline_set.fill_(True)
+                base = self.baseline.clone()
+                self.baseline.mul_(self.decay).add_((1 - self.decay) * draw_loss.mean())
+            advantage = draw_loss - base  # (samples,)
+        return loss + (advantage * log_prob).mean()
+
+    def snapshot(self) -> dict[str, Tensor]:
+        """Means, variances ``(k, r)``, values ``(k,)`` and the first draw ``samples (k, r)``."""
+        out = {
+            "means": self.means().detach().cpu(),
+            "sigmas": self.sigmas().detach().cpu(),
+            "values": self.values.detach().cpu(),
+        }
+        if self._last_sample is not None:
+            out["samples"] = self._last_sample.cpu()
+        return out
+
+
+class DenseMatrixLayer(StructureLayer):
+    """A dense weight of shape ``out_shape + in_shape`` learned directly (the unstructured baseline).
+
+    Initialised like PyTorch's ``nn.Linear`` (uniform in ``+-1/sqrt(fan_in)``), the default that
+    the paper's appendix uses for standard layers.
+    """
+
+    def __init__(self, spec: SparseMatrixSpec) -> None:
+        super().__init__()
+        self.in_shape, self.out_shape = tuple(spec.in_shape), tuple(spec.out_shape)
+        weight_shape(self.in_shape, self.out_shape)  # validates the spec
+        bound = math.prod(self.in_shape) ** -0.5  # 1 / sqrt(fan_in)
+        weight = torch.empty(*self.out_shape, *self.in_shape).uniform_(-bound, bound)
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        w = self.weight.reshape(-1, math.prod(self.in_shape))  # (prod(out), prod(in))
+        return (x.reshape(b, -1) @ w.T).view(b, *self.out_shape)
+
+    def snapshot(self) -> dict[str, Tensor]:
+        return {"weight": self.weight.detach().cpu()}

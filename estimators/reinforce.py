@@ -1,0 +1,85 @@
+"""The ``reinforce`` estimator: score-function gradients with a detached baseline.
+
+- ``sparse_matrix``: the sparse layer's parametrisation, one sampled integer tuple per continuous
+  tuple (the paper's identity baseline).
+- ``glimpse``: a Gaussian policy over the glimpse box (RAM-style).
+- ``permutation`` from keys: permutations sampled from a Plackett-Luce distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from estimators.base import (
+    Estimator,
+    GlimpseSpec,
+    PermutationSpec,
+    SparseMatrixSpec,
+    Spec,
+    StructureLayer,
+    Unsupported,
+    hookimpl,
+)
+
+__all__ = ["ReinforceEstimator", "register_estimators"]
+
+
+class ReinforceEstimator(Estimator):
+    name: ClassVar[str] = "reinforce"
+    description: ClassVar[str] = "score-function (REINFORCE) gradient with a detached baseline"
+    kinds: ClassVar[frozenset[str]] = frozenset({"sparse_matrix", "glimpse", "permutation"})
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "baseline": "moving_average",  # or "leave_one_out" (needs samples > 1)
+        "baseline_decay": 0.9,
+        "samples": 1,  # draws per step (sparse_matrix, permutation)
+        "tau": 0.1,  # sigma floor, as in the sparse layer
+        "box_offset": 1.0,  # glimpse: initial box half-width in logit space
+        "std": 0.5,  # glimpse: initial policy standard deviation (logit space)
+        "learn_std": True,
+    }
+
+    def unsupported(self, spec: Spec, params: Mapping[str, Any] | None = None) -> str | None:
+        if isinstance(spec, PermutationSpec):
+            if spec.source != "keys":
+                return "reinforce samples permutations from keys (Plackett-Luce); no free permutation"
+            p = {**self.defaults, **(params or {})}
+            if p["samples"] != 1 or p["baseline"] == "leave_one_out":  # one draw per instance
+                return "Plackett-Luce takes samples = 1 with a moving-average or no baseline"
+        return super().unsupported(spec, params)
+
+    def build(self, spec: Spec, params: Mapping[str, Any]) -> StructureLayer:
+        reason = self.unsupported(spec, params)
+        if reason:
+            raise Unsupported(reason)
+        p = {**self.defaults, **params}
+        if isinstance(spec, SparseMatrixSpec):
+            from estimators.matrix_layers import ReinforceMatrixLayer
+
+            return ReinforceMatrixLayer(
+                spec,
+                baseline=p["baseline"],
+                samples=p["samples"],
+                baseline_decay=p["baseline_decay"],
+                tau=p["tau"],
+            )
+        if isinstance(spec, GlimpseSpec):
+            from estimators.glimpse_layers import ReinforceGlimpse
+
+            return ReinforceGlimpse(
+                spec,
+                box_offset=p["box_offset"],
+                std=p["std"],
+                learn_std=p["learn_std"],
+                baseline_decay=p["baseline_decay"],
+            )
+        from estimators.permutation_layers import PlackettLuceLayer
+
+        return PlackettLuceLayer(
+            spec, baseline=p["baseline"], baseline_decay=p["baseline_decay"], samples=p["samples"]
+        )
+
+
+@hookimpl
+def register_estimators(register: Callable[[Estimator], None]) -> None:
+    register(ReinforceEstimator())

@@ -1,0 +1,76 @@
+"""The ``sparse`` estimator: the paper's sampled sparse hyperlayer for every structure kind.
+
+- ``sparse_matrix``: Algorithm 1 with free parameters (identity task).
+- ``glimpse``: one adaptive sparse layer per glimpse from the source network (attention).
+- ``permutation`` from keys: differentiable quicksort from sparse half-permutations (sorting);
+  needs n to be a power of two, else the cell is n/a.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from estimators.base import (
+    Estimator,
+    GlimpseSpec,
+    PermutationSpec,
+    SparseMatrixSpec,
+    Spec,
+    StructureLayer,
+    Unsupported,
+    hookimpl,
+)
+
+__all__ = ["SparseEstimator", "register_estimators"]
+
+
+class SparseEstimator(Estimator):
+    name: ClassVar[str] = "sparse"
+    description: ClassVar[str] = "sampled sparse hyperlayer (Bloem et al. 2018, Algorithm 1)"
+    kinds: ClassVar[frozenset[str]] = frozenset({"sparse_matrix", "glimpse", "permutation"})
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "a_l": 2,  # local samples per continuous tuple
+        "a_g": 2,  # global samples per continuous tuple
+        "region": [],  # local sampling region per dimension; [] = log2 of each dimension
+        "tau": 0.1,  # floor added to sigma (footnote 2)
+        "chunk": 0,  # continuous tuples per gradient-accumulation pass; 0 = all at once
+        "box_offset": 1.0,  # glimpse: initial box half-width in logit space
+        "C": 10.0,  # quicksort: sigmoid sharpness
+        "samples": 0,  # quicksort: sampled half-permutations per step; 0 = n
+    }
+
+    def unsupported(self, spec: Spec, params: Mapping[str, Any] | None = None) -> str | None:
+        if isinstance(spec, PermutationSpec):
+            if spec.source != "keys":
+                return "sparse quicksort sorts keys; it learns no free permutation"
+            if spec.n < 2 or spec.n & (spec.n - 1):
+                return f"sparse quicksort needs n a power of two, got n={spec.n}"
+        return super().unsupported(spec, params)
+
+    def build(self, spec: Spec, params: Mapping[str, Any]) -> StructureLayer:
+        reason = self.unsupported(spec, params)
+        if reason:
+            raise Unsupported(reason)
+        p = {**self.defaults, **params}
+        region = tuple(p["region"]) or None
+        if isinstance(spec, SparseMatrixSpec):
+            from estimators.matrix_layers import SparseMatrixLayer
+
+            return SparseMatrixLayer(
+                spec, a_l=p["a_l"], a_g=p["a_g"], region=region, tau=p["tau"], chunk=p["chunk"] or None
+            )
+        if isinstance(spec, GlimpseSpec):
+            from estimators.glimpse_layers import SparseGlimpse
+
+            return SparseGlimpse(
+                spec, box_offset=p["box_offset"], a_l=p["a_l"], a_g=p["a_g"], region=region, tau=p["tau"]
+            )
+        from estimators.permutation_layers import QuicksortLayer
+
+        return QuicksortLayer(spec, C=p["C"], samples=p["samples"] or None)
+
+
+@hookimpl
+def register_estimators(register: Callable[[Estimator], None]) -> None:
+    register(SparseEstimator())

