@@ -168,7 +168,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from harness import plugins
     from harness.tracking import default_home, resolve_tracking_uri
-    from reports import build_report
+    from reports.build import build_report
 
     registry = plugins.load(args.plugin)
     uri = resolve_tracking_uri(args.tracking_uri)

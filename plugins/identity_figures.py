@@ -91,6 +91,7 @@ def _pick_steps(steps: list[int], count: int) -> list[int]:
 def draw_fig3(ctx: ReportContext) -> list[Path]:
     """The sparse layer at chosen iterations: means as solid blue circles, sigmas as transparent
     circles, sampled integer tuples as gray diamonds (row index downwards, as in a matrix)."""
+    import numpy as np
     from matplotlib.patches import Ellipse
 
     from reports.plotting import plt, save
@@ -110,11 +111,13 @@ def draw_fig3(ctx: ReportContext) -> list[Path]:
             raise NoFigureData(f"{SNAPSHOT} of run {run['run_name']} is not a rank-2 layer")
         n = int(layer.get("n") or max(max(m) for m in means) + 1)
         for (row, col), (s_row, s_col) in zip(means, sigmas, strict=True):
-            ax.add_patch(Ellipse((col, row), 2 * s_col, 2 * s_row, color="tab:blue", alpha=0.15,
-                                 linewidth=0))
+            # sigma is a variance (Algorithm 1): the circle spans one standard deviation
+            ax.add_patch(Ellipse((col, row), 2 * s_col**0.5, 2 * s_row**0.5, color="tab:blue",
+                                 alpha=0.15, linewidth=0))
         if layer.get("samples"):
-            ax.scatter([s[1] for s in layer["samples"]], [s[0] for s in layer["samples"]],
-                       marker="D", s=10, color="gray", alpha=0.6, linewidths=0)
+            samples = np.asarray(layer["samples"]).reshape(-1, 2)  # (k, s, 2) or (k, 2)
+            ax.scatter(samples[:, 1], samples[:, 0], marker="D", s=10, color="gray", alpha=0.6,
+                       linewidths=0)
         ax.scatter([m[1] for m in means], [m[0] for m in means], s=14, color="tab:blue")
         ax.set(xlim=(-0.5, n - 0.5), ylim=(n - 0.5, -0.5), aspect="equal", title=f"step {step}")
         ax.set_xticks([0, n - 1])

@@ -26,9 +26,9 @@ score-function term there). ``train/final_bce`` is the final-step term alone, co
 estimators.
 
 Evaluation uses the keys only (no sorting layer; BatchNorm in eval mode) on ``eval_instances`` test
-instances, drawn from a stream fixed by ``eval_instances`` alone, so every cell of every seed
-meets the same instances. A key order counts as correct when it is *a* correct sort: ties between
-equal numbers may come in either order (``plugins.data.numbers.sorting_correct``).
+instances drawn from a stream fixed by the sizes alone (``evaluation_instances``), so every cell
+of every seed meets the same instances. A key order counts as correct when it is *a* correct sort:
+ties between equal numbers may come in either order (``plugins.data.numbers.sorting_correct``).
 ``eval/per_element_acc`` is the fraction of positions that hold a number of the right value.
 
 Artifact ``quicksort_steps.json`` (written at the ``snapshots`` steps, before that step's update,
@@ -394,7 +394,7 @@ def _evaluate(
     protocol: str,
 ) -> dict[str, float]:
     """Score the keys of the test instances ``index`` (count, n, d) into ``images`` (N, 28, 28)."""
-    count, n, d = index.shape
+    n, d = index.shape[1:]
     per_pass = max(1, EVAL_IMAGES // (n * d))  # instances per key-network pass
     keys = torch.cat([keynet(images[part]) for part in index.split(per_pass)])  # (count, n)
     whole, items = sorting_correct(keys, values)  # (count,), (count, n) bool
@@ -406,10 +406,10 @@ def _evaluate(
 
 
 def _without_side_effects(model: nn.Module, device: torch.device, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` in training mode without gradients, restoring buffers and the RNG afterwards.
+    """Run ``fn`` without gradients, then restore the model's buffers and the RNG state.
 
-    Snapshots are taken between training steps; BatchNorm's running statistics and the layer's
-    random draws must not differ from a run that takes none.
+    Snapshots are taken between training steps, in training mode; BatchNorm's running statistics
+    and the layers' random draws must not differ from a run that takes none.
     """
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     devices = [device] if device.type == "cuda" else []

@@ -74,8 +74,15 @@ def _report_experiment(client: MlflowClient, store: StoreData) -> str:
     found = client.get_experiment_by_name(REPORTS_EXPERIMENT)
     if found is not None:
         return found.experiment_id
+    # Artifacts beside a sqlite store, as for the cell experiments; MLflow's default would be
+    # ./mlruns under whatever directory the report happens to run in.
+    location = None
+    if store.uri.startswith("sqlite:///"):
+        db = Path(store.uri.removeprefix("sqlite:///").split("?", 1)[0])
+        location = (db.resolve().parent / "artifacts" / REPORTS_EXPERIMENT).as_uri()
     return client.create_experiment(
-        REPORTS_EXPERIMENT, tags={"mlflow.experimentKind": "custom_model_development"}
+        REPORTS_EXPERIMENT, artifact_location=location,
+        tags={"mlflow.experimentKind": "custom_model_development"},
     )
 
 

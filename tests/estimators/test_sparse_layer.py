@@ -422,3 +422,27 @@ def test_bad_input_raises_specific_errors():
                        torch.ones(2, 1), (4,), (3,))
     with pytest.raises(SparseLayerError, match="2\\^62"):
         SparseLayer((2**40,), (2**40,), 1)
+
+
+def test_training_moves_a_tuple_onto_the_target_entry():
+    """Gradient descent through the proportions alone moves the mean to the right integer tuple."""
+    torch.manual_seed(0)
+    n, target = 6, (4, 1)
+    layer = SparseLayer((n,), (n,), 1, a_l=2, a_g=2)
+    with torch.no_grad():
+        layer.means_raw.copy_(torch.tensor([[0.5, -0.9]]))  # index space (3.1, 1.4)
+        layer.values.fill_(1.0)
+    w = torch.zeros(n, n)
+    w[target] = 1.0
+    opt = torch.optim.Adam(layer.parameters(), lr=0.05)
+    for _ in range(300):
+        x = torch.randn(32, n)
+        loss = (layer(x) - x @ w.T).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.testing.assert_close(layer.means().detach(), torch.tensor([[4.0, 1.0]]), atol=0.05, rtol=0)
+    assert layer.sigmas()[0, 0].item() < 0.2  # the variance shrank towards tau
+    layer.eval()
+    x = torch.randn(16, n)
+    torch.testing.assert_close(layer(x), x @ w.T * layer.values.item())

@@ -53,6 +53,15 @@ LAYERS = {
 TASK = SortingTask()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Conv nets on a shared 2-core box run several times faster on one intra-op thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small_params(**over: object) -> dict:
     return {
         **TASK.defaults, "n": 4, "digits": 1, "batch_size": 8, "eval_instances": 24,
@@ -312,9 +321,10 @@ def test_artifact_has_the_documented_schema(layer: str, tmp_path: Path) -> None:
     assert len(data["keys"]) == n
     mats = np.asarray(data["matrices"])
     assert mats.shape == (steps, n, n)
-    np.testing.assert_allclose(mats.sum(axis=2), 1.0, atol=1e-5)  # every output mixes inputs
+    assert (mats >= 0).all()
     if layer in ("quicksort", "plackett_luce"):  # mixtures of permutations: doubly stochastic
         np.testing.assert_allclose(mats.sum(axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(mats.sum(axis=2), 1.0, atol=1e-5)
     for side in ("x", "t"):
         for feature in ("values", "intensity"):
             assert np.asarray(data[side][feature]).shape == (steps + 1, n)

@@ -19,7 +19,7 @@ from harness import hookspecs
 from harness.errors import UsageError
 from reports.build import REPORTS_EXPERIMENT, build_report
 from reports.figure import Figure, ReportResult
-from reports.frame import read_store
+from reports.frame import display_uri, read_store
 from reports.tables import best_sweeps, matrix_summary
 
 FIGURE_PLUGINS = (plugins.identity_figures, plugins.attention_figures, plugins.sorting_figures)
@@ -155,7 +155,10 @@ def test_report_is_a_run_in_the_store_and_never_read_as_a_cell(
     run = client.get_run(full_report.run_id)
     assert run.info.run_name == "report" and run.info.status == "FINISHED"
     assert run.data.tags["sparsebench.role"] == "report"
-    assert client.get_experiment(run.info.experiment_id).name == REPORTS_EXPERIMENT
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == REPORTS_EXPERIMENT
+    assert experiment.artifact_location == (
+        layout_store.root / "artifacts" / REPORTS_EXPERIMENT).resolve().as_uri()
     logged = {f.path for f in client.list_artifacts(full_report.run_id)}
     assert {"index.html", "frame.parquet", "fig2_identity.png", "fig3_identity_layer.svg",
             "table1_attention.html", "matrix_heatmap.png"} <= logged
@@ -209,3 +212,9 @@ def test_figure_modules_import_without_heavy_packages() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_store_uri_is_shown_without_credentials() -> None:
+    assert display_uri("postgresql://ann:secret@db.example:5432/mlflow") == (
+        "postgresql://db.example:5432/mlflow")
+    assert display_uri("sqlite:////tmp/x/mlflow.db") == "sqlite:////tmp/x/mlflow.db"
