@@ -80,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="rerun cells that already finished")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     run.add_argument("--no-progress", action="store_true", help="no live progress bars")
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch (default: torch's choice; 1 helps on a busy machine)",
+    )
     sub.add_parser("list", parents=[common, matrix], help="tasks, estimators and the cells of a preset")
     sub.add_parser("plugins", parents=[common], help="every plugin, where it came from, what it registered")
     report = sub.add_parser("report", parents=[common], help="figures and tables from the store")
@@ -130,6 +136,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     registry, cells = _load(args)
     device = runner.pick_device(args.device)
+    if args.threads < 0:
+        raise UsageError(f"--threads {args.threads}: must be 0 (torch's default) or more")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     console = _console()
     if args.dry_run:
         summary.print_cells(console, cells)
@@ -200,12 +212,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
         args.host,
         "--port",
         str(args.port),
+        "--workers",
+        "1",
     ]
     if tracker.artifact_root:
         command += ["--default-artifact-root", tracker.artifact_root]
     print(f"dashboard: {ui_url(args.port, host=args.host)}  (Ctrl-C stops it)", flush=True)
     try:
-        return subprocess.call(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+        # One worker and no background job runners: a local dashboard, not a shared service.
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        return subprocess.call(command, env=env)
     except KeyboardInterrupt:
         return 0
 

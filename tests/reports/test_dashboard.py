@@ -1,11 +1,11 @@
-"""The MLflow dashboard shows a store written in the layout: a real ``mlflow server`` on a test
-store, driven by headless Chromium through Playwright (the system's /usr/bin/chromium; never
-``playwright install``). Screenshots go to ``$SPARSEBENCH_TEST_ARTIFACTS`` (else a tmp dir)."""
+"""The MLflow dashboard shows a store written in the layout: ``sparsebench ui`` (a real
+``mlflow server``) on a test store, driven by headless Chromium through Playwright (the
+system's /usr/bin/chromium; never ``playwright install``). Screenshots go to
+``$SPARSEBENCH_TEST_ARTIFACTS`` (else a tmp dir)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -53,13 +53,11 @@ def server(dashboard_store, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         pytest.skip(f"{CHROMIUM} is absent: install it with `apt-get install -y chromium`")
     port = _free_port()
     log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
-    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    # `sparsebench ui` itself, so the command users run is the one under test.
     proc = subprocess.Popen(
-        [mlflow, "server", "--backend-store-uri", dashboard_store.uri,
-         "--default-artifact-root", (dashboard_store.root / "artifacts").as_uri(),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        [sys.executable, "-m", "harness.cli", "ui", "--tracking-uri", dashboard_store.uri,
+         "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     try:
         deadline = time.monotonic() + SERVER_START_S
