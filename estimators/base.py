@@ -151,6 +151,7 @@ class Estimator:
     Optional:
     - ``defaults``: hyperparameters and their default values; config keys under
       ``[estimators.<name>]`` must be among them (their types are checked against the defaults).
+    - ``choices``: for string parameters with a fixed set of values, that set (checked too).
     - ``unsupported(spec, params)``: a reason string when a spec of a supported kind (or these
       parameters) still cannot be served; checked before any training, so the matrix says ``n/a``.
     """
@@ -159,6 +160,7 @@ class Estimator:
     description: ClassVar[str] = ""
     kinds: ClassVar[frozenset[str]] = frozenset()
     defaults: ClassVar[Mapping[str, Any]] = {}
+    choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {}
 
     def unsupported(self, spec: Spec, params: Mapping[str, Any] | None = None) -> str | None:
         if spec.kind not in self.kinds:

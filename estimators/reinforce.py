@@ -39,6 +39,8 @@ class ReinforceEstimator(Estimator):
         "learn_std": True,
     }
 
+    choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {"baseline": ("moving_average", "leave_one_out")}
+
     def unsupported(self, spec: Spec, params: Mapping[str, Any] | None = None) -> str | None:
         if isinstance(spec, PermutationSpec):
             if spec.source != "keys":

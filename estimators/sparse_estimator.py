@@ -35,10 +35,18 @@ class SparseEstimator(Estimator):
         "region": [],  # local sampling region per dimension; [] = log2 of each dimension
         "tau": 0.1,  # floor added to sigma (footnote 2)
         "chunk": 0,  # continuous tuples per gradient-accumulation pass; 0 = all at once
+        # sparse_matrix: "pooled" spreads each tuple over all k tuples' samples (Algorithm 1 as
+        # written, O(b k^2 s)); "tuple" over its own samples only (O(b k s), for very large k).
+        "normalise": "pooled",
+        # sparse_matrix: values fixed at 1, only the structure learned (the original identity
+        # runs); with learned values the layer finds cancelling +/- pairs that rounding breaks.
+        "fix_values": True,
         "box_offset": 1.0,  # glimpse: initial box half-width in logit space
         "C": 10.0,  # quicksort: sigmoid sharpness
         "samples": 0,  # quicksort: sampled half-permutations per step; 0 = n
     }
+
+    choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {"normalise": ("pooled", "tuple")}
 
     def unsupported(self, spec: Spec, params: Mapping[str, Any] | None = None) -> str | None:
         if isinstance(spec, PermutationSpec):
@@ -58,7 +66,14 @@ class SparseEstimator(Estimator):
             from estimators.matrix_layers import SparseMatrixLayer
 
             return SparseMatrixLayer(
-                spec, a_l=p["a_l"], a_g=p["a_g"], region=region, tau=p["tau"], chunk=p["chunk"] or None
+                spec,
+                a_l=p["a_l"],
+                a_g=p["a_g"],
+                region=region,
+                tau=p["tau"],
+                normalise=p["normalise"],
+                fix_values=p["fix_values"],
+                chunk=p["chunk"] or None,
             )
         if isinstance(spec, GlimpseSpec):
             from estimators.glimpse_layers import SparseGlimpse

@@ -14,9 +14,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from estimators.base import Spec
+from estimators.base import Estimator, Spec
 from harness.errors import ConfigError, UsageError
+from harness.plugins import REQUIRED_TASK_PARAMS as RUNNER_PARAMS
 from harness.plugins import Registry
+from harness.task import Task
 
 __all__ = ["Cell", "Selection", "resolve_cells"]
 
@@ -93,13 +95,16 @@ def _typed(where: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def _update(
-    where: str, params: dict[str, Any], extra: Mapping[str, Any], defaults: Mapping[str, Any]
-) -> None:
+def _update(where: str, params: dict[str, Any], extra: Mapping[str, Any], owner: Task | Estimator) -> None:
+    """Apply ``extra`` to ``params``, checking keys, types and choices against the plugin."""
+    defaults, choices = owner.defaults, owner.choices
     for key, value in extra.items():
         if key not in defaults:
             raise ConfigError(f"{where}: unknown key {key!r}; known: {', '.join(sorted(defaults))}")
         params[key] = _typed(where, key, value, defaults[key])
+        if key in choices and value not in choices[key]:
+            allowed = ", ".join(map(repr, choices[key]))
+            raise ConfigError(f"{where}: {key} = {value!r} is not one of {allowed}")
 
 
 def _names(where: str, value: Any, known: Iterable[str], what: str) -> list[str]:
@@ -115,8 +120,8 @@ def _names(where: str, value: Any, known: Iterable[str], what: str) -> list[str]
 
 
 def _variant_label(variant: Mapping[str, Any], params: Mapping[str, Any], size_key: str) -> str:
-    """``n=16``; the size always shows, then whatever else the variant sets."""
-    keys = [size_key, *(k for k in variant if k != size_key)]
+    """``n=16``; the size always shows, then what else the variant sets, bar training lengths."""
+    keys = [size_key, *(k for k in variant if k not in (size_key, *RUNNER_PARAMS))]
     return ",".join(f"{k}={params[k]}" for k in keys)
 
 
@@ -175,11 +180,11 @@ def resolve_cells(
             f"[tasks.{name}]", scratch, {k: v for k, v in section.items() if k != "variants"}, task.defaults
         )
         for variant in section.get("variants", []):
-            _update(f"[tasks.{name}] variant {variant!r}", dict(scratch), variant, task.defaults)
+            _update(f"[tasks.{name}] variant {variant!r}", dict(scratch), variant, task)
     for name, section in config.get("estimators", {}).items():
         _names("[estimators]", name, registry.estimators, "estimator")
         est = registry.estimator(name)
-        _update(f"[estimators.{name}]", dict(est.defaults), section, est.defaults)
+        _update(f"[estimators.{name}]", dict(est.defaults), section, est)
     overrides = config.get("overrides", [])
     for i, ov in enumerate(overrides):
         bad = sorted(set(ov) - set(OVERRIDE_KEYS))
@@ -194,10 +199,10 @@ def resolve_cells(
         section = copy.deepcopy(config.get("tasks", {}).get(task_name, {}))
         variants = section.pop("variants", [{}])
         base = dict(task.defaults)
-        _update(f"[tasks.{task_name}]", base, section, task.defaults)
+        _update(f"[tasks.{task_name}]", base, section, task)
         for variant in variants:
             vparams = dict(base)
-            _update(f"[tasks.{task_name}] variant {variant!r}", vparams, variant, task.defaults)
+            _update(f"[tasks.{task_name}] variant {variant!r}", vparams, variant, task)
             if selection.sizes and vparams[task.size_key] not in selection.sizes:
                 continue
             label = _variant_label(variant, vparams, task.size_key)
@@ -222,12 +227,12 @@ def _expand(
     where = f"{task_name}/{label}/{est_name}"
     tparams = dict(vparams)
     eparams = dict(est.defaults)
-    _update(f"[estimators.{est_name}]", eparams, config.get("estimators", {}).get(est_name, {}), est.defaults)
+    _update(f"[estimators.{est_name}]", eparams, config.get("estimators", {}).get(est_name, {}), est)
     sweep: dict[str, list[Any]] = {}
     for ov in overrides:
         if _matches(ov.get("match", {}), task_name, est_name, vparams):
-            _update(f"[[overrides]] for {where} task", tparams, ov.get("task", {}), task.defaults)
-            _update(f"[[overrides]] for {where} estimator", eparams, ov.get("estimator", {}), est.defaults)
+            _update(f"[[overrides]] for {where} task", tparams, ov.get("task", {}), task)
+            _update(f"[[overrides]] for {where} estimator", eparams, ov.get("estimator", {}), est)
             sweep.update(ov.get("sweep", {}))
     points: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
     keys = list(sweep)
@@ -236,9 +241,9 @@ def _expand(
         for key, value in zip(keys, combo, strict=True):
             scope, _, name = key.partition(".")
             if scope == "task":
-                _update(f"[[overrides]] sweep for {where}", tp, {name: value}, task.defaults)
+                _update(f"[[overrides]] sweep for {where}", tp, {name: value}, task)
             elif scope == "estimator":
-                _update(f"[[overrides]] sweep for {where}", ep, {name: value}, est.defaults)
+                _update(f"[[overrides]] sweep for {where}", ep, {name: value}, est)
             else:
                 raise ConfigError(f"[[overrides]] sweep key {key!r} must start with 'task.' or 'estimator.'")
         label_sweep = ",".join(f"{k.partition('.')[2]}={v}" for k, v in zip(keys, combo, strict=True))

@@ -69,6 +69,7 @@ class Task:
     - ``spec(kind, params)``: the structure spec to ask the estimator for.
     - ``setup(cell)``: build data and model on ``cell.device`` and return a ``TaskRun``.
     Optional:
+    - ``choices``: for parameters with a fixed set of values, that set (checked with the config).
     - ``check(params)``: raise ``harness.errors.UsageError`` for a problem found before any training
       (missing data root, a size the task cannot take); the CLI turns it into exit code 2.
     """
@@ -77,6 +78,7 @@ class Task:
     description: ClassVar[str] = ""
     kinds: ClassVar[tuple[str, ...]] = ()
     defaults: ClassVar[Mapping[str, Any]] = {}
+    choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {}
     size_key: ClassVar[str] = "n"
     primary_metric: ClassVar[str] = "eval/loss"
 

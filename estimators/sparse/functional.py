@@ -21,10 +21,13 @@ Conventions used throughout:
 Normalisation. ``normalise="tuple"`` (the default) normalises each continuous tuple's proportions
 over *its own* ``s`` samples, which costs ``O(b * k * s)``. ``normalise="pooled"`` is the literal
 Algorithm 1: every continuous tuple spreads its value over the samples of *all* ``k`` tuples of
-its instance, which costs ``O(b * k^2 * s)`` and dominated the reference code's run time; it is
-here for small ``k`` and for comparison. In both forms duplicate integer tuples (found exactly on
-flat indices, per continuous tuple or per pool) get proportion zero *before* normalising, and
-normalising happens in log space (a softmax), so tiny densities never divide by zero.
+its instance, which costs ``O(b * k^2 * s)`` and dominated the reference code's run time. It is
+also the form that learns free structures such as the identity (§3.1): a tuple feels the loss at
+entries sampled by any tuple, so tuples stuck on one entry find the empty ones, which per-tuple
+normalisation, seeing only a tuple's own few samples, rarely does. In both forms duplicate
+integer tuples (found exactly on flat indices, per continuous tuple or per pool) get proportion
+zero *before* normalising, and normalising happens in log space (a softmax), so tiny densities
+never divide by zero.
 """
 
 from __future__ import annotations

@@ -88,6 +88,11 @@ class SparseLayer(_Sampling):
     spread over the whole tensor), ``sigmas_raw (k,)`` (zero: variance ``softplus(2) * 0.1 * h +
     tau``) and ``values (k,)`` (random normal). ``forward(x: (b, *in_shape)) -> (b, *out_shape)``
     samples each instance's integer tuples independently, so a batch explores ``b`` random graphs.
+
+    ``fix_values=True`` (default False) makes ``values`` a buffer of ones, as the reference code's
+    ``fix_values`` option: only the structure is learned. For a 0/1 target such as the identity
+    (§3.1) this removes the degenerate optimum in which tuples of opposite-sign values overlap and
+    cancel in expectation while their rounded means sit on the wrong entries.
     """
 
     def __init__(
@@ -103,6 +108,7 @@ class SparseLayer(_Sampling):
         normalise: Normalise = "tuple",
         chunk: int | None = None,
         learn_dims: Sequence[int] | None = None,
+        fix_values: bool = False,
     ) -> None:
         super().__init__(
             in_shape, out_shape, a_l=a_l, a_g=a_g, region=region, tau=tau, normalise=normalise,
@@ -113,7 +119,12 @@ class SparseLayer(_Sampling):
         self.k = k
         self.means_raw = nn.Parameter(torch.randn(k, self.rank))
         self.sigmas_raw = nn.Parameter(torch.zeros(k))
-        self.values = nn.Parameter(torch.randn(k))
+        self.fix_values = fix_values
+        self.values: Tensor
+        if fix_values:
+            self.register_buffer("values", torch.ones(k))
+        else:
+            self.values = nn.Parameter(torch.randn(k))
 
     def means(self) -> Tensor:
         """Continuous index tuples in index space, ``(k, r)``."""
@@ -122,6 +133,9 @@ class SparseLayer(_Sampling):
     def sigmas(self) -> Tensor:
         """Per-dimension variances, ``(k, r)``."""
         return SF.transform_sigmas(self.sigmas_raw, self.shape, self.tau)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, k={self.k}, fix_values={self.fix_values}"
 
     def sample_batch(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
         """A fresh integer sample ``(batch, k, s, r)`` to pass to ``forward(indices=...)``."""

@@ -178,3 +178,22 @@ def test_reinforce_rejects_bad_settings():
     layer = ReinforceMatrixLayer(SPEC, baseline="leave_one_out", samples=4)
     with pytest.raises(SparseLayerError, match="smaller than samples"):
         layer(torch.ones(2, 6))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sparse_layer_learns_the_exact_identity_with_fixed_values(seed):
+    """Paper §3.1 in miniature: pooled proportions and unit values reach W = I after rounding."""
+    torch.manual_seed(seed)
+    n = 6
+    spec = SparseMatrixSpec(in_shape=(n,), out_shape=(n,), k=n)
+    layer = SparseMatrixLayer(spec, a_l=1, a_g=2, fix_values=True)
+    assert layer.sparse.normalise == "pooled"  # the documented default (Algorithm 1)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.02)
+    for _ in range(400):
+        x = torch.randn(32, n)
+        loss = (layer(x) - x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    layer.eval()
+    torch.testing.assert_close(_read_w(layer, spec, "cpu"), torch.eye(n), atol=0, rtol=0)

@@ -446,3 +446,22 @@ def test_training_moves_a_tuple_onto_the_target_entry():
     layer.eval()
     x = torch.randn(16, n)
     torch.testing.assert_close(layer(x), x @ w.T * layer.values.item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fix_values_keeps_unit_values_and_learns_only_the_structure(device):
+    """``fix_values``: values are a buffer of ones (saved, moved, never optimised)."""
+    torch.manual_seed(0)
+    layer = SparseLayer((5,), (4,), 3, fix_values=True).to(device)
+    names = {name for name, _ in layer.named_parameters()}
+    assert names == {"means_raw", "sigmas_raw"}
+    assert "values" in layer.state_dict() and layer.values.device.type == device
+    torch.testing.assert_close(layer.values, torch.ones(3, device=device))
+    layer(torch.randn(8, 5, device=device)).square().sum().backward()
+    assert layer.means_raw.grad is not None and layer.means_raw.grad.abs().sum() > 0
+    assert layer.sigmas_raw.grad is not None and layer.values.grad is None
+    layer.eval()
+    x = torch.randn(2, 5, device=device)
+    idx = layer.means().detach().round().long()  # (3, 2): (row, col) of each unit entry
+    w = torch.zeros(4, 5, device=device).index_put_(tuple(idx.T), layer.values, accumulate=True)
+    torch.testing.assert_close(layer(x), x @ w.T)
