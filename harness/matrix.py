@@ -176,9 +176,7 @@ def resolve_cells(
         _names("[tasks]", name, registry.tasks, "task")
         task = registry.task(name)
         scratch = dict(task.defaults)
-        _update(
-            f"[tasks.{name}]", scratch, {k: v for k, v in section.items() if k != "variants"}, task.defaults
-        )
+        _update(f"[tasks.{name}]", scratch, {k: v for k, v in section.items() if k != "variants"}, task)
         for variant in section.get("variants", []):
             _update(f"[tasks.{name}] variant {variant!r}", dict(scratch), variant, task)
     for name, section in config.get("estimators", {}).items():

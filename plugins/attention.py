@@ -298,6 +298,7 @@ class _Artifacts:
             "labels": self.test.labels[:n].tolist(),
             "predictions": out.logits.argmax(1).cpu().tolist(),
             "digit_boxes_xyxy": self.test.boxes[:n].tolist(),  # pixel edges (x0, y0, x1, y1)
+            "images": self.images[:, 0].float().div(255.0).round(decimals=3).tolist(),  # (8, C, C)
         }
         arrays = {
             "images": self.images.cpu().numpy(),  # (8, 1, C, C) uint8
@@ -308,9 +309,10 @@ class _Artifacts:
             if isinstance(model.layer, GlimpseLayer):
                 boxes_px = model.layer.box_pixels(out.boxes, h, w).cpu()  # (8, g, 4)
                 record["boxes_yxyx"] = boxes_px.tolist()  # pixel centres (y0, x0, y1, x1)
+                record["boxes"] = boxes_px[..., [0, 2, 1, 3]].tolist()  # (y0, y1, x0, x1), Fig. 4
                 arrays["boxes_yxyx"] = boxes_px.numpy()
             record["boxes_raw"] = out.boxes.cpu().tolist()
-            record["glimpse_contents"] = out.glimpses.cpu().round(decimals=4).tolist()
+            record["glimpses"] = out.glimpses[:, :, 0].cpu().round(decimals=4).tolist()  # (8, g, k, k)
             arrays["boxes_raw"] = out.boxes.cpu().numpy()
             arrays["glimpse_contents"] = out.glimpses.cpu().numpy()  # (8, g, c, k, k)
         for key, value in model.layer.snapshot().items():

@@ -2,7 +2,7 @@
 (learned glimpses).
 
 Table 1 reads each cell's glimpse configuration from its params ``task.glimpses`` (count) and
-``task.size`` (glimpse side, pixels).
+``task.glimpse`` (glimpse side, pixels).
 
 Fig. 4 reads ``snapshots/step=<n>/glimpses.json`` of attention cells (the last snapshot of each
 glimpse configuration)::
@@ -53,7 +53,7 @@ def _config(group: pd.DataFrame) -> tuple[int, int] | None:
 
     try:
         g = pd.to_numeric(group["params.task.glimpses"]).iloc[0]
-        k = pd.to_numeric(group["params.task.size"]).iloc[0]
+        k = pd.to_numeric(group["params.task.glimpse"]).iloc[0]
     except (KeyError, ValueError):
         return None
     return (int(g), int(k)) if pd.notna(g) and pd.notna(k) else None
@@ -125,9 +125,12 @@ def draw_fig4(ctx: ReportContext) -> list[Path]:
     for variant in sorted(runs["variant"].unique(), key=natural_key):
         for _, run in runs[runs["variant"].eq(variant)].iterrows():
             snaps = ctx.snapshots(run["run_id"], SNAPSHOT)
-            if snaps:
-                step, path = next(reversed(snaps.items()))
-                shown.append((run, step, json.loads(path.read_text())))
+            if not snaps:
+                continue
+            step, path = next(reversed(snaps.items()))
+            data = json.loads(path.read_text())
+            if "boxes" in data:  # the dense baseline takes no glimpse
+                shown.append((run, step, data))
                 break
     if not shown:
         raise NoFigureData(f"no attention cell has logged snapshots/step=<n>/{SNAPSHOT}")

@@ -99,6 +99,7 @@ class IdentityTask(Task):
             evaluate=evaluate,
             write_artifacts=write_artifacts,
             snapshot_steps=tuple(cell.params["snapshots"]),
+            provenance={"data.source": "synthetic-normal", "data.eval_size": str(len(x_eval))},
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pytest
 import torch
@@ -89,7 +91,7 @@ def test_failed_and_diverged_cells_do_not_stop_the_matrix(home, third_party):
     artifacts = [a.path for a in client.list_artifacts(cells.loc["exploding", "run_id"])]
     assert "traceback.txt" in artifacts
     text = client.download_artifacts(cells.loc["exploding", "run_id"], "traceback.txt")
-    assert "RuntimeError: boom" in open(text).read()
+    assert "RuntimeError: boom" in Path(text).read_text()
 
 
 def test_interrupted_cell_is_killed_then_resumed(home, third_party, monkeypatch):

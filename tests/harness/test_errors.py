@@ -33,7 +33,10 @@ def recorded(home):
         (["--set", "bogus.key=1"], "unknown config table 'bogus'"),
         (["--set", "estimators.sparse.a_l=1.5"], "a_l = 1.5 should be int"),
         (["--preset", "nosuchpreset"], "unknown preset 'nosuchpreset'"),
-        (["--plugin", "sb_no_such_module"], "plugin 'sb_no_such_module' (module sb_no_such_module) failed to import"),
+        (
+            ["--plugin", "sb_no_such_module"],
+            "plugin 'sb_no_such_module' (module sb_no_such_module) failed to import",
+        ),
     ],
 )
 def test_bad_input_exits_2_and_leaves_the_store_alone(recorded, home, capsys, args, message):

@@ -94,7 +94,8 @@ def test_plugin_option_and_env_var(third_party, monkeypatch):
             "is invalid",
         ),
         (
-            "from estimators.base import Estimator, hookimpl\nclass E(Estimator):\n    kinds = frozenset({'x'})\n"
+            "from estimators.base import Estimator, hookimpl\n"
+            "class E(Estimator):\n    kinds = frozenset({'x'})\n"
             "@hookimpl\ndef register_estimators(register):\n    register(E())\n",
             "without a name",
         ),

