@@ -8,6 +8,7 @@ cells one after another; Ctrl-C marks the current cell and the parent run KILLED
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import resource
@@ -242,7 +243,7 @@ def run_matrix(
     env_tags = environment_tags(str(device))
     progress = CellProgress(len(todo)) if show_progress else None
     try:
-        with progress or _Null():
+        with progress or contextlib.nullcontext():
             for cell in todo:
                 results.append(
                     _run_one(
@@ -258,14 +259,6 @@ def run_matrix(
     tracker.set_tags(parent, {STATUS_TAG: "failed" if failed else "finished"})
     tracker.end(parent, "FINISHED")
     return results
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _run_one(
