@@ -6,7 +6,6 @@ touches the tracking store, so a typo costs one line and exit code 2, never a ha
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
@@ -171,18 +170,20 @@ def resolve_cells(
         if size <= 0:
             raise ConfigError(f"--size {size}: sizes must be positive")
 
-    # Every section is checked, selected or not: a typo should not wait for the day it is selected.
-    for name, section in config.get("tasks", {}).items():
+    # Every section is resolved, selected or not: a typo should not wait for the day it is selected.
+    task_sections, est_sections = config.get("tasks", {}), config.get("estimators", {})
+    for name in task_sections:
         _names("[tasks]", name, registry.tasks, "task")
-        task = registry.task(name)
-        scratch = dict(task.defaults)
-        _update(f"[tasks.{name}]", scratch, {k: v for k, v in section.items() if k != "variants"}, task)
-        for variant in section.get("variants", []):
-            _update(f"[tasks.{name}] variant {variant!r}", dict(scratch), variant, task)
-    for name, section in config.get("estimators", {}).items():
+    for name in est_sections:
         _names("[estimators]", name, registry.estimators, "estimator")
-        est = registry.estimator(name)
-        _update(f"[estimators.{name}]", dict(est.defaults), section, est)
+    variants_of = {
+        name: _task_variants(name, task_sections.get(name, {}), registry.task(name))
+        for name in dict.fromkeys([*task_sections, *task_names])
+    }
+    est_base = {
+        name: _resolved(f"[estimators.{name}]", est_sections.get(name, {}), registry.estimator(name))
+        for name in dict.fromkeys([*est_sections, *est_names])
+    }
     overrides = config.get("overrides", [])
     for i, ov in enumerate(overrides):
         bad = sorted(set(ov) - set(OVERRIDE_KEYS))
@@ -193,22 +194,38 @@ def resolve_cells(
 
     cells: list[Cell] = []
     for task_name in task_names:
-        task = registry.task(task_name)
-        section = copy.deepcopy(config.get("tasks", {}).get(task_name, {}))
-        variants = section.pop("variants", [{}])
-        base = dict(task.defaults)
-        _update(f"[tasks.{task_name}]", base, section, task)
-        for variant in variants:
-            vparams = dict(base)
-            _update(f"[tasks.{task_name}] variant {variant!r}", vparams, variant, task)
-            if selection.sizes and vparams[task.size_key] not in selection.sizes:
+        size_key = registry.task(task_name).size_key
+        for variant, vparams in variants_of[task_name]:
+            if selection.sizes and vparams[size_key] not in selection.sizes:
                 continue
-            label = _variant_label(variant, vparams, task.size_key)
+            label = _variant_label(variant, vparams, size_key)
             for est_name in est_names:
-                cells += _expand(task_name, label, vparams, est_name, seeds, config, registry, overrides)
+                cells += _expand(
+                    task_name, label, vparams, est_name, est_base[est_name], seeds, registry, overrides
+                )
     if not cells:
         raise ConfigError("the selection matches no cell: check --task, --estimator and --size")
     return cells
+
+
+def _resolved(where: str, extra: Mapping[str, Any], owner: Task | Estimator) -> dict[str, Any]:
+    """The plugin's defaults with ``extra`` applied and checked."""
+    params = dict(owner.defaults)
+    _update(where, params, extra, owner)
+    return params
+
+
+def _task_variants(
+    name: str, section: Mapping[str, Any], task: Task
+) -> list[tuple[Mapping[str, Any], dict[str, Any]]]:
+    """(variant table, resolved task params) for each variant of a ``[tasks.<name>]`` section."""
+    base = _resolved(f"[tasks.{name}]", {k: v for k, v in section.items() if k != "variants"}, task)
+    out = []
+    for variant in section.get("variants", [{}]):
+        params = dict(base)
+        _update(f"[tasks.{name}] variant {variant!r}", params, variant, task)
+        out.append((variant, params))
+    return out
 
 
 def _expand(
@@ -216,16 +233,15 @@ def _expand(
     label: str,
     vparams: dict[str, Any],
     est_name: str,
+    est_params: dict[str, Any],
     seeds: list[int],
-    config: Mapping[str, Any],
     registry: Registry,
     overrides: list[Mapping[str, Any]],
 ) -> list[Cell]:
     task, est = registry.task(task_name), registry.estimator(est_name)
     where = f"{task_name}/{label}/{est_name}"
     tparams = dict(vparams)
-    eparams = dict(est.defaults)
-    _update(f"[estimators.{est_name}]", eparams, config.get("estimators", {}).get(est_name, {}), est)
+    eparams = dict(est_params)
     sweep: dict[str, list[Any]] = {}
     for ov in overrides:
         if _matches(ov.get("match", {}), task_name, est_name, vparams):
