@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from estimators.base import SparseMatrixSpec
-from estimators.matrix_layers import DenseMatrixLayer, SparseMatrixLayer
+from estimators.layers.matrix import DenseMatrixLayer, SparseMatrixLayer
 
 
 def batch_for(log2n: int) -> int:

@@ -28,11 +28,11 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.identity_figures",
     "plugins.attention_figures",
     "plugins.sorting_figures",
-    "estimators.sparse_estimator",
-    "estimators.reinforce",
-    "estimators.gumbel_sinkhorn",
-    "estimators.dense",
-    "estimators.bilinear",
+    "estimators.plugins.sparse",
+    "estimators.plugins.reinforce",
+    "estimators.plugins.gumbel_sinkhorn",
+    "estimators.plugins.dense",
+    "estimators.plugins.bilinear",
 )
 ENTRY_POINT_GROUP = "sparsebench"
 ENV_VAR = "SPARSEBENCH_PLUGINS"  # comma-separated module paths, added to --plugin

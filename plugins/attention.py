@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from estimators.base import FullImageReadout, GlimpseSpec, Spec, StructureLayer
-from estimators.glimpse_layers import GlimpseLayer, saturated_fraction
+from estimators.layers.glimpse import GlimpseLayer, saturated_fraction
 from harness.errors import UsageError
 from harness.hookspecs import hookimpl
 from harness.task import CellSetup, Task, TaskRun

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from estimators.base import GlimpseSpec, PermutationSpec, Unsupported
-from estimators.bilinear import BilinearEstimator, register_estimators
-from estimators.glimpse_layers import (
+from estimators.layers.glimpse import (
     BilinearGlimpse,
     GlimpseLayer,
     ReinforceGlimpse,
@@ -18,6 +17,7 @@ from estimators.glimpse_layers import (
     box_points,
     saturated_fraction,
 )
+from estimators.plugins.bilinear import BilinearEstimator, register_estimators
 from estimators.sparse import glimpse_means, sample_indices
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

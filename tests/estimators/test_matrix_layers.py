@@ -7,7 +7,7 @@ import torch
 from scipy.stats import norm
 
 from estimators.base import SparseMatrixSpec, StructureLayer
-from estimators.matrix_layers import (
+from estimators.layers.matrix import (
     DenseMatrixLayer,
     ReinforceMatrixLayer,
     SparseMatrixLayer,

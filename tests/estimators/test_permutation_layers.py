@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from estimators.base import PermutationOutput, PermutationSpec
-from estimators.neuralsort import neuralsort, sort_matrix
-from estimators.permutation_layers import (
+from estimators.layers.neuralsort import neuralsort, sort_matrix
+from estimators.layers.permutation import (
     GumbelSinkhornLayer,
     NeuralSortLayer,
     PlackettLuceLayer,
     QuicksortLayer,
 )
-from estimators.plackett_luce import perm_matrix, plackett_luce_log_prob, plackett_luce_sample
-from estimators.sinkhorn import gumbel_sinkhorn, hungarian, keys_log_alpha, log_sinkhorn
+from estimators.layers.plackett_luce import perm_matrix, plackett_luce_log_prob, plackett_luce_sample
+from estimators.layers.sinkhorn import gumbel_sinkhorn, hungarian, keys_log_alpha, log_sinkhorn
 
 DEVICES = [
     "cpu",

@@ -85,9 +85,9 @@ def test_plugin_option_and_env_var(third_party, monkeypatch):
             "which is not an estimators.base.Estimator",
         ),
         (
-            "from estimators.base import hookimpl\nfrom estimators.dense import DenseEstimator\n"
+            "from estimators.base import hookimpl\nfrom estimators.plugins.dense import DenseEstimator\n"
             "@hookimpl\ndef register_estimators(register):\n    register(DenseEstimator())\n",
-            "registers 'dense', already registered by plugin 'estimators.dense' (built-in)",
+            "registers 'dense', already registered by plugin 'estimators.plugins.dense' (built-in)",
         ),
         (
             "from estimators.base import hookimpl\n@hookimpl\ndef register_estimators(registr):\n    pass\n",

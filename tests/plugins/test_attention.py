@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from estimators.base import Estimator, FullImageReadout, GlimpseSpec
-from estimators.bilinear import BilinearEstimator
-from estimators.dense import DenseEstimator
-from estimators.glimpse_layers import BilinearGlimpse, ReinforceGlimpse, SparseGlimpse
-from estimators.reinforce import ReinforceEstimator
-from estimators.sparse_estimator import SparseEstimator
+from estimators.layers.glimpse import BilinearGlimpse, ReinforceGlimpse, SparseGlimpse
+from estimators.plugins.bilinear import BilinearEstimator
+from estimators.plugins.dense import DenseEstimator
+from estimators.plugins.reinforce import ReinforceEstimator
+from estimators.plugins.sparse import SparseEstimator
 from harness.errors import UsageError
 from harness.task import CellSetup, Task, TaskRun
 from plugins.attention import AttentionModel, AttentionTask, per_sample_loss, register_tasks

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from estimators.base import PermutationSpec
-from estimators.permutation_layers import (
+from estimators.layers.permutation import (
     GumbelSinkhornLayer,
     NeuralSortLayer,
     PlackettLuceLayer,

@@ -2,8 +2,8 @@
 
 Every layer returns a ``PermutationOutput`` with ``x_sorted = output.matrix @ x`` (ascending
 order). In ``eval()`` mode every layer returns hard permutation matrices. The functional maths
-lives in ``estimators.sparse.quicksort``, ``estimators.sinkhorn``, ``estimators.neuralsort`` and
-``estimators.plackett_luce``; these classes only validate, pick train or eval behaviour and keep
+lives in ``estimators.sparse.quicksort``, ``estimators.layers.sinkhorn``, ``estimators.layers.neuralsort`` and
+``estimators.layers.plackett_luce``; these classes only validate, pick train or eval behaviour and keep
 state (learned logits, the REINFORCE baseline). Layers that draw noise take an optional
 ``generator`` in ``forward`` so that tests can fix the sample.
 
@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from estimators.base import PermutationOutput, PermutationSpec, StructureLayer
-from estimators.neuralsort import neuralsort, sort_matrix
-from estimators.plackett_luce import perm_matrix, plackett_luce_log_prob, plackett_luce_sample
-from estimators.sinkhorn import gumbel_sinkhorn, hungarian, keys_log_alpha
+from estimators.layers.neuralsort import neuralsort, sort_matrix
+from estimators.layers.plackett_luce import perm_matrix, plackett_luce_log_prob, plackett_luce_sample
+from estimators.layers.sinkhorn import gumbel_sinkhorn, hungarian, keys_log_alpha
 from estimators.sparse.quicksort import intermediate_inputs, intermediate_targets, quicksort
 
 __all__ = ["GumbelSinkhornLayer", "NeuralSortLayer", "PlackettLuceLayer", "QuicksortLayer"]

@@ -24,7 +24,7 @@ class GumbelSinkhornEstimator(Estimator):
     def build(self, spec: Spec, params: Mapping[str, Any]) -> StructureLayer:
         if not isinstance(spec, PermutationSpec):
             raise Unsupported(self.unsupported(spec) or "permutations only")
-        from estimators.permutation_layers import GumbelSinkhornLayer
+        from estimators.layers.permutation import GumbelSinkhornLayer
 
         p = {**self.defaults, **params}
         return GumbelSinkhornLayer(

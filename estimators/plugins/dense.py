@@ -41,12 +41,12 @@ class DenseEstimator(Estimator):
         if reason:
             raise Unsupported(reason)
         if isinstance(spec, SparseMatrixSpec):
-            from estimators.matrix_layers import DenseMatrixLayer
+            from estimators.layers.matrix import DenseMatrixLayer
 
             return DenseMatrixLayer(spec)
         if isinstance(spec, GlimpseSpec):
             return FullImageReadout()
-        from estimators.permutation_layers import NeuralSortLayer
+        from estimators.layers.permutation import NeuralSortLayer
 
         return NeuralSortLayer(spec, tau={**self.defaults, **params}["tau"])
 

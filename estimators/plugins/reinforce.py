@@ -56,7 +56,7 @@ class ReinforceEstimator(Estimator):
             raise Unsupported(reason)
         p = {**self.defaults, **params}
         if isinstance(spec, SparseMatrixSpec):
-            from estimators.matrix_layers import ReinforceMatrixLayer
+            from estimators.layers.matrix import ReinforceMatrixLayer
 
             return ReinforceMatrixLayer(
                 spec,
@@ -66,7 +66,7 @@ class ReinforceEstimator(Estimator):
                 tau=p["tau"],
             )
         if isinstance(spec, GlimpseSpec):
-            from estimators.glimpse_layers import ReinforceGlimpse
+            from estimators.layers.glimpse import ReinforceGlimpse
 
             return ReinforceGlimpse(
                 spec,
@@ -75,7 +75,7 @@ class ReinforceEstimator(Estimator):
                 learn_std=p["learn_std"],
                 baseline_decay=p["baseline_decay"],
             )
-        from estimators.permutation_layers import PlackettLuceLayer
+        from estimators.layers.permutation import PlackettLuceLayer
 
         return PlackettLuceLayer(
             spec, baseline=p["baseline"], baseline_decay=p["baseline_decay"], samples=p["samples"]

@@ -63,7 +63,7 @@ class SparseEstimator(Estimator):
         p = {**self.defaults, **params}
         region = tuple(p["region"]) or None
         if isinstance(spec, SparseMatrixSpec):
-            from estimators.matrix_layers import SparseMatrixLayer
+            from estimators.layers.matrix import SparseMatrixLayer
 
             return SparseMatrixLayer(
                 spec,
@@ -76,12 +76,12 @@ class SparseEstimator(Estimator):
                 chunk=p["chunk"] or None,
             )
         if isinstance(spec, GlimpseSpec):
-            from estimators.glimpse_layers import SparseGlimpse
+            from estimators.layers.glimpse import SparseGlimpse
 
             return SparseGlimpse(
                 spec, box_offset=p["box_offset"], a_l=p["a_l"], a_g=p["a_g"], region=region, tau=p["tau"]
             )
-        from estimators.permutation_layers import QuicksortLayer
+        from estimators.layers.permutation import QuicksortLayer
 
         return QuicksortLayer(spec, C=p["C"], samples=p["samples"] or None)
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from estimators.base import Estimator, GlimpseSpec, Spec, StructureLayer, Unsupported, hookimpl
-from estimators.glimpse_layers import BilinearGlimpse
+from estimators.layers.glimpse import BilinearGlimpse
 
 __all__ = ["BilinearEstimator", "register_estimators"]
 

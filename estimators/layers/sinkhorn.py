@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from estimators.neuralsort import neuralsort_logits
+from estimators.layers.neuralsort import neuralsort_logits
 
 __all__ = ["gumbel_noise", "gumbel_sinkhorn", "hungarian", "keys_log_alpha", "log_sinkhorn"]
 
