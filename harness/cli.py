@@ -179,14 +179,21 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness import plugins
+    from harness.errors import TrackingError
     from harness.tracking import default_home, resolve_tracking_uri
     from reports.build import build_report
+    from reports.errors import ReportError, StoreReadError
 
     registry = plugins.load(args.plugin)
     uri = resolve_tracking_uri(args.tracking_uri)
     out = args.out or default_home() / "report"
     experiments = [f"sparsebench-{p}" for p in args.preset] or None
-    result = build_report(uri, experiments, out, [r.obj for r in registry.figures])
+    try:
+        result = build_report(uri, experiments, out, [r.obj for r in registry.figures])
+    except StoreReadError as e:
+        raise TrackingError(str(e)) from e
+    except ReportError as e:
+        raise UsageError(str(e)) from e
     _console().print(f"report: [bold]{result.index_html}[/]")
     return 0
 

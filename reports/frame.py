@@ -18,7 +18,7 @@ from mlflow.entities import Experiment, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from harness.errors import TrackingError, UsageError
+from reports.errors import ReportError, StoreReadError
 
 __all__ = ["CELL_COLUMNS", "StoreData", "display_uri", "natural_key", "read_store"]
 
@@ -78,7 +78,7 @@ def _check_exists(uri: str) -> None:
     else:
         return
     if not path.exists():
-        raise UsageError(
+        raise ReportError(
             f"no tracking store at {display_uri(uri)} ({path} does not exist); "
             "run `sparsebench run` first or point --tracking-uri at an existing store"
         )
@@ -98,7 +98,7 @@ def _experiments(client: MlflowClient, names: Sequence[str] | None, uri: str) ->
     by_name = {e.name: e for e in found}
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise UsageError(
+        raise ReportError(
             f"experiment(s) {', '.join(map(repr, missing))} not in the tracking store "
             f"{display_uri(uri)}; it holds {', '.join(sorted(by_name)) or 'none'}"
         )
@@ -168,15 +168,15 @@ def read_store(tracking_uri: str, experiment_names: Sequence[str] | None = None)
     """Read the cell runs of the named experiments (all experiments if ``None``).
 
     Where a cell id was run more than once (``--force``, a resumed ``KILLED`` run), the latest
-    run stands for the cell. Raises ``UsageError`` naming the store when it is absent or holds
-    no cell runs, ``TrackingError`` when it cannot be read.
+    run stands for the cell. Raises ``ReportError`` naming the store when it is absent or holds
+    no cell runs, ``StoreReadError`` when it cannot be read.
     """
     _check_exists(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         return _read(client, tracking_uri, experiment_names)
     except MlflowException as e:
-        raise TrackingError(f"cannot read tracking store {display_uri(tracking_uri)}: {e}") from e
+        raise StoreReadError(f"cannot read tracking store {display_uri(tracking_uri)}: {e}") from e
 
 
 def _read(client: MlflowClient, uri: str, experiment_names: Sequence[str] | None) -> StoreData:
@@ -184,7 +184,7 @@ def _read(client: MlflowClient, uri: str, experiment_names: Sequence[str] | None
     found = list(_cell_runs(client, list(experiments)))
     if not found:
         which = ", ".join(experiments.values()) or "no experiments"
-        raise UsageError(
+        raise ReportError(
             f"the tracking store {display_uri(uri)} holds no sparsebench cell runs "
             f"(searched: {which}); run `sparsebench run` first"
         )
