@@ -181,6 +181,10 @@ class AttentionTask(Task):
         "data_seed": 0,
         "snapshots": [],  # steps that write artifacts; [] = first and last step
     }
+    smoke: Mapping[str, Any] = {
+        "canvas": 40, "glimpse": 6, "glimpses": 2, "steps": 3, "eval_every": 3, "batch_size": 4,
+        "hidden": 16, "train_images": 16, "test_images": 8,
+    }  # fmt: skip
 
     def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
         canvas = params["canvas"]

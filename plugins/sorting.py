@@ -265,6 +265,9 @@ class SortingTask(Task):
         "intermediate_loss": True,  # §3.3, for layers that offer it (quicksort)
         "snapshots": [0],  # steps that write quicksort_steps.json (Fig. 7: the first batch)
     }
+    smoke: Mapping[str, Any] = {
+        "n": 4, "digits": 1, "steps": 3, "eval_every": 3, "batch_size": 4, "eval_instances": 16,
+    }  # fmt: skip
 
     def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
         return PermutationSpec(n=params["n"], source="keys")

@@ -16,8 +16,8 @@ import plugins.attention_figures
 import plugins.identity_figures
 import plugins.sorting_figures
 from harness import hookspecs
-from reports.errors import ReportError
 from reports.build import REPORTS_EXPERIMENT, build_report
+from reports.errors import ReportError
 from reports.figure import Figure, ReportResult
 from reports.frame import display_uri, read_store
 from reports.tables import best_sweeps, matrix_summary
