@@ -182,7 +182,7 @@ class AttentionTask(Task):
         "snapshots": [],  # steps that write artifacts; [] = first and last step
     }
     smoke: Mapping[str, Any] = {
-        "canvas": 40, "glimpse": 6, "glimpses": 2, "steps": 3, "eval_every": 3, "batch_size": 4,
+        "canvas": 48, "glimpse": 6, "glimpses": 2, "steps": 3, "eval_every": 3, "batch_size": 4,
         "hidden": 16, "train_images": 16, "test_images": 8,
     }  # fmt: skip
 

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from reports.errors import ReportError, StoreReadError
 
-__all__ = ["CELL_COLUMNS", "StoreData", "display_uri", "natural_key", "read_store"]
+__all__ = ["CELL_COLUMNS", "ENTRY", "StoreData", "display_uri", "natural_key", "read_store"]
 
 ROLE_TAG = "sparsebench.role"
 CELL_FILTER = f"tags.`{ROLE_TAG}` = 'cell'"
@@ -39,7 +39,14 @@ CELL_COLUMNS: dict[str, str] = {
     "primary_metric": "sparsebench.primary_metric",
     "device": "sparsebench.device",
     "data_source": "data.source",
+    "task_code": "sparsebench.code.task",  # the task plugin's distribution and version
+    "estimator_code": "sparsebench.code.estimator",
 }
+#: A matrix entry: the cells of one estimator on one task variant. Cells of an entry that differ in
+#: anything but the seed (a sweep value, another setting, another plugin version) are kept apart.
+ENTRY = ["experiment", "task", "variant", "estimator"]
+_CONFIG_PREFIXES = ("params.task.", "params.estimator.")
+_CODE_COLUMNS = {"task_code": "task code", "estimator_code": "estimator code"}
 # Metrics whose history makes the rows of the tidy frame (one row per evaluation step).
 _ROW_PREFIXES = ("eval/", "time/")
 
@@ -157,11 +164,31 @@ def _cell_frame(client: MlflowClient, run: pd.Series, keys: list[str]) -> pd.Dat
         cell = pd.DataFrame({"step": [pd.NA]})
     for key in (k for k in keys if k.startswith("summary/")):
         cell[key] = run[f"metrics.{key}"]
-    for col in ("experiment", "run_id", "run_name", *CELL_COLUMNS):
+    for col in ("experiment", "run_id", "run_name", *CELL_COLUMNS, "settings"):
         cell[col] = run[col]
     primary = run["primary_metric"]
     cell["primary"] = cell[primary] if primary in cell else float("nan")
     return cell
+
+
+def _settings(runs: pd.DataFrame) -> pd.Series:
+    """What sets each cell apart from the other cells of its entry and sweep, seed aside: the
+    parameters and plugin versions that differ between them (``"steps=500"``), else ``""``.
+
+    Together with the entry and the sweep this is the cell's whole resolved config except the
+    seed, so grouping on it never pools cells that were configured differently.
+    """
+    keys = [c for c in runs.columns if c.startswith(_CONFIG_PREFIXES)] + list(_CODE_COLUMNS)
+    values = runs[keys].astype("string").fillna("-")
+    out = pd.Series("", index=runs.index, dtype=object)
+    for _, group in values.groupby([runs[c] for c in [*ENTRY, "sweep"]], dropna=False, sort=False):
+        varying = [k for k in keys if group[k].nunique() > 1]
+        for idx, row in group[varying].iterrows():
+            out[idx] = ", ".join(
+                f"{_CODE_COLUMNS[k]}: {row[k]}" if k in _CODE_COLUMNS else f"{k.rsplit('.', 1)[1]}={row[k]}"
+                for k in varying
+            )
+    return out
 
 
 def read_store(tracking_uri: str, experiment_names: Sequence[str] | None = None) -> StoreData:
@@ -196,13 +223,14 @@ def _read(client: MlflowClient, uri: str, experiment_names: Sequence[str] | None
     # Runs come newest first: keep the latest run of each cell id (untagged runs kept as they are).
     runs = runs[~(runs["cell_id"].ne("") & runs.duplicated(["experiment_id", "cell_id"]))]
     runs["seed"] = pd.to_numeric(runs["seed"], errors="coerce").astype("Int64")
+    runs["settings"] = _settings(runs)
     runs = runs.sort_values(
-        ["task", "variant", "estimator", "sweep", "seed"], ignore_index=True,
+        ["task", "variant", "estimator", "sweep", "settings", "seed"], ignore_index=True,
         key=lambda col: col.map(natural_key) if col.dtype == object else col,
     )
     cells = [_cell_frame(client, run, metric_keys[run["run_id"]]) for _, run in runs.iterrows()]
     frame = pd.concat(cells, ignore_index=True)
     frame["step"] = frame["step"].astype("Int64")
-    front = ["experiment", "run_id", "run_name", *CELL_COLUMNS, "step", "primary"]
+    front = ["experiment", "run_id", "run_name", *CELL_COLUMNS, "settings", "step", "primary"]
     metrics = sorted(c for c in frame.columns if c not in front)
     return StoreData(uri, experiments, runs, frame[front + metrics])
