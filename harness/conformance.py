@@ -100,7 +100,7 @@ class Report:
         return bool(self.checks) and not self.failures
 
     def header(self) -> str:
-        return f"check-plugin {self.plugin} ({self.source}; code {self.version})"
+        return f"checking {self.plugin} ({self.source}; code {self.version})"
 
     def add(self, check: Check) -> list[str]:
         """Record a check; returns its line, after its subject's heading when that is new."""
