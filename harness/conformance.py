@@ -383,6 +383,8 @@ class _LayerChecks:
                 first = _output_tensor(self.spec, layer(*inputs.args))
             with _seeded(5):
                 second = _output_tensor(self.spec, layer(*inputs.args))
+        if not torch.isfinite(first).all():
+            raise _Failed("eval() output is not finite")
         if not torch.equal(first, second):
             raise _Failed("two eval() forwards of one input differ: eval() must be deterministic")
         detail = "deterministic"
