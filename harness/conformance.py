@@ -415,6 +415,8 @@ class _LayerChecks:
             together = layer(x + 2 * y)
             apart = layer(x) + 2 * layer(y)
             alone = layer(x[:1])
+        if not all(torch.isfinite(t).all() for t in (together, apart, alone)):
+            raise _Failed("eval() output is not finite")
         scale = together.abs().max().clamp(min=1.0)
         if not torch.allclose(together, apart, atol=1e-4 * float(scale)):
             raise _Failed("eval() forward is not linear in x (the contract is y = W x)")
