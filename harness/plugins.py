@@ -63,7 +63,7 @@ DISABLE_PREFIX = "no:"  # --plugin no:NAME switches a plugin off, as pytest's -p
 
 #: The hook names of the contract (``harness.hookspecs``).
 HOOKS: tuple[str, ...] = tuple(
-    name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")
+    name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(fn, "sparsebench_spec")
 )
 REQUIRED_TASK_PARAMS = ("steps", "eval_every", "lr", "batch_size")
 
@@ -235,7 +235,12 @@ def load(extra: Iterable[str] = ()) -> Registry:
             raise PluginError(f"{e}{cand.hint}") from e.__cause__
     for name in sorted(off - matched):
         registry.warnings.append(f"no plugin named {name!r} to switch off (see `sparsebench plugins`)")
-    pm.check_pending()  # after _check_hooks nothing can be pending; pluggy's own word on it
+    try:  # after _check_hooks nothing can be pending; this is pluggy's own word on it
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        name = pm.get_name(e.plugin) or repr(e.plugin)
+        source = registry.plugins.get(name, "unknown source")
+        raise PluginError(f"plugin {name!r} ({source}) is invalid: {' '.join(str(e).split())}") from e
     _collect(pm, registry, hints)
     return registry
 
