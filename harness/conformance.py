@@ -236,7 +236,7 @@ def _task_registration(task: Task) -> str:
 
 @dataclass
 class _Inputs:
-    """A batch for a spec, and the per-instance loss the checks train on."""
+    """A batch of ``BATCH`` inputs for a spec's layer."""
 
     args: tuple[Any, ...]
     differentiable: torch.Tensor | None  # keys or boxes, whose gradient must be finite and nonzero
@@ -396,7 +396,7 @@ class _LayerChecks:
 
     def _hard_permutation(self, matrix: torch.Tensor, inputs: _Inputs) -> str:
         binary = ((matrix == 0) | (matrix == 1)).all()
-        ones = torch.ones(matrix.shape[:-1], device=matrix.device)
+        ones = torch.ones(matrix.shape[:-1], device=matrix.device, dtype=matrix.dtype)
         if not (binary and torch.equal(matrix.sum(-1), ones) and torch.equal(matrix.sum(-2), ones)):
             raise _Failed("eval() matrices are not hard permutations")
         if inputs.differentiable is None:
@@ -425,12 +425,20 @@ class _LayerChecks:
         return ", linear in x"
 
     def state(self) -> str:
-        trained = self.build(seed=0)
+        trained = self.build(seed=0).train()
+        inputs = _Inputs.make(self.spec, self.device)
+        with _seeded(8):  # one plain SGD step, so that parameters and buffers leave their start
+            out = _output_tensor(self.spec, trained(*inputs.args))
+        task_weight = torch.ones((), device=self.device, requires_grad=True)
+        trained.objective(_loss(out) * task_weight).backward()
+        with torch.no_grad():
+            for param in trained.parameters():
+                if param.grad is not None:
+                    param -= 0.1 * param.grad
         fresh = self.build(seed=7)
         fresh.load_state_dict(trained.state_dict())
         trained.eval()
         fresh.eval()
-        inputs = _Inputs.make(self.spec, self.device)
         with torch.no_grad():
             a = _output_tensor(self.spec, trained(*inputs.args))
             b = _output_tensor(self.spec, fresh(*inputs.args))
