@@ -93,7 +93,12 @@ def _parsed_imports(path: Path, name: str, mtime_ns: int, size: int) -> tuple[st
     except (OSError, SyntaxError, ValueError):
         return ()
     found: list[str] = []
-    for node in ast.walk(tree):
+    todo: list[ast.AST] = [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            todo += node.orelse  # annotations only: that code never runs
+            continue
         if isinstance(node, ast.Import):
             found += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -104,7 +109,14 @@ def _parsed_imports(path: Path, name: str, mtime_ns: int, size: int) -> tuple[st
                 base = ".".join([*parts, base] if base else parts)
             found.append(base)
             found += [f"{base}.{alias.name}" for alias in node.names if alias.name != "*"]
+        todo += ast.iter_child_nodes(node)
     return tuple(found)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _closure(module_name: str, tops: set[str]) -> dict[str, Path]:
