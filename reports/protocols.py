@@ -55,6 +55,7 @@ class Row:
     line: int  # 1-based line number in the document
     section: str  # the "## " heading the row sits under
     preset: str
+    cells: str  # as written: "*" or the filters
     filters: tuple[tuple[str, Any], ...]  # () = every cell ("*")
     setting: str  # "task.<name>", "estimator.<name>" or "seeds"
     values: tuple[Any, ...]  # one value, or the values of a sweep
@@ -62,10 +63,6 @@ class Row:
     ours: str  # as written
     source: str
     deviation: str
-
-    @property
-    def cells(self) -> str:
-        return " ".join(f"{k}={format_value(v)}" for k, v in self.filters) or "*"
 
 
 def _toml(text: str, where: str) -> Any:
@@ -111,7 +108,7 @@ def _row(cols: list[str], line: int, section: str) -> Row:
         raise ProtocolError(f"{where}: 'one of' takes a list, got {text!r}")
     if not source:
         raise ProtocolError(f"{where}: every row names its source (or `ours`)")
-    return Row(line, section, _strip(preset), _filters(cells, where), setting,
+    return Row(line, section, _strip(preset), _strip(cells), _filters(cells, where), setting,
                tuple(value) if sweep else (value,), sweep, text, source, deviation)
 
 
