@@ -73,8 +73,9 @@ def fig2_grid(ctx: ReportContext):  # -> seaborn.FacetGrid, one facet per experi
         height=4.2, aspect=1.5, facet_kws={"sharey": False},
     )
     grid.set(xscale="log")
-    for ax in grid.axes.flat:
-        ax.set_ylim(bottom=0)
+    for ax in grid.axes.flat:  # from 0, with a hair of room so a converged run's line shows
+        top = ax.get_ylim()[1]
+        ax.set_ylim(-0.02 * top, top)
     grid.set_axis_labels("iterations (log scale)", "eval MSE (rounded means, 10,000 vectors)")
     swept = runs[runs["sweep"].ne("")].drop_duplicates(["experiment", "variant", "estimator"])
     if len(swept):
