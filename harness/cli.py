@@ -7,10 +7,11 @@ ends as one line on stderr and exit code 2, before anything is written to the st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from harness.errors import UsageError
@@ -83,6 +84,20 @@ def _parser() -> argparse.ArgumentParser:
         help="only variants of these sizes (n, or glimpse size)",
     )
     matrix.add_argument("--seeds", type=_csv_ints, default=[], help="seeds to run, e.g. 0,1,2")
+    matrix.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where datasets live: DIR/MNIST/raw, DIR/FashionMNIST/raw (torchvision's layout; "
+        "also $SPARSEBENCH_DATA_ROOT)",
+    )
+    matrix.add_argument(
+        "--embedded-digits",
+        action="store_true",
+        help="accept the 5,000 embedded MNIST digits where a cell asks for MNIST and none is at "
+        "hand (such cells are marked: not the paper's 60k/10k)",
+    )
 
     parser = argparse.ArgumentParser(
         prog="sparsebench",
@@ -131,10 +146,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _data_root(path: Path | None) -> Iterator[None]:
+    """``--data-root`` as ``$SPARSEBENCH_DATA_ROOT`` for this command (workers inherit it)."""
+    from harness.task import DATA_ROOT_ENV
+
+    if path is None:
+        yield
+        return
+    if not path.expanduser().is_dir():
+        raise UsageError(f"--data-root {str(path)!r} is not a directory")
+    before = os.environ.get(DATA_ROOT_ENV)
+    os.environ[DATA_ROOT_ENV] = str(path.expanduser().resolve())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(DATA_ROOT_ENV, None)
+        else:
+            os.environ[DATA_ROOT_ENV] = before
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with _data_root(getattr(args, "data_root", None)):
+            return COMMANDS[args.command](args)
     except UsageError as e:
         print(f"sparsebench: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -169,7 +206,8 @@ def _load(args: argparse.Namespace):  # -> tuple[Registry, list[Cell]]
     registry = _registry(args)
     raw = config.load_config(args.preset, args.config, args.sets)
     selection = matrix.Selection(tuple(args.task), tuple(args.estimator), tuple(args.size), tuple(args.seeds))
-    return registry, matrix.resolve_cells(raw, registry, selection)
+    cells = matrix.resolve_cells(raw, registry, selection)
+    return registry, matrix.check_data(cells, registry, args.embedded_digits)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ touches the tracking store, so a typo costs one line and exit code 2, never a ha
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -19,7 +20,7 @@ from harness.plugins import REQUIRED_TASK_PARAMS as RUNNER_PARAMS
 from harness.plugins import Registry
 from harness.task import Task
 
-__all__ = ["ALL", "Cell", "Selection", "choose_kind", "resolve_cells"]
+__all__ = ["ALL", "Cell", "Selection", "check_data", "choose_kind", "resolve_cells"]
 
 MATRIX_KEYS = ("tasks", "estimators", "seeds")
 OVERRIDE_KEYS = ("match", "task", "estimator", "sweep")
@@ -310,3 +311,27 @@ def choose_kind(
             return kind, spec, None
         reasons.append(reason)
     return None, None, "; ".join(dict.fromkeys(reasons))
+
+
+def check_data(cells: list[Cell], registry: Registry, allow_embedded: bool = False) -> list[Cell]:
+    """Every runnable cell's data checked (``Task.check_data``) before anything is written.
+
+    Returns the cells to run: the same, except where ``allow_embedded`` let a task substitute an
+    embedded stand-in for missing data (its params, and so its id, say so). n/a cells never load
+    data and are left alone. Each distinct (task, params) is checked once.
+    """
+    checked: dict[str, Mapping[str, Any]] = {}
+    out = []
+    for cell in cells:
+        if cell.na_reason is not None:
+            out.append(cell)
+            continue
+        key = json.dumps([cell.task, cell.task_params], sort_keys=True, default=str)
+        if key not in checked:
+            try:
+                checked[key] = registry.task(cell.task).check_data(cell.task_params, allow_embedded)
+            except UsageError as e:
+                raise UsageError(f"{cell.task}: {e}") from None
+        params = dict(checked[key])
+        out.append(cell if params == cell.task_params else dataclasses.replace(cell, task_params=params))
+    return out

@@ -98,6 +98,7 @@ def run_cell(
     layer = estimator.build(cell.spec, cell.estimator_params)
     run: TaskRun = task.setup(CellSetup(cell.task_params, layer, cell.kind, device, cell.seed, cache_dir))
     tracker.set_tags(run_id, {**run.provenance, "sparsebench.primary_metric": task.primary_metric})
+    tracker.log_dataset(run_id, run.provenance)
     model = run.model.to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=cell.task_params["lr"])
     pending: list[tuple[int, dict[str, float]]] = []

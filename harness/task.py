@@ -7,6 +7,7 @@ that a comparison must hold fixed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,20 @@ from torch import nn
 
 from estimators.base import Spec, StructureLayer
 
-__all__ = ["CellSetup", "Task", "TaskRun"]
+__all__ = ["DATA_ROOT_ENV", "CellSetup", "Task", "TaskRun", "data_root"]
+
+#: Where datasets live on this machine (``sparsebench run --data-root`` sets it for the run).
+DATA_ROOT_ENV = "SPARSEBENCH_DATA_ROOT"
+
+
+def data_root() -> Path | None:
+    """The data root (``--data-root`` / ``$SPARSEBENCH_DATA_ROOT``), or None when unset.
+
+    *Where* data lives, like the device: not part of a cell's config or id. A task's own
+    parameters say *which* data a cell trains on; provenance tags record the files' sha256.
+    """
+    value = os.environ.get(DATA_ROOT_ENV, "")
+    return Path(value).expanduser() if value else None
 
 
 @dataclass(frozen=True)
@@ -70,8 +84,14 @@ class Task:
     - ``setup(cell)``: build data and model on ``cell.device`` and return a ``TaskRun``.
     Optional:
     - ``choices``: for parameters with a fixed set of values, that set (checked with the config).
-    - ``check(params)``: raise ``harness.errors.UsageError`` for a problem found before any training
-      (missing data root, a size the task cannot take); the CLI turns it into exit code 2.
+    - ``check(params)``: raise ``harness.errors.UsageError`` for a parameter problem found before
+      any training (a size the task cannot take); the CLI turns it into exit code 2.
+    - ``check_data(params, allow_embedded)``: check that the data ``params`` name is present,
+      readable and complete under ``data_root()`` (headers and sizes, not a full load), and return
+      the params to run with; raise ``UsageError`` naming what is missing and how to provide it.
+      Called for every runnable cell before anything is written. ``allow_embedded`` (the user's
+      ``--embedded-digits``) lets a task return params naming a small embedded stand-in for data
+      that is missing; the changed params change the cell's id, so its record says so.
     - ``smoke``: parameter overrides that make one cell take seconds (tiny sizes and data, a few
       steps); ``sparsebench check-plugin`` trains every estimator it checks on them.
 
@@ -98,3 +118,6 @@ class Task:
 
     def check(self, params: Mapping[str, Any]) -> None:
         return None
+
+    def check_data(self, params: Mapping[str, Any], allow_embedded: bool = False) -> Mapping[str, Any]:
+        return params

@@ -4,6 +4,7 @@ state), so a parent and its children can be written from one process or from sev
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -197,6 +198,30 @@ class Tracker:
         from mlflow.entities import RunTag
 
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def log_dataset(self, run_id: str, provenance: Mapping[str, str]) -> None:
+        """The cell's data as an MLflow dataset input (the dashboard's Dataset column).
+
+        Built from the task's ``data.*`` provenance: name ``data.name`` (else ``data.source``),
+        digest a hash of every ``data.*`` tag (so the same name over other digits differs),
+        source the folder read, profile the sizes. Nothing is logged without ``data.source``.
+        """
+        if "data.source" not in provenance:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        data = {k: v for k, v in sorted(provenance.items()) if k.startswith("data.")}
+        digest = hashlib.sha256(json.dumps(data).encode()).hexdigest()[:12]
+        profile = {k.removeprefix("data."): v for k, v in data.items() if k.endswith("_size")}
+        dataset = Dataset(
+            name=data.get("data.name", data["data.source"]),
+            digest=digest,
+            source_type="local",
+            source=json.dumps({"uri": data.get("data.root", data["data.source"])}),
+            profile=json.dumps(profile),
+        )
+        context = InputTag(key="mlflow.data.context", value="training")
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[context])])
 
     def log_json(self, run_id: str, name: str, payload: Any) -> None:
         with tempfile.TemporaryDirectory() as tmp:

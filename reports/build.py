@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -20,7 +21,8 @@ from mlflow.tracking import MlflowClient
 
 from reports.figure import Figure, FigureEntry, NoFigureData, ReportContext, ReportResult
 from reports.frame import StoreData, display_uri, natural_key, read_store
-from reports.html import Provenance, render_index
+from reports.html import PresetProtocol, Protocols, Provenance, render_index
+from reports.protocols import DOCUMENT, departures, deviations, load, logged_value
 from reports.tables import EMBEDDED_PREFIX, draw_heatmap, matrix_summary, write_table
 
 __all__ = ["REPORT_RUN_NAME", "REPORTS_EXPERIMENT", "build_report"]
@@ -31,6 +33,7 @@ REPORT_RUN_NAME = "report"
 #: Where the report run goes when a report spans several experiments (else: that experiment).
 REPORTS_EXPERIMENT = "sparsebench-reports"
 _RUN_VERSION_TAGS = ("torch", "cuda", "python", "git_sha")
+_EXPERIMENT_PREFIX = "sparsebench-"
 _REPORT_PACKAGES = ("sparsebench", "mlflow", "pandas", "seaborn", "matplotlib")
 
 
@@ -59,7 +62,7 @@ def build_report(
     try:
         result = _write(store, client, out_dir, figures, run_id, experiment_id)
         for path in (result.index_html, result.csv, result.parquet,
-                     *result.tables.values(), *result.figure_paths):
+                     *result.tables.values(), *result.figure_paths, *result.documents):
             client.log_artifact(run_id, str(path))
     except BaseException:
         client.set_terminated(run_id, "FAILED")
@@ -146,6 +149,36 @@ def _provenance(store: StoreData, run_id: str) -> Provenance:
     )
 
 
+def _cells(runs: pd.DataFrame) -> list[dict[str, object]]:
+    """The runnable cells of ``runs`` as ``reports.protocols`` reads them, params parsed back."""
+    cells = []
+    for _, run in runs[runs["status"].ne("n/a")].iterrows():
+        cell: dict[str, object] = {"name": run["run_name"], "task": run["task"],
+                                   "estimator": run["estimator"], "seed": run["seed"]}
+        for column, value in run.items():
+            if str(column).startswith(("params.task.", "params.estimator.")) and pd.notna(value):
+                cell[str(column).removeprefix("params.")] = logged_value(str(value))
+        cells.append(cell)
+    return cells
+
+
+def _protocols(store: StoreData, out_dir: Path) -> Protocols:
+    """Each reported preset against ``docs/protocols.md``, which is copied beside the page."""
+    if not DOCUMENT.is_file():
+        return Protocols(None, [])
+    rows = load(DOCUMENT)
+    document = Path(shutil.copyfile(DOCUMENT, out_dir / DOCUMENT.name))
+    presets = []
+    for experiment_id, name in store.experiments.items():
+        preset = name.removeprefix(_EXPERIMENT_PREFIX)
+        cells = _cells(store.runs[store.runs["experiment_id"].eq(experiment_id)])
+        presets.append(PresetProtocol(
+            preset, sum(r.preset == preset for r in rows), deviations(rows, [preset]),
+            departures(rows, preset, cells),
+        ))
+    return Protocols(document, presets)
+
+
 def _write(
     store: StoreData,
     client: MlflowClient,
@@ -167,11 +200,16 @@ def _write(
         # the paper's order (Fig. 2 .. Fig. 7, then tables), whatever order plugins loaded in
         ordered = sorted(figures, key=lambda f: natural_key(f.title))
         entries = {f.name: _draw(f, ctx, tasks) for f in ordered}
+    protocols = _protocols(store, out_dir)
     files = [csv, parquet, *tables.values(), *(p for e in entries.values() for p in e.paths)]
+    if protocols.document is not None:
+        files.append(protocols.document)
     index = render_index(
-        out_dir, _provenance(store, run_id), summary, heatmap[0], list(entries.values()), files
+        out_dir, _provenance(store, run_id), summary, heatmap[0], list(entries.values()), files,
+        protocols,
     )
     return ReportResult(
         out_dir=out_dir, index_html=index, csv=csv, parquet=parquet, tables=tables,
         figures=entries, run_id=run_id, experiment_id=experiment_id,
+        documents=(protocols.document,) if protocols.document else (),
     )

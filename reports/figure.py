@@ -94,6 +94,7 @@ class ReportResult:
     figures: Mapping[str, FigureEntry] = field(default_factory=dict)  # by figure name
     run_id: str = ""  # the report run (tag sparsebench.role = "report")
     experiment_id: str = ""
+    documents: tuple[Path, ...] = ()  # copied beside the page: docs/protocols.md
 
     @property
     def figure_paths(self) -> list[Path]:

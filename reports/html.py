@@ -18,8 +18,9 @@ from string import Template
 import pandas as pd
 
 from reports.figure import FigureEntry
+from reports.protocols import Departure, Row, format_value
 
-__all__ = ["Provenance", "render_index"]
+__all__ = ["PresetProtocol", "Protocols", "Provenance", "render_index"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,24 @@ class Provenance:
     run_versions: Mapping[str, Sequence[str]]  # e.g. "torch" -> versions the cells ran with
     report_versions: Mapping[str, str]  # packages the report was drawn with
     embedded_data: bool  # any cell trained on the embedded 5k digits
+
+
+@dataclass(frozen=True)
+class PresetProtocol:
+    """What ``docs/protocols.md`` says about one reported preset, and where the store departs."""
+
+    preset: str
+    rows: int  # the document's rows for this preset (0: it claims no protocol)
+    deviations: Sequence[Row]  # deliberate differences from the sources, still in force
+    departures: Sequence[Departure]  # cells whose logged settings differ from the rows
+
+
+@dataclass(frozen=True)
+class Protocols:
+    """The protocols section: the document (copied beside the page) and each preset's state."""
+
+    document: Path | None  # None: docs/protocols.md was not found (an install without docs/)
+    presets: Sequence[PresetProtocol]
 
 
 def _e(text: object) -> str:
@@ -59,6 +78,41 @@ def _provenance(p: Provenance) -> str:
     ]
     rows = "\n".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)
     return f'<dl class="meta">\n{rows}\n</dl>'
+
+
+def _protocols(p: Protocols) -> str:
+    if p.document is None:
+        return ("<p>docs/protocols.md was not found beside this installation, so the settings "
+                "cannot be traced to their sources here; see the source tree.</p>")
+    parts = [f'<p>Every setting of a protocol preset, its source and every deliberate difference: '
+             f'<a href="{_e(p.document.name)}">protocols.md</a>. Below, for each preset in this '
+             "report, the differences still in force and the cells whose settings depart from "
+             "the document.</p>"]
+    for preset in p.presets:
+        parts.append(f"<h3>{_e(preset.preset)}</h3>")
+        if not preset.rows:
+            parts.append("<p>Claims no paper's protocol (no rows in the document): its numbers "
+                         "show the harness working, not the paper's results.</p>")
+            continue
+        if preset.deviations:
+            items = "\n".join(
+                f"<li><strong>{_e(r.setting)}</strong> = <code>{_e(r.ours)}</code> "
+                f"({_e(r.cells)}; {_e(r.section)}): {_e(r.deviation)} <em>[source: "
+                f"{_e(r.source)}]</em></li>" for r in preset.deviations)
+            parts.append(f"<p>Deliberate differences from the sources:</p><ul>{items}</ul>")
+        else:
+            parts.append("<p>No deliberate differences from the sources.</p>")
+        if preset.departures:
+            items = "\n".join(
+                f"<li>{d.cells} cell(s) ran with <strong>{_e(d.row.setting)}</strong> = "
+                f"<code>{_e(format_value(d.value))}</code> where the document says "
+                f"<code>{_e(d.row.ours)}</code> ({_e(d.row.cells)}; source: {_e(d.row.source)})"
+                "</li>" for d in preset.departures)
+            parts.append('<p class="warning">Cells in this store that depart from the '
+                         f"document:</p><ul>{items}</ul>")
+        else:
+            parts.append("<p>Every cell in this store ran with the document's settings.</p>")
+    return "\n".join(parts)
 
 
 def _image(path: Path) -> str:
@@ -100,6 +154,7 @@ def render_index(
     heatmap: Path,
     entries: Sequence[FigureEntry],
     files: Sequence[Path],
+    protocols: Protocols,
 ) -> Path:
     """Write ``out_dir/index.html`` and return its path."""
     warnings = ""
@@ -126,7 +181,9 @@ def render_index(
         generated=_e(provenance.generated),
         warnings=warnings,
         provenance=_provenance(provenance),
-        contents=f'<ul><li><a href="#matrix">Matrix summary</a></li>\n{contents}</ul>',
+        protocols=_protocols(protocols),
+        contents=(f'<ul><li><a href="#protocols">Protocols and deviations</a></li>\n'
+                  f'<li><a href="#matrix">Matrix summary</a></li>\n{contents}</ul>'),
         matrix=matrix,
         figures="\n".join(_figure(e) for e in entries),
         files=f"<p>{_links(files)}</p>",

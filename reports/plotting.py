@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # no display; must precede the pyplot import
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-__all__ = ["ESTIMATOR_DASHES", "dashes_for", "plt", "save", "sns"]
+__all__ = ["ESTIMATOR_DASHES", "ESTIMATOR_MARKERS", "dashes_for", "markers_for", "plt", "save", "sns"]
 
 sns.set_theme(context="paper", style="whitegrid")
 
@@ -27,6 +27,23 @@ ESTIMATOR_DASHES: dict[str, tuple[float, ...] | str] = {
     "bilinear": (6, 1, 1, 1, 1, 1),
 }
 _SPARE_DASHES: list[tuple[float, ...]] = [(2, 2), (4, 1, 1, 1, 1, 1), (8, 2), (1, 3)]
+
+
+#: A marker per estimator, so that lines of one colour are told apart at a glance.
+ESTIMATOR_MARKERS: dict[str, str] = {
+    "sparse": "o",
+    "reinforce": "v",
+    "gumbel_sinkhorn": "s",
+    "dense": "D",
+    "bilinear": "^",
+}
+_SPARE_MARKERS: list[str] = ["P", "X", "*", "h", "<", ">"]
+
+
+def markers_for(estimators: list[str]) -> dict[str, str]:
+    """A marker per estimator: the fixed ones for the built-ins, spare ones for the rest."""
+    spare = iter(_SPARE_MARKERS * (1 + len(estimators) // len(_SPARE_MARKERS)))
+    return {e: ESTIMATOR_MARKERS[e] if e in ESTIMATOR_MARKERS else next(spare) for e in estimators}
 
 
 def dashes_for(estimators: list[str]) -> dict[str, tuple[float, ...] | str]:

@@ -19,9 +19,10 @@ Layers:
   sampled to integer tuples.
 - ``BilinearGlimpse`` (``bilinear``): bilinear interpolation at the points (``grid_sample``, as in
   spatial transformer networks); exact gradient to the box.
-- ``ReinforceGlimpse`` (``reinforce``): a Gaussian policy over the corners (as in RAM); the glimpse
-  reads the nearest pixels of a sampled box, and the source network learns through the
-  score-function term that ``objective`` adds.
+- ``ReinforceGlimpse`` (``reinforce``): ours, a one-shot Gaussian policy over the corners; the
+  glimpse reads the nearest pixels of a sampled box, and the source network learns through the
+  score-function term that ``objective`` adds. Not RAM (Mnih et al. 2014), which is a recurrent
+  network taking a sequence of multi-resolution glimpses at predicted locations.
 """
 
 from __future__ import annotations
@@ -130,12 +131,15 @@ class BilinearGlimpse(GlimpseLayer):
 
 
 class ReinforceGlimpse(GlimpseLayer):
-    """A Gaussian policy over the box corners, trained with the score function (as in RAM).
+    """Ours: a one-shot Gaussian policy over the box corners, trained with the score function.
 
-    In training each glimpse's corners are sampled from ``N(corners, std)`` in logit space and the
-    glimpse reads the nearest pixels at the sampled box, so no gradient flows through the read-out;
-    ``objective`` adds ``log p(sample) * (loss - baseline)`` with the baseline detached, an
-    exponential moving average of the batch loss. ``eval()`` reads at the mean box.
+    The REINFORCE counterpart of the sparse glimpse (same box, same read-out points); it is not
+    RAM, whose recurrent core takes a sequence of glimpses. In training each glimpse's corners are
+    sampled from ``N(corners, std)`` in logit space and the glimpse reads the nearest pixels at
+    the sampled box, so no gradient flows through the read-out; ``objective`` adds
+    ``log p(sample) * (loss - baseline)`` with the baseline detached: ``"moving_average"``
+    (default) of the batch loss, ``"leave_one_out"`` (the other instances' mean loss) or
+    ``"none"``. ``eval()`` reads at the mean box.
 
     ``std`` is the initial standard deviation (logit units); it is learned per glimpse and corner
     (as a log-std) unless ``learn_std`` is False.
@@ -148,10 +152,13 @@ class ReinforceGlimpse(GlimpseLayer):
         std: float = 0.5,
         learn_std: bool = True,
         baseline_decay: float = 0.9,
+        baseline: str = "moving_average",
     ) -> None:
         super().__init__(spec, box_offset)
         if std <= 0:
             raise ValueError(f"std must be > 0, got {std}")
+        if baseline not in ("moving_average", "leave_one_out", "none"):
+            raise ValueError(f"baseline must be moving_average, leave_one_out or none, got {baseline!r}")
         if not 0.0 <= baseline_decay < 1.0:
             raise ValueError(f"baseline_decay must be in [0, 1), got {baseline_decay}")
         log_std = torch.full((spec.glimpses, 4), math.log(std))
@@ -159,7 +166,7 @@ class ReinforceGlimpse(GlimpseLayer):
             self.log_std = nn.Parameter(log_std)
         else:
             self.register_buffer("log_std", log_std)
-        self.baseline_decay = baseline_decay
+        self.baseline_decay, self.baseline_kind = baseline_decay, baseline
         self.register_buffer("baseline", torch.zeros(()))
         self.register_buffer("baseline_ready", torch.zeros((), dtype=torch.bool))
         self.last_log_p: torch.Tensor | None = None  # (b,) log-probability of the last sample
@@ -195,12 +202,18 @@ class ReinforceGlimpse(GlimpseLayer):
         if self.last_log_p is None:  # eval mode, or no sample since the last objective
             return loss
         cost = per_sample_loss.detach()  # (b,)
-        if not bool(self.baseline_ready):
-            self.baseline.copy_(cost.mean())
-            self.baseline_ready.fill_(True)
-        surrogate = (self.last_log_p * (cost - self.baseline)).mean()
-        decay = self.baseline_decay
-        self.baseline.copy_(decay * self.baseline + (1 - decay) * cost.mean())
+        if self.baseline_kind == "none":
+            base = torch.zeros_like(cost)
+        elif self.baseline_kind == "leave_one_out":
+            base = (cost.sum() - cost) / max(len(cost) - 1, 1)  # (b,)
+        else:
+            if not bool(self.baseline_ready):
+                self.baseline.copy_(cost.mean())
+                self.baseline_ready.fill_(True)
+            base = self.baseline.clone()
+            decay = self.baseline_decay
+            self.baseline.copy_(decay * self.baseline + (1 - decay) * cost.mean())
+        surrogate = (self.last_log_p * (cost - base)).mean()
         self.last_log_p = None  # one surrogate per sample: never reuse a freed graph
         return loss + surrogate
 

@@ -27,13 +27,18 @@ from estimators.sparse import (
 from estimators.sparse.functional import Normalise, transform_means, transform_sigmas
 
 __all__ = [
+    "BASELINES",
+    "LOG_PROBS",
     "DenseMatrixLayer",
     "ReinforceMatrixLayer",
     "SparseMatrixLayer",
     "discretised_log_prob",
 ]
 
-Baseline = Literal["moving_average", "leave_one_out"]
+Baseline = Literal["moving_average", "leave_one_out", "none"]
+LogProb = Literal["discretised", "continuous"]
+BASELINES: tuple[Baseline, ...] = ("moving_average", "leave_one_out", "none")
+LOG_PROBS: tuple[LogProb, ...] = ("discretised", "continuous")
 
 
 class SparseMatrixLayer(StructureLayer):
@@ -122,13 +127,23 @@ def discretised_log_prob(
 class ReinforceMatrixLayer(StructureLayer):
     """REINFORCE baseline of §3.1: one integer tuple per continuous tuple, score-function gradient.
 
-    Per forward, ``samples`` structures are drawn (instance ``i`` uses draw ``i % samples``): each
-    continuous tuple draws ``z ~ N(mean, diag(sigma))``, rounds and clamps it, and ``W`` holds value
-    ``nu`` there (values get the ordinary gradient). ``objective`` adds ``mean_s((L_s - baseline)
-    * log p_s)`` with ``L_s`` the mean loss of the instances that used draw ``s``, ``log p_s`` the
-    draw's log-probability under the discretised Gaussian, and the difference detached. Baselines:
-    ``"moving_average"`` of past losses (``baseline_decay``; the first call uses its own mean) or
-    ``"leave_one_out"``: the mean loss of the other draws (needs ``samples >= 2``).
+    A *structure* is one draw for all ``k`` continuous tuples: each draws ``z ~ N(mean,
+    diag(sigma))`` (sigma a variance, as in the sparse layer), rounds and clamps it, and ``W``
+    holds value ``nu`` there. ``samples=0`` (default) draws one structure per instance, as the
+    authors' code does; ``samples=s`` draws ``s`` structures per step, shared round-robin by the
+    batch (instance ``i`` uses draw ``i % s``). ``objective`` adds ``mean_u((L_u - b_u) *
+    log p_u)`` over the draws ``u`` with ``L_u`` the mean loss of the instances that used draw
+    ``u`` and the difference detached. The two variance-reduction choices:
+
+    - ``log_prob``: ``"discretised"`` (default), the log-probability of the rounded integer tuple
+      under the Gaussian (the score of the action that was taken; lower variance), or
+      ``"continuous"``, the Gaussian log-density of ``z`` before rounding (the authors' code).
+    - ``baseline``: ``"moving_average"`` of past losses (``baseline_decay``; the first call uses
+      its own mean), ``"leave_one_out"`` (the mean loss of the other draws; needs two or more),
+      or ``"none"`` (the authors' code).
+
+    ``fix_values=True`` fixes every value at 1 (a buffer), as the sparse layer's ``fix_values``;
+    otherwise values are parameters and get the ordinary gradient.
     """
 
     def __init__(
@@ -136,18 +151,21 @@ class ReinforceMatrixLayer(StructureLayer):
         spec: SparseMatrixSpec,
         *,
         baseline: Baseline = "moving_average",
-        samples: int = 1,
+        log_prob: LogProb = "discretised",
+        samples: int = 0,
         baseline_decay: float = 0.9,
         tau: float = 0.1,
+        fix_values: bool = False,
     ) -> None:
         super().__init__()
-        if baseline not in ("moving_average", "leave_one_out"):
+        if baseline not in BASELINES:
+            raise SparseLayerError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+        if log_prob not in LOG_PROBS:
+            raise SparseLayerError(f"log_prob must be one of {LOG_PROBS}, got {log_prob!r}")
+        if samples < 0 or (baseline == "leave_one_out" and samples == 1):
             raise SparseLayerError(
-                f"baseline must be 'moving_average' or 'leave_one_out', got {baseline!r}"
-            )
-        if samples < 1 or (baseline == "leave_one_out" and samples < 2):
-            raise SparseLayerError(
-                f"samples must be >= 1 (>= 2 for leave_one_out), got {samples} with {baseline!r}"
+                f"samples must be 0 (one per instance) or >= 1 (>= 2 for leave_one_out), got "
+                f"{samples} with {baseline!r}"
             )
         if not 0 <= baseline_decay < 1:
             raise SparseLayerError(f"baseline_decay must be in [0, 1), got {baseline_decay}")
@@ -155,14 +173,17 @@ class ReinforceMatrixLayer(StructureLayer):
             raise SparseLayerError(f"spec.k (number of index tuples) must be >= 1, got {spec.k}")
         self.in_shape, self.out_shape = tuple(spec.in_shape), tuple(spec.out_shape)
         self.shape = weight_shape(self.in_shape, self.out_shape)
-        self.baseline_kind: Baseline = baseline
+        self.baseline_kind, self.log_prob_kind = baseline, log_prob
         self.samples, self.decay, self.tau = samples, baseline_decay, tau
         self.means_raw = nn.Parameter(torch.randn(spec.k, len(self.shape)))
         self.sigmas_raw = nn.Parameter(torch.zeros(spec.k))
-        self.values = nn.Parameter(torch.randn(spec.k))
+        if fix_values:
+            self.register_buffer("values", torch.ones(spec.k))
+        else:
+            self.values = nn.Parameter(torch.randn(spec.k))
         self.register_buffer("baseline", torch.zeros(()))
         self.register_buffer("baseline_set", torch.zeros((), dtype=torch.bool))
-        self._log_prob: Tensor | None = None  # (samples,) from the last training forward
+        self._log_prob: Tensor | None = None  # (draws,) from the last training forward
         self._last_sample: Tensor | None = None
 
     def means(self) -> Tensor:
@@ -180,17 +201,25 @@ class ReinforceMatrixLayer(StructureLayer):
             return rounded_product(
                 x, means.expand(b, -1, -1), values.expand(b, -1), self.in_shape, self.out_shape
             )
-        if b < self.samples:
-            raise SparseLayerError(f"batch of {b} is smaller than samples={self.samples}")
+        draws_n = self.samples or b  # structures this step: one per instance, or shared
+        if b < draws_n or (self.baseline_kind == "leave_one_out" and draws_n < 2):
+            raise SparseLayerError(
+                f"batch of {b} is too small for {draws_n} draws with baseline {self.baseline_kind!r}"
+            )
         sigmas = self.sigmas()  # (k, r)
+        std = sigmas.sqrt()
         with torch.no_grad():
-            noise = torch.randn(self.samples, *means.shape, device=means.device, dtype=means.dtype)
-            z = means + sigmas.sqrt() * noise  # (samples, k, r)
+            noise = torch.randn(draws_n, *means.shape, device=means.device, dtype=means.dtype)
+            z = means + std * noise  # (draws, k, r)
             upper = means.new_tensor(self.shape) - 1
-            draws = torch.minimum(z.round().clamp(min=0), upper).long()  # (samples, k, r)
-        self._log_prob = discretised_log_prob(draws, means, sigmas, self.shape).sum(-1)
+            draws = torch.minimum(z.round().clamp(min=0), upper).long()  # (draws, k, r)
+        if self.log_prob_kind == "continuous":
+            log_p = torch.distributions.Normal(means, std).log_prob(z).sum((-2, -1))  # (draws,)
+        else:
+            log_p = discretised_log_prob(draws, means, sigmas, self.shape).sum(-1)  # (draws,)
+        self._log_prob = log_p
         self._last_sample = draws[0]
-        which = torch.arange(b, device=x.device) % self.samples  # (b,)
+        which = torch.arange(b, device=x.device) % draws_n  # (b,)
         return sparse_mv(x, draws[which], values.expand(b, -1), self.in_shape, self.out_shape)
 
     def objective(self, per_sample_loss: Tensor) -> Tensor:
@@ -198,19 +227,22 @@ class ReinforceMatrixLayer(StructureLayer):
         if self._log_prob is None:  # eval, or the surrogate was already used
             return loss
         log_prob, self._log_prob = self._log_prob, None
+        draws_n = log_prob.shape[0]
         with torch.no_grad():
-            which = torch.arange(per_sample_loss.shape[0], device=loss.device) % self.samples
+            which = torch.arange(per_sample_loss.shape[0], device=loss.device) % draws_n
             draw_loss = torch.zeros_like(log_prob).index_add_(0, which, per_sample_loss.detach())
-            draw_loss /= torch.bincount(which, minlength=self.samples).to(draw_loss)  # (samples,)
+            draw_loss /= torch.bincount(which, minlength=draws_n).to(draw_loss)  # (draws,)
             if self.baseline_kind == "leave_one_out":
-                base = (draw_loss.sum() - draw_loss) / (self.samples - 1)
+                base = (draw_loss.sum() - draw_loss) / (draws_n - 1)
+            elif self.baseline_kind == "none":
+                base = torch.zeros_like(draw_loss)
             else:
                 if not self.baseline_set:
                     self.baseline.copy_(draw_loss.mean())
                     self.baseline_set.fill_(True)
                 base = self.baseline.clone()
                 self.baseline.mul_(self.decay).add_((1 - self.decay) * draw_loss.mean())
-            advantage = draw_loss - base  # (samples,)
+            advantage = draw_loss - base  # (draws,)
         return loss + (advantage * log_prob).mean()
 
     def snapshot(self) -> dict[str, Tensor]:

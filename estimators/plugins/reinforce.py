@@ -1,8 +1,11 @@
-"""The ``reinforce`` estimator: score-function gradients with a detached baseline.
+"""The ``reinforce`` estimator: score-function gradients, with an optional detached baseline.
 
 - ``sparse_matrix``: the sparse layer's parametrisation, one sampled integer tuple per continuous
-  tuple (the paper's identity baseline).
-- ``glimpse``: a Gaussian policy over the glimpse box (RAM-style).
+  tuple (the paper's identity baseline, §3.1). With ``samples = 0``, ``baseline = "none"``,
+  ``log_prob = "continuous"`` and ``fix_values = true`` it is the authors' estimator (one
+  structure per instance, the Gaussian log-density of the unrounded draw, values fixed at 1, as
+  the sparse layer's); the defaults add our variance reduction.
+- ``glimpse``: ours, a one-shot Gaussian policy over the glimpse box (not RAM, which is recurrent).
 - ``permutation`` from keys: permutations sampled from a Plackett-Luce distribution.
 """
 
@@ -27,27 +30,36 @@ __all__ = ["ReinforceEstimator", "register_estimators"]
 
 class ReinforceEstimator(Estimator):
     name: ClassVar[str] = "reinforce"
-    description: ClassVar[str] = "score-function (REINFORCE) gradient with a detached baseline"
+    description: ClassVar[str] = "score-function (REINFORCE) gradients; the paper's identity baseline"
     kinds: ClassVar[frozenset[str]] = frozenset({"sparse_matrix", "glimpse", "permutation"})
     defaults: ClassVar[Mapping[str, Any]] = {
-        "baseline": "moving_average",  # or "leave_one_out" (needs samples > 1)
+        "baseline": "moving_average",  # or "leave_one_out" (two or more draws), or "none"
         "baseline_decay": 0.9,
-        "samples": 1,  # draws per step (sparse_matrix, permutation)
+        # sparse_matrix: "discretised" (score of the rounded tuple) or "continuous" (the authors')
+        "log_prob": "discretised",
+        "samples": 0,  # sparse_matrix: structures per step; 0 = one per instance (the authors')
+        "fix_values": True,  # sparse_matrix: values fixed at 1, like the sparse estimator's
         "tau": 0.1,  # sigma floor, as in the sparse layer
         "box_offset": 1.0,  # glimpse: initial box half-width in logit space
         "std": 0.5,  # glimpse: initial policy standard deviation (logit space)
         "learn_std": True,
     }
 
-    choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {"baseline": ("moving_average", "leave_one_out")}
+    choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {
+        "baseline": ("moving_average", "leave_one_out", "none"),
+        "log_prob": ("discretised", "continuous"),
+    }
 
     def unsupported(self, spec: Spec, params: Mapping[str, Any] | None = None) -> str | None:
         if isinstance(spec, PermutationSpec):
             if spec.source != "keys":
                 return "reinforce samples permutations from keys (Plackett-Luce); no free permutation"
             p = {**self.defaults, **(params or {})}
-            if p["samples"] != 1 or p["baseline"] == "leave_one_out":  # one draw per instance
-                return "Plackett-Luce takes samples = 1 with a moving-average or no baseline"
+            if p["samples"] != 0 or p["baseline"] == "leave_one_out":  # one draw per instance
+                return (
+                    "Plackett-Luce draws one permutation per instance (samples = 0) with a "
+                    "moving-average or no baseline"
+                )
         return super().unsupported(spec, params)
 
     def build(self, spec: Spec, params: Mapping[str, Any]) -> StructureLayer:
@@ -61,9 +73,11 @@ class ReinforceEstimator(Estimator):
             return ReinforceMatrixLayer(
                 spec,
                 baseline=p["baseline"],
+                log_prob=p["log_prob"],
                 samples=p["samples"],
                 baseline_decay=p["baseline_decay"],
                 tau=p["tau"],
+                fix_values=p["fix_values"],
             )
         if isinstance(spec, GlimpseSpec):
             from estimators.layers.glimpse import ReinforceGlimpse
@@ -74,12 +88,11 @@ class ReinforceEstimator(Estimator):
                 std=p["std"],
                 learn_std=p["learn_std"],
                 baseline_decay=p["baseline_decay"],
+                baseline=p["baseline"],
             )
         from estimators.layers.permutation import PlackettLuceLayer
 
-        return PlackettLuceLayer(
-            spec, baseline=p["baseline"], baseline_decay=p["baseline_decay"], samples=p["samples"]
-        )
+        return PlackettLuceLayer(spec, baseline=p["baseline"], baseline_decay=p["baseline_decay"])
 
 
 @hookimpl

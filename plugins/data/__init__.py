@@ -1,4 +1,5 @@
-"""Data for the tasks: MNIST (torchvision root or embedded 5k), cluttered MNIST, numbers to sort.
+"""Data for the tasks: MNIST-format digits (MNIST, Fashion-MNIST, the embedded 5k), cluttered MNIST,
+numbers to sort.
 
 Harness-free apart from ``harness.errors.UsageError``, so tasks and scripts can use it alone.
 """
@@ -16,6 +17,7 @@ from plugins.data.mnist import (
     DigitSet,
     MNISTSplits,
     digit_set_sha256,
+    load_fashion_mnist,
     load_mnist,
 )
 from plugins.data.numbers import (
@@ -27,8 +29,20 @@ from plugins.data.numbers import (
     sorting_instances,
     target_permutation,
 )
+from plugins.data.sources import (
+    DATASETS,
+    DEBIAN_FASHION_MNIST,
+    EMBEDDED,
+    DatasetFiles,
+    check_dataset,
+    load_digits,
+    resolve_dataset,
+)
 
 __all__ = [
+    "DATASETS",
+    "DEBIAN_FASHION_MNIST",
+    "EMBEDDED",
     "NEURALSORT_PROTOCOL",
     "PAPER_PROTOCOL",
     "VARIANTS",
@@ -36,12 +50,17 @@ __all__ = [
     "ClutteredSet",
     "DataConfigError",
     "DataError",
+    "DatasetFiles",
     "DigitSet",
     "MNISTSplits",
     "SortingProtocol",
+    "check_dataset",
     "cluttered_mnist",
     "digit_set_sha256",
+    "load_digits",
+    "load_fashion_mnist",
     "load_mnist",
+    "resolve_dataset",
     "save_sample_grid",
     "sorting_correct",
     "sorting_indices",

@@ -1,40 +1,45 @@
 """Cluttered MNIST (paper §3.2): one digit on a large canvas among pieces cropped from other digits.
 
-Two generators, chosen by ``ClutterConfig.variant``:
+Two generators, chosen by ``ClutterConfig.variant`` and named after what they are:
 
-- ``"bloem"`` (default), the generator of the original experiment's code (sparse-hyper
-  ``scripts/generate.mnist.py``): 10 clutter pieces, one piece shape per image with height and
-  width each drawn from 4..10 px, cropped at random from other digits, each rotated by a uniform
-  angle (full circle) and scaled by 0.5..4.5, then the digit itself. Every layer is pasted with
-  itself as alpha, as PIL's ``paste(fg, mask=fg)`` does: ``canvas = canvas * (1 - l) + l * l``.
-  The original also rotated the digit by any angle and scaled it by 0.5..4.5, which makes 6 and 9
-  the same class and can overflow a 100 px canvas (its ``randint`` then fails); we rotate the
-  digit by at most 30 degrees and scale it by 0.8..1.2 so that it stays legible and always fits.
-  We crop the pieces with their own width (the original cropped ``h:h+nw`` on both axes) and
-  resample bilinearly (the original used bicubic).
-- ``"ram"``: deepmind/mnist-cluttered (the RAM paper's data, and the script the paper's text
-  cites): 8 pieces, each an 8 x 8 crop of another digit at an integer position, no rotation or
-  scaling, the digit unscaled; layers are added and the sum clipped to [0, 1].
+- ``"deepmind"`` (default): deepmind/mnist-cluttered, the generator of the RAM paper's data and
+  the one the paper used (§3.2, footnote 5): 8 pieces, each an 8 x 8 crop of another digit at an
+  integer position, no rotation or scaling, the digit unscaled; layers are added and the sum
+  clipped to [0, 1]. (deepmind draws its distractors from any digit, the shown one included, one
+  chance in 60,000; we never clutter a digit with itself.)
+- ``"rotated-scaled"``: after the authors' *later* generator, sparse-hyper
+  ``scripts/generate.mnist.py`` ("mnist-rsc", added in January 2019, after the paper, for a
+  rotated and scaled dataset, and changed several times until July 2019): 10 clutter pieces, one
+  piece shape per image with height and width each drawn from 4..10 px, cropped at random from
+  other digits, each rotated by a uniform angle (full circle) and scaled by 0.5..4.5, then the
+  digit itself. Every layer is pasted with itself as alpha, as PIL's ``paste(fg, mask=fg)`` does:
+  ``canvas = canvas * (1 - l) + l * l``. The script also rotated the digit by any angle and
+  scaled it up to 4.5, which makes 6 and 9 the same class and can overflow a 100 px canvas (its
+  ``randint`` then fails); we rotate the digit by at most 30 degrees and scale it by 0.8..1.2 so
+  that it stays legible and always fits. We crop the pieces with their own width (the script
+  cropped ``h:h+nw`` on both axes) and resample bilinearly (the script used bicubic). Not the
+  paper's data: a harder set for experiments of our own.
 
 ``None`` in a ``ClutterConfig`` field means "the variant's default" and is resolved when the
-config is built, so ``ClutterConfig(variant="ram")`` is the deepmind generator and any field can
+config is built, so ``ClutterConfig(variant="deepmind")`` is the deepmind generator and any field can
 still be set explicitly.
 
 Every layer is placed at an integer position where its rotated, scaled footprint lies inside the
 canvas (a piece larger than the canvas, impossible with the defaults, overhangs by a random amount
 and is clipped). All randomness is drawn up front from one ``torch.Generator`` seeded by ``seed``,
 so results do not depend on chunking or thread count. Rendering is batched: one sampling grid
-(what ``affine_grid`` builds, computed separably) and one ``grid_sample`` per layer (11 for bloem)
+(what ``affine_grid`` builds, computed separably) and one ``grid_sample`` per layer (11 for
+rotated-scaled)
 over a chunk of images, with no per-image or per-pixel Python loop. Images are quantised to 8 bits
 (the original saved PNGs) so that a cached set, stored as uint8, is bit-identical to a fresh one.
 
 Use ``splits.test`` for test images: clutter comes from the same ``DigitSet`` as the digits.
 
 Speed, from ``python -c "import plugins.data.cluttered as c; c.measure_throughput()"`` (2,000
-100 x 100 images from the embedded digits, on the 2-core development CPU at low load): bloem about
-950 images/s with ``torch.set_num_threads(1)`` and 1,800 with 2 threads; ram about 1,250 and
-2,400 (a single thread's CPU-time rate agreed: 900 and 1,235). So 60,000 bloem images take about
-a minute once, then come from the cache.
+100 x 100 images from the embedded digits, on the 2-core development CPU at low load):
+rotated-scaled about 950 images/s with ``torch.set_num_threads(1)`` and 1,800 with 2 threads;
+deepmind about 1,250 and 2,400 (a single thread's CPU-time rate agreed: 900 and 1,235). So 60,000
+images take about a minute once, then come from the cache.
 """
 
 from __future__ import annotations
@@ -71,13 +76,13 @@ _CHUNK = 256  # images rendered at once: (256, 1, 100, 100) floats per buffer, a
 
 # variant -> defaults for the fields left as None
 VARIANTS: dict[str, dict[str, float | int]] = {
-    "bloem": dict(
-        pieces=10, piece_min=4, piece_max=10, piece_rotation=180.0, piece_scale_min=0.5,
-        piece_scale_max=4.5, digit_rotation=30.0, digit_scale_min=0.8, digit_scale_max=1.2,
-    ),
-    "ram": dict(
+    "deepmind": dict(
         pieces=8, piece_min=8, piece_max=8, piece_rotation=0.0, piece_scale_min=1.0,
         piece_scale_max=1.0, digit_rotation=0.0, digit_scale_min=1.0, digit_scale_max=1.0,
+    ),
+    "rotated-scaled": dict(
+        pieces=10, piece_min=4, piece_max=10, piece_rotation=180.0, piece_scale_min=0.5,
+        piece_scale_max=4.5, digit_rotation=30.0, digit_scale_min=0.8, digit_scale_max=1.2,
     ),
 }
 
@@ -91,16 +96,16 @@ class ClutterConfig:
     """
 
     canvas: int = _CANVAS
-    variant: str = "bloem"
-    pieces: int | None = None  # bloem 10, ram 8
-    piece_min: int | None = None  # bloem 4, ram 8
-    piece_max: int | None = None  # bloem 10, ram 8
-    piece_rotation: float | None = None  # bloem 180, ram 0
-    piece_scale_min: float | None = None  # bloem 0.5, ram 1
-    piece_scale_max: float | None = None  # bloem 4.5, ram 1
-    digit_rotation: float | None = None  # bloem 30, ram 0
-    digit_scale_min: float | None = None  # bloem 0.8, ram 1
-    digit_scale_max: float | None = None  # bloem 1.2, ram 1
+    variant: str = "deepmind"
+    pieces: int | None = None  # deepmind 8, rotated-scaled 10
+    piece_min: int | None = None  # deepmind 8, rotated-scaled 4
+    piece_max: int | None = None  # deepmind 8, rotated-scaled 10
+    piece_rotation: float | None = None  # deepmind 0, rotated-scaled 180
+    piece_scale_min: float | None = None  # deepmind 1, rotated-scaled 0.5
+    piece_scale_max: float | None = None  # deepmind 1, rotated-scaled 4.5
+    digit_rotation: float | None = None  # deepmind 0, rotated-scaled 30
+    digit_scale_min: float | None = None  # deepmind 1, rotated-scaled 0.8
+    digit_scale_max: float | None = None  # deepmind 1, rotated-scaled 1.2
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -325,7 +330,7 @@ def _render(layout: _Layout, images: torch.Tensor, cfg: ClutterConfig) -> torch.
         sl = slice(start, min(start + _CHUNK, count))
         b = sl.stop - sl.start
         canvas = torch.zeros(b, 1, side, side, device=dev)
-        for layer in range(n_layers):  # 11 layers for bloem: a loop over layers, not images
+        for layer in range(n_layers):  # 11 for rotated-scaled: a loop over layers, not images
             x, y, w, h = crop[sl, layer].unbind(-1)  # each (b,)
             keep_x = (ar >= x[:, None]) & (ar < (x + w)[:, None])  # (b, 28)
             keep_y = (ar >= y[:, None]) & (ar < (y + h)[:, None])  # (b, 28)
@@ -334,7 +339,7 @@ def _render(layout: _Layout, images: torch.Tensor, cfg: ClutterConfig) -> torch.
             grid = _grid(theta[sl, layer], side)  # (b, C, C, 2)
             paste = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros",
                                   align_corners=False)  # (b, 1, C, C)
-            if cfg.variant == "bloem":
+            if cfg.variant == "rotated-scaled":
                 canvas.mul_(1 - paste).addcmul_(paste, paste)  # paste with itself as alpha
             else:
                 canvas.add_(paste)

