@@ -154,6 +154,12 @@ class Estimator:
     - ``choices``: for string parameters with a fixed set of values, that set (checked too).
     - ``unsupported(spec, params)``: a reason string when a spec of a supported kind (or these
       parameters) still cannot be served; checked before any training, so the matrix says ``n/a``.
+    - ``positive`` / ``non_negative``: numeric parameters (or lists of numbers) that must be
+      > 0 / >= 0. Every float parameter must be finite whatever is declared.
+    - ``check(params)``: raise ``ValueError`` naming the key for values that make no sense
+      together or alone beyond those rules (e.g. a decay outside [0, 1)). The harness calls it on
+      every cell's resolved parameters before anything is run and reports the estimator, the cell
+      and the message as a config error (exit code 2).
     """
 
     name: ClassVar[str]
@@ -161,6 +167,11 @@ class Estimator:
     kinds: ClassVar[frozenset[str]] = frozenset()
     defaults: ClassVar[Mapping[str, Any]] = {}
     choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {}
+    positive: ClassVar[tuple[str, ...]] = ()
+    non_negative: ClassVar[tuple[str, ...]] = ()
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        return None
 
     def unsupported(self, spec: Spec, params: Mapping[str, Any] | None = None) -> str | None:
         if spec.kind not in self.kinds:

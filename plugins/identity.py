@@ -100,6 +100,9 @@ class IdentityTask(Task):
             write_artifacts=write_artifacts,
             snapshot_steps=tuple(cell.params["snapshots"]),
             provenance={"data.source": "synthetic-normal", "data.eval_size": str(len(x_eval))},
+            # the training vectors are a stream: a resumed cell continues it where it stopped
+            state_dict=lambda: {"train_gen": train_gen.get_state()},
+            load_state_dict=lambda state: train_gen.set_state(state["train_gen"].cpu()),
         )
 
 

@@ -351,6 +351,8 @@ class SortingTask(Task):
             write_artifacts=write_artifacts,
             provenance=dict(splits.provenance),
             snapshot_steps=tuple(p["snapshots"]),
+            # no state_dict: batches are a pure function of the step (``_training_batches``) and
+            # the layers draw from the global generators, which the runner checkpoints itself
         )
 
 
