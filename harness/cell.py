@@ -28,14 +28,21 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from harness.checkpoint import FORMAT, CheckpointPolicy, Checkpoints, capture_rng, checkpoints_for, restore_rng
+from harness.checkpoint import (
+    FORMAT,
+    CheckpointPolicy,
+    Checkpoints,
+    capture_rng,
+    checkpoints_for,
+    restore_rng,
+)
 from harness.claims import STATUS_TAG, Claim
 from harness.errors import UsageError
 from harness.lease import Heartbeat
 from harness.matrix import Cell
 from harness.plugins import Registry
 from harness.signals import Interrupted, SignalGuard
-from harness.task import CellSetup, TaskRun
+from harness.task import CellSetup
 from harness.tracking import Tracker
 
 __all__ = ["CellJob", "CellProgressLike", "CellResult", "Diverged", "Superseded", "execute", "seed_everything"]

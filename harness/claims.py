@@ -204,10 +204,11 @@ def _run_claim(run: Run | None) -> int | None:
 
 
 def holder_gone(claim: Claim, run: Run | None, stale_s: float) -> str | None:
-    """For a held claim: why its owner is gone, or ``None`` while it may be alive."""
+    """For a held claim: why its owner is gone, or ``None`` while it may be alive. Its run's
+    heartbeat counts once the run carries the claim; until then, the time of the claim."""
     beat = claim.claimed_at
     if _run_claim(run) == claim.generation:
-        beat = max(beat, _heartbeat(run) or 0.0)
+        beat = _heartbeat(run) or beat
     return gone(claim.owner, beat, stale_s)
 
 

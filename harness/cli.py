@@ -204,7 +204,7 @@ def _load(args: argparse.Namespace):  # -> tuple[Registry, list[Cell]]
     registry = plugins.load(args.plugin)
     raw = config.load_config(args.preset, args.config, args.sets)
     selection = matrix.Selection(tuple(args.task), tuple(args.estimator), tuple(args.size), tuple(args.seeds))
-    return registry, matrix.resolve_cells(raw, registry, selection)
+    return registry, matrix.resolve_cells(raw, registry, selection, forced=config.set_layer(args.sets))
 
 
 def _reconcile(tracker, experiment_ids: list[str], stale_minutes: float) -> None:

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from harness.cell import CellResult
 from harness.matrix import Cell
 from harness.plugins import Registry
-from harness.cell import CellResult
 from harness.tracking import ui_url
 
 __all__ = ["print_cells", "print_plugins", "print_registry", "print_results", "print_where"]

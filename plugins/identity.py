@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from estimators.base import PermutationSpec, SparseMatrixSpec, Spec, StructureLayer
-from harness.errors import UsageError
 from harness.hookspecs import hookimpl
 from harness.task import CellSetup, Task, TaskRun
 
@@ -56,16 +55,14 @@ class IdentityTask(Task):
         "eval_samples": 10000,
         "snapshots": [0, 1000, 5000, 9000, 13000],  # the steps of the paper's Fig. 3
     }
+    positive = ("n", "steps", "eval_every", "lr", "batch_size", "eval_samples")
+    non_negative = ("snapshots",)
 
     def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
         n = params["n"]
         if kind == "sparse_matrix":
             return SparseMatrixSpec(in_shape=(n,), out_shape=(n,), k=n)
         return PermutationSpec(n=n, source="free")
-
-    def check(self, params: Mapping[str, Any]) -> None:
-        if params["eval_samples"] <= 0:
-            raise UsageError(f"eval_samples = {params['eval_samples']} must be positive")
 
     def setup(self, cell: CellSetup) -> TaskRun:
         n, batch, device = cell.params["n"], cell.params["batch_size"], cell.device

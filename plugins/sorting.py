@@ -265,6 +265,8 @@ class SortingTask(Task):
         "intermediate_loss": True,  # §3.3, for layers that offer it (quicksort)
         "snapshots": [0],  # steps that write quicksort_steps.json (Fig. 7: the first batch)
     }
+    positive = ("n", "digits", "steps", "eval_every", "lr", "batch_size", "eval_instances")
+    non_negative = ("train_instances", "snapshots")
 
     def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
         return PermutationSpec(n=params["n"], source="keys")

@@ -40,6 +40,14 @@ class ReinforceEstimator(Estimator):
     }
 
     choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {"baseline": ("moving_average", "leave_one_out")}
+    positive: ClassVar[tuple[str, ...]] = ("samples", "tau", "box_offset", "std")
+    non_negative: ClassVar[tuple[str, ...]] = ("baseline_decay",)
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        if not params["baseline_decay"] < 1:
+            raise ValueError(f"baseline_decay = {params['baseline_decay']!r} must be below 1 (the weight on the past)")
+        if params["baseline"] == "leave_one_out" and params["samples"] < 2:
+            raise ValueError("baseline 'leave_one_out' needs samples >= 2 (it averages the other draws)")
 
     def unsupported(self, spec: Spec, params: Mapping[str, Any] | None = None) -> str | None:
         if isinstance(spec, PermutationSpec):
