@@ -26,11 +26,16 @@ EXIT_USAGE = 2
 EXIT_FAILED_CELLS = 1
 
 
+def _one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped: an error is one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line, like every other usage error (no usage block)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"sparsebench: error: {self.prog}: {message} (see --help)\n")
+        self.exit(EXIT_USAGE, f"sparsebench: error: {_one_line(f'{self.prog}: {message}')} (see --help)\n")
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -178,7 +183,7 @@ def _guarded(command, args: argparse.Namespace) -> int:
     try:
         return command(args)
     except UsageError as e:
-        print(f"sparsebench: error: {e}", file=sys.stderr)
+        print(f"sparsebench: error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -26,7 +26,7 @@ from harness.errors import UsageError
 from harness.lease import Heartbeat
 from harness.matrix import Cell
 from harness.plugins import Registry
-from harness.signals import SignalGuard
+from harness.signals import Interrupted, SignalGuard
 from harness.tracking import Tracker, environment_tags
 
 __all__ = ["CellProgress", "MatrixOptions", "open_cell_run", "pick_device", "run_matrix"]
@@ -160,6 +160,7 @@ def run_matrix(
                 )
                 if progress:
                     progress.cell_done()
+            guard.raise_pending()  # a signal during the last claim
     except KeyboardInterrupt:
         status = "killed"
         raise
@@ -189,7 +190,8 @@ def _claim_and_execute(
     progress: CellProgress | None,
     notify,
 ) -> CellResult:
-    with guard.atomic():  # a claim and its run are made together or not at all
+    guard.raise_pending()
+    with guard.deferred():  # a claim and its run are made together or not at all
         decision = claims.acquire(
             tracker.client,
             experiment_id,
@@ -199,7 +201,7 @@ def _claim_and_execute(
             stale_s=options.stale_s,
             artifact_root=tracker.artifact_root,
         )
-        if decision.action == "skip":
+        if decision.action == "skip":  # nothing written: a signal acts at the next cell
             return CellResult(cell, "skipped", reason=decision.reason, run_id=decision.run.info.run_id)
         if decision.action == "busy":
             return CellResult(cell, "elsewhere", reason=decision.reason)
@@ -208,6 +210,11 @@ def _claim_and_execute(
         run_id, resumed = open_cell_run(
             tracker, decision, experiment_id, parent, cell, env_tags, options.checkpoints
         )
+    if guard.pending is not None:  # interrupted while claiming: leave the run for the next launcher
+        with guard.deferred():
+            tracker.set_tags(run_id, {STATUS_TAG: "killed"})
+            tracker.end(run_id, "KILLED")
+        raise Interrupted(guard.pending, f"{cell.name} was claimed but not started")
     job = CellJob(
         cell=cell,
         tracking_uri=tracker.uri,

@@ -42,6 +42,8 @@ def sqlite_path(uri: str) -> Path | None:
 def quiet_mlflow() -> None:
     """MLflow and alembic announce schema creation and migrations at INFO on stderr; the CLI's
     output is its own, so only their warnings get through."""
+    import mlflow  # noqa: F401  (its import configures its loggers; ours must come after)
+
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -8,6 +8,7 @@ matrix (where every value is checked) without touching a store.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ def _ends_cleanly(argv: list[str], capsys) -> None:
         assert len(err.strip().splitlines()) == 1, (argv, err)
 
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=int(os.environ.get("SPARSEBENCH_FUZZ_EXAMPLES", "250")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @FUZZ
