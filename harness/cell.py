@@ -28,14 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from harness.checkpoint import (
-    FORMAT,
-    CheckpointPolicy,
-    Checkpoints,
-    capture_rng,
-    checkpoints_for,
-    restore_rng,
-)
+from harness.checkpoint import CheckpointPolicy, Checkpoints, checkpoints_for, restore_rng, training_state
 from harness.claims import STATUS_TAG, Claim
 from harness.errors import UsageError
 from harness.lease import Heartbeat
@@ -45,7 +38,15 @@ from harness.signals import Interrupted, SignalGuard
 from harness.task import CellSetup
 from harness.tracking import Tracker
 
-__all__ = ["CellJob", "CellProgressLike", "CellResult", "Diverged", "Superseded", "execute", "seed_everything"]
+__all__ = [
+    "CellJob",
+    "CellProgressLike",
+    "CellResult",
+    "Diverged",
+    "Superseded",
+    "execute",
+    "seed_everything",
+]
 
 LOG_EVERY = 10  # training metrics every LOG_EVERY steps, sent in one batch at each evaluation
 TIME_PREFIXES = ("time/", "summary/")  # wall-clock metrics: never expected to replay equal
@@ -260,11 +261,15 @@ class _Training:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         layer = estimator.build(cell.spec, cell.estimator_params)
-        run = task.setup(CellSetup(cell.task_params, layer, cell.kind, device, cell.seed, Path(self.job.cache_dir)))
+        run = task.setup(
+            CellSetup(cell.task_params, layer, cell.kind, device, cell.seed, Path(self.job.cache_dir))
+        )
         if run.steps < 1 or run.eval_every < 1:
             raise ValueError(f"task {task.name} set up {run.steps} steps evaluated every {run.eval_every}")
         self.task_run = run
-        self.tracker.set_tags(self.task_runid, {**run.provenance, "sparsebench.primary_metric": task.primary_metric})
+        self.tracker.set_tags(
+            self.task_runid, {**run.provenance, "sparsebench.primary_metric": task.primary_metric}
+        )
         self.model = run.model.to(device)
         self.optimiser = torch.optim.Adam(self.model.parameters(), lr=cell.task_params["lr"])
         logged: dict[str, dict[int, float]] = {}
@@ -303,7 +308,9 @@ class _Training:
                 "from those logged before it (nondeterministic kernels?); the first ones are kept",
                 file=sys.stderr,
             )
-        return CellResult(cell, "finished", self.last_eval.get(task.primary_metric), wall, run_id=self.task_runid)
+        return CellResult(
+            cell, "finished", self.last_eval.get(task.primary_metric), wall, run_id=self.task_runid
+        )
 
     def _train(self, restored: bool) -> None:
         run, model, optimiser = self.task_run, self.model, self.optimiser
@@ -342,9 +349,7 @@ class _Training:
         signum = self.guard.pending
         if last:
             return  # the cell is done; its final status is written before a pending signal acts
-        due = self.job.checkpoints.due(
-            step - (self.saved_step or 0), time.perf_counter() - self.saved_at
-        )
+        due = self.job.checkpoints.due(step - (self.saved_step or 0), time.perf_counter() - self.saved_at)
         if (due or signum is not None) and step != self.saved_step:
             self._save(step)
         if signum is not None:
@@ -370,18 +375,17 @@ class _Training:
             self.tracker.log_dir(self.task_runid, Path(tmp), f"snapshots/step={step}")
 
     def _save(self, step: int) -> None:
-        state: dict[str, Any] = {
-            "format": FORMAT,
-            "cell_id": self.cell.cell_id,
-            "step": step,
-            "elapsed_s": self.elapsed(),
-            "model": self.model.state_dict(),
-            "optimiser": self.optimiser.state_dict(),
-            "task": self.task_run.state_dict() if self.task_run.state_dict else {},
-            "rng": capture_rng(self.device),
-            "pending": [[s, dict(m)] for s, m in self.pending],
-            "last_eval": dict(self.last_eval),
-        }
+        state = training_state(
+            cell_id=self.cell.cell_id,
+            step=step,
+            elapsed_s=self.elapsed(),
+            model=self.model,
+            optimiser=self.optimiser,
+            task=self.task_run.state_dict() if self.task_run.state_dict else {},
+            device=self.device,
+            pending=self.pending,
+            last_eval=self.last_eval,
+        )
         with self.guard.deferred():
             self.store.save(self.task_runid, state)
             self.tracker.set_tags(self.task_runid, {"sparsebench.checkpoint_step": str(step)})
@@ -389,7 +393,9 @@ class _Training:
 
     def _restore(self, state: dict[str, Any]) -> None:
         if state.get("cell_id") != self.cell.cell_id:
-            raise ValueError(f"the checkpoint of run {self.task_runid} belongs to cell {state.get('cell_id')}")
+            raise ValueError(
+                f"the checkpoint of run {self.task_runid} belongs to cell {state.get('cell_id')}"
+            )
         self.model.load_state_dict(state["model"])
         self.optimiser.load_state_dict(state["optimiser"])
         if self.task_run.load_state_dict is not None:
@@ -401,4 +407,3 @@ class _Training:
         self.elapsed_before = float(state["elapsed_s"])
         self.pending = [(int(s), dict(m)) for s, m in state["pending"]]
         self.last_eval = dict(state["last_eval"])
-

@@ -13,6 +13,7 @@ upload is complete. Either way a crash mid-write leaves the previous checkpoint 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
@@ -37,6 +38,7 @@ __all__ = [
     "capture_rng",
     "checkpoints_for",
     "restore_rng",
+    "training_state",
 ]
 
 FORMAT = "sparsebench.checkpoint/1"
@@ -53,7 +55,9 @@ class CheckpointPolicy:
     directory: str | None = None  # a local folder, or None for run artifacts
 
     @classmethod
-    def for_store(cls, uri: str, every_steps: int = 0, every_minutes: float = DEFAULT_MINUTES) -> CheckpointPolicy:
+    def for_store(
+        cls, uri: str, every_steps: int = 0, every_minutes: float = DEFAULT_MINUTES
+    ) -> CheckpointPolicy:
         db = sqlite_path(uri)
         directory = str(db.resolve().parent / "checkpoints") if db is not None else None
         return cls(every_steps, every_minutes, directory)
@@ -155,16 +159,41 @@ class ArtifactCheckpoints(Checkpoints):
             self.client.delete_tag(run_id, POINTER_TAG)
 
     def _delete(self, run_id: str, path: str) -> None:
-        try:
+        with contextlib.suppress(Exception):  # an artifact store that cannot delete keeps a file
             self._repo(run_id).delete_artifacts(path)
-        except Exception:  # an artifact store that cannot delete keeps an old file; no harm
-            pass
 
 
 def checkpoints_for(policy: CheckpointPolicy, client: MlflowClient, tracking_uri: str) -> Checkpoints:
     if policy.directory:
         return LocalCheckpoints(policy.directory)
     return ArtifactCheckpoints(client, tracking_uri)
+
+
+def training_state(
+    *,
+    cell_id: str,
+    step: int,
+    elapsed_s: float,
+    model: torch.nn.Module,
+    optimiser: torch.optim.Optimizer,
+    task: dict[str, Any],
+    device: torch.device,
+    pending: list[tuple[int, dict[str, float]]],
+    last_eval: dict[str, float],
+) -> dict[str, Any]:
+    """Everything a cell needs to continue from ``step`` exactly: what a checkpoint holds."""
+    return {
+        "format": FORMAT,
+        "cell_id": cell_id,
+        "step": step,
+        "elapsed_s": elapsed_s,
+        "model": model.state_dict(),
+        "optimiser": optimiser.state_dict(),
+        "task": task,
+        "rng": capture_rng(device),
+        "pending": [[s, dict(m)] for s, m in pending],
+        "last_eval": dict(last_eval),
+    }
 
 
 def capture_rng(device: torch.device) -> dict[str, Any]:

@@ -174,7 +174,9 @@ def try_claim(
     return Claim(experiment_id, cell_id, generation, owner.token, now)
 
 
-def gone(owner_token: str | None, heartbeat: float | None, stale_s: float, now: float | None = None) -> str | None:
+def gone(
+    owner_token: str | None, heartbeat: float | None, stale_s: float, now: float | None = None
+) -> str | None:
     """Why the owner of a claim or run counts as gone, or ``None`` while it may be alive."""
     owner = Owner.parse(owner_token)
     if owner is None:

@@ -62,7 +62,8 @@ def _number(kind: type, minimum: float, strict: bool = False):  # -> Callable[[s
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not math.isfinite(value) or value < minimum or (strict and value == minimum):
             raise argparse.ArgumentTypeError(f"{text!r} must be {'>' if strict else '>='} {minimum:g}")
         return value
@@ -227,7 +228,7 @@ def _cache_dir() -> Path:
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"cannot create the data cache {cache}: {e.strerror}; set SPARSEBENCH_HOME") from None
+        raise UsageError(f"cannot create the data cache {cache}: {e.strerror}; set SPARSEBENCH_HOME") from e
     return cache
 
 

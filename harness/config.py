@@ -53,7 +53,7 @@ def _read_file(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"config file {name} cannot be read: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {name} is not UTF-8 text (byte {e.start}); TOML files are UTF-8") from None
+        raise ConfigError(f"config file {name} is not UTF-8 text (byte {e.start}); TOML is UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {name} is not valid TOML: {e}") from None
 

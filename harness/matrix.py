@@ -247,7 +247,10 @@ def resolve_cells(
         _names("[estimators]", name, registry.estimators, "estimator")
     variants_of = {
         name: _task_variants(
-            name, _table(f"[tasks.{name}]", task_sections.get(name, {})), forced_tasks.get(name, {}), registry.task(name)
+            name,
+            _table(f"[tasks.{name}]", task_sections.get(name, {})),
+            forced_tasks.get(name, {}),
+            registry.task(name),
         )
         for name in dict.fromkeys([*task_sections, *task_names])
     }
@@ -307,7 +310,7 @@ def _task_variants(
     base = _resolved(f"[tasks.{name}]", {k: v for k, v in section.items() if k != "variants"}, task)
     variants = _list_of_tables(f"[tasks.{name}] variants", section.get("variants", [{}]))
     if not variants:
-        raise ConfigError(f"[tasks.{name}] variants is empty; give at least one, e.g. [{{}}] for the defaults")
+        raise ConfigError(f"[tasks.{name}] variants is empty; give at least one ([{{}}]: the defaults)")
     out = []
     for variant in variants:
         params = dict(base)

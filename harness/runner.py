@@ -154,8 +154,17 @@ def run_matrix(
             for cell in todo:
                 results.append(
                     _claim_and_execute(
-                        cell, registry, tracker, experiment_id, parent, env_tags, options, guard, heartbeat,
-                        progress, notify,
+                        cell,
+                        registry,
+                        tracker,
+                        experiment_id,
+                        parent,
+                        env_tags,
+                        options,
+                        guard,
+                        heartbeat,
+                        progress,
+                        notify,
                     )
                 )
                 if progress:
@@ -226,4 +235,6 @@ def _claim_and_execute(
         resume=resumed,
         plugins=options.plugins,
     )
-    return execute(job, registry=registry, tracker=tracker, guard=guard, heartbeat=heartbeat, progress=progress)
+    return execute(
+        job, registry=registry, tracker=tracker, guard=guard, heartbeat=heartbeat, progress=progress
+    )

@@ -96,7 +96,9 @@ def _check_sqlite(path: Path, create: bool, write: bool) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise TrackingError(f"cannot create the tracking store's folder {path.parent}: {e.strerror}") from None
+            raise TrackingError(
+                f"cannot create the tracking store's folder {path.parent}: {e.strerror}"
+            ) from None
         if not os.access(path.parent, os.W_OK | os.X_OK):
             raise TrackingError(f"cannot create the tracking store {path}: {path.parent} is not writable")
         return

@@ -166,7 +166,10 @@ class AttentionTask(Task):
         "data_seed": 0,
         "snapshots": [],  # steps that write artifacts; [] = first and last step
     }
-    positive = ("glimpse", "glimpses", "epochs", "lr", "batch_size", "hidden", "train_images", "test_images", "canvas")
+    positive = (
+        "glimpse", "glimpses", "epochs", "lr", "batch_size", "hidden",
+        "train_images", "test_images", "canvas",
+    )  # fmt: skip
     non_negative = ("steps", "eval_every", "data_seed", "snapshots")  # steps, eval_every: 0 = from epochs
 
     def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:

@@ -45,7 +45,8 @@ class ReinforceEstimator(Estimator):
 
     def check(self, params: Mapping[str, Any]) -> None:
         if not params["baseline_decay"] < 1:
-            raise ValueError(f"baseline_decay = {params['baseline_decay']!r} must be below 1 (the weight on the past)")
+            decay = params["baseline_decay"]
+            raise ValueError(f"baseline_decay = {decay!r} must be below 1 (it is the weight on the past)")
         if params["baseline"] == "leave_one_out" and params["samples"] < 2:
             raise ValueError("baseline 'leave_one_out' needs samples >= 2 (it averages the other draws)")
 

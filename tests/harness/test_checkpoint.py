@@ -28,8 +28,14 @@ def _draws() -> tuple[float, float, list[float]]:
 
 def _state(step: int) -> dict:
     model = torch.nn.Linear(3, 2)
-    return {"format": FORMAT, "cell_id": "abc", "step": step, "model": model.state_dict(),
-            "rng": capture_rng(CPU), "pending": [[step, {"train/loss": 0.5}]]}
+    return {
+        "format": FORMAT,
+        "cell_id": "abc",
+        "step": step,
+        "model": model.state_dict(),
+        "rng": capture_rng(CPU),
+        "pending": [[step, {"train/loss": 0.5}]],
+    }
 
 
 def test_every_generator_is_restored_exactly():

@@ -123,8 +123,23 @@ def test_the_heartbeat_stamps_its_runs_and_notices_a_takeover(tracker):
 
 
 def test_report_reconciles_stale_runs_and_says_so(home, tracker, exited, capsys):
-    assert main(["run", "--task", "identity", "--estimator", "dense", "--set", "tasks.identity.steps=5",
-                 "--set", "tasks.identity.variants=[{n = 4}]", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--task",
+                "identity",
+                "--estimator",
+                "dense",
+                "--set",
+                "tasks.identity.steps=5",
+                "--set",
+                "tasks.identity.variants=[{n = 4}]",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     exp = tracker.experiment("quick")
     _open(tracker, exp, _acquire(tracker, exp, exited))
     capsys.readouterr()

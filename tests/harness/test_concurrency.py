@@ -38,7 +38,7 @@ def test_concurrent_runs_on_a_fresh_store_run_each_cell_once(home, store):
         for matrix in MATRICES
     ]
     outputs = [p.communicate(timeout=600) for p in procs]
-    for proc, (out, err) in zip(procs, outputs, strict=True):
+    for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err
         assert err == "", err  # no traceback, no MLflow INFO lines, no alembic chatter
     cells = store.runs("cell")

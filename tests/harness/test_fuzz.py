@@ -64,13 +64,31 @@ def toml(value: Any) -> str:
 
 
 set_items = st.one_of(
-    st.builds(lambda k, v: f"{k}={toml(v)}", st.sampled_from(KEYS + ["matrix.seeds", "matrix.tasks",
-                                                                     "overrides", "tasks.identity.variants"]), values),
+    st.builds(
+        lambda k, v: f"{k}={toml(v)}",
+        st.sampled_from(KEYS + ["matrix.seeds", "matrix.tasks", "overrides", "tasks.identity.variants"]),
+        values,
+    ),
     st.text(max_size=20),  # anything at all, '=' or not
 )
 tokens = st.one_of(
-    st.sampled_from(["--task", "--estimator", "--size", "--seeds", "--preset", "--threads", "--device",
-                     "--checkpoint-minutes", "--checkpoint-steps", "--stale-after", "--force", "-x", "--"]),
+    st.sampled_from(
+        [
+            "--task",
+            "--estimator",
+            "--size",
+            "--seeds",
+            "--preset",
+            "--threads",
+            "--device",
+            "--checkpoint-minutes",
+            "--checkpoint-steps",
+            "--stale-after",
+            "--force",
+            "-x",
+            "--",
+        ]
+    ),
     st.sampled_from(NAMES + ["quick", "paper", "0,1", "4", "-1", "nan", "a,b", ",", "cpu", "8,16"]),
     st.builds(lambda item: ["--set", item], set_items),
 )
@@ -95,7 +113,11 @@ def _ends_cleanly(argv: list[str], capsys) -> None:
         assert len(err.strip().splitlines()) == 1, (argv, err)
 
 
-FUZZ = settings(max_examples=int(os.environ.get("SPARSEBENCH_FUZZ_EXAMPLES", "250")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=int(os.environ.get("SPARSEBENCH_FUZZ_EXAMPLES", "250")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 @FUZZ
@@ -109,10 +131,16 @@ tables = st.dictionaries(
     st.sampled_from(["matrix", "tasks", "estimators", "overrides", "bogus"]),
     st.one_of(
         values,
-        st.dictionaries(st.sampled_from([*REGISTRY.tasks, *REGISTRY.estimators, "tasks", "seeds", "nosuch"]),
-                        st.one_of(values, st.dictionaries(st.sampled_from(sorted({k.rsplit(".", 1)[1] for k in KEYS})),
-                                                          values, max_size=3)),
-                        max_size=3),
+        st.dictionaries(
+            st.sampled_from([*REGISTRY.tasks, *REGISTRY.estimators, "tasks", "seeds", "nosuch"]),
+            st.one_of(
+                values,
+                st.dictionaries(
+                    st.sampled_from(sorted({k.rsplit(".", 1)[1] for k in KEYS})), values, max_size=3
+                ),
+            ),
+            max_size=3,
+        ),
     ),
     max_size=3,
 )

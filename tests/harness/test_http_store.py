@@ -23,13 +23,26 @@ from harness.cli import main
 
 SERVER_START_S = 180  # the server imports MLflow's whole app; slow on a loaded 2-core machine
 CELL = [
-    "run", "--task", "identity", "--estimator", "sparse_probe", "--plugin", "sb_probe",
-    "--set", "tasks.identity.variants=[{n = 8}]",
-    "--set", "tasks.identity.steps=60",
-    "--set", "tasks.identity.eval_every=20",
-    "--set", "tasks.identity.eval_samples=200",
-    "--set", "tasks.identity.snapshots=[0, 60]",
-    "--checkpoint-steps", "10", "--no-progress",
+    "run",
+    "--task",
+    "identity",
+    "--estimator",
+    "sparse_probe",
+    "--plugin",
+    "sb_probe",
+    "--set",
+    "tasks.identity.variants=[{n = 8}]",
+    "--set",
+    "tasks.identity.steps=60",
+    "--set",
+    "tasks.identity.eval_every=20",
+    "--set",
+    "tasks.identity.eval_samples=200",
+    "--set",
+    "tasks.identity.snapshots=[0, 60]",
+    "--checkpoint-steps",
+    "10",
+    "--no-progress",
 ]
 
 
@@ -54,10 +67,26 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = _free_port()
     log = (folder / "server.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=folder,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     uri = f"http://127.0.0.1:{port}"
@@ -96,8 +125,9 @@ def test_claims_over_http_have_one_winner(server):
     assert claim.generation == 1 and claim.owner.startswith("worker-host:")
 
 
-def test_interrupted_cell_resumes_from_artifact_checkpoints(server, probe, seeded, tmp_path, monkeypatch, capsys,
-                                                            store_at):
+def test_interrupted_cell_resumes_from_artifact_checkpoints(
+    server, probe, seeded, tmp_path, monkeypatch, capsys, store_at
+):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("SPARSEBENCH_HOME", str(seeded(tmp_path / "reference")))
@@ -125,6 +155,7 @@ def test_interrupted_cell_resumes_from_artifact_checkpoints(server, probe, seede
     assert client.list_artifacts(run.info.run_id, "checkpoint") == []  # pruned
     history = {
         key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-        for key in sorted(after.data.metrics) if not key.startswith(("time/", "summary/"))
+        for key in sorted(after.data.metrics)
+        if not key.startswith(("time/", "summary/"))
     }
     assert history == expected

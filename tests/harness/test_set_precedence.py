@@ -37,8 +37,14 @@ def test_set_beats_variant_values_and_identical_cells_are_listed_once():
 def test_a_set_key_removes_its_sweep():
     swept = _cells("paper", [], tasks=("identity",), estimators=("reinforce",), sizes=(8,), seeds=(0,))
     assert len(swept) == 9  # the paper's nine learning rates
-    fixed = _cells("paper", ["tasks.identity.lr=0.002"], tasks=("identity",), estimators=("reinforce",),
-                   sizes=(8,), seeds=(0,))
+    fixed = _cells(
+        "paper",
+        ["tasks.identity.lr=0.002"],
+        tasks=("identity",),
+        estimators=("reinforce",),
+        sizes=(8,),
+        seeds=(0,),
+    )
     assert [(c.sweep, c.task_params["lr"]) for c in fixed] == [("", 0.002)]
 
 
