@@ -106,7 +106,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"{'cell':44} {'params':>11} {'file MB':>8} {'save s (median)':>16} {'save s (best)':>14} {'load s':>8}")
+    header = ("params", "file MB", "save s (median)", "save s (best)", "load s")
+    print(f"{'cell':44} {header[0]:>11} {header[1]:>8} {header[2]:>16} {header[3]:>14} {header[4]:>8}")
     for name, build in CASES.items():
         params, size, save, best, load = measure(build, args.repeats)
         print(f"{name:44} {params:>11,} {size / 2**20:>8.2f} {save:>16.3f} {best:>14.3f} {load:>8.3f}")

@@ -13,6 +13,7 @@ holds are not logged twice.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import resource
@@ -35,7 +36,7 @@ from harness.lease import Heartbeat
 from harness.matrix import Cell
 from harness.plugins import Registry
 from harness.signals import Interrupted, SignalGuard
-from harness.task import CellSetup
+from harness.task import CellSetup, TaskRun
 from harness.tracking import Tracker
 
 __all__ = [
@@ -120,15 +121,13 @@ def execute(
         registry = plugins.load(job.plugins)
     tracker = tracker or Tracker(job.tracking_uri)
     guard = guard or SignalGuard()  # never entered: signals keep their default behaviour
-    own_heartbeat = heartbeat is None
-    beat = heartbeat or Heartbeat(tracker.client).__enter__()
-    beat.hold(job.run_id, job.claim)
-    try:
-        return _execute(job, registry, tracker, guard, beat, progress)
-    finally:
-        beat.release(job.run_id)
-        if own_heartbeat:
-            beat.__exit__(None, None, None)
+    with contextlib.ExitStack() as stack:
+        beat = heartbeat or stack.enter_context(Heartbeat(tracker.client))
+        beat.hold(job.run_id, job.claim)
+        try:
+            return _execute(job, registry, tracker, guard, beat, progress)
+        finally:
+            beat.release(job.run_id)
 
 
 def _execute(
@@ -199,7 +198,7 @@ class _MetricSink:
     """Sends metric rows to the run; after a resume, leaves out (key, step) pairs it already has."""
 
     def __init__(self, tracker: Tracker, run_id: str, logged: dict[str, dict[int, float]]) -> None:
-        self.tracker, self.task_runid, self.logged = tracker, run_id, logged
+        self.tracker, self.run_id, self.logged = tracker, run_id, logged
         self.mismatches = 0
 
     def log(self, rows: list[tuple[int, dict[str, float]]]) -> None:
@@ -216,7 +215,7 @@ class _MetricSink:
                 if keep:
                     fresh.append((step, keep))
             rows = fresh
-        self.tracker.log_metrics(self.task_runid, rows)
+        self.tracker.log_metrics(self.run_id, rows)
 
 
 class _Training:
@@ -232,7 +231,7 @@ class _Training:
         heartbeat: Heartbeat,
         progress: CellProgressLike | None,
     ) -> None:
-        self.job, self.cell, self.task_runid = job, job.cell, job.run_id
+        self.job, self.cell, self.run_id = job, job.cell, job.run_id
         self.registry, self.tracker, self.store = registry, tracker, store
         self.guard, self.heartbeat, self.progress = guard, heartbeat, progress
         self.device = torch.device(job.device)
@@ -253,38 +252,41 @@ class _Training:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t0
 
-    def run(self) -> CellResult:
+    def _build(self) -> TaskRun:
+        """Seed, then build the layer, the task's data and model, and the optimiser: the fresh
+        start that a checkpoint, if any, then overwrites."""
         cell, device = self.cell, self.device
         task = self.registry.task(cell.task)
-        estimator = self.registry.estimator(cell.estimator)
         seed_everything(cell.seed)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        layer = estimator.build(cell.spec, cell.estimator_params)
-        run = task.setup(
-            CellSetup(cell.task_params, layer, cell.kind, device, cell.seed, Path(self.job.cache_dir))
-        )
+        layer = self.registry.estimator(cell.estimator).build(cell.spec, cell.estimator_params)
+        setup = CellSetup(cell.task_params, layer, cell.kind, device, cell.seed, Path(self.job.cache_dir))
+        run = task.setup(setup)
         if run.steps < 1 or run.eval_every < 1:
             raise ValueError(f"task {task.name} set up {run.steps} steps evaluated every {run.eval_every}")
-        self.task_run = run
         self.tracker.set_tags(
-            self.task_runid, {**run.provenance, "sparsebench.primary_metric": task.primary_metric}
+            self.run_id, {**run.provenance, "sparsebench.primary_metric": task.primary_metric}
         )
         self.model = run.model.to(device)
         self.optimiser = torch.optim.Adam(self.model.parameters(), lr=cell.task_params["lr"])
+        return run
+
+    def run(self) -> CellResult:
+        cell, device = self.cell, self.device
+        self.task_run = run = self._build()
         logged: dict[str, dict[int, float]] = {}
         restored = False
         if self.job.resume:
-            logged = self.tracker.logged_metrics(self.task_runid)
-            state = self.store.load(self.task_runid, device)
+            logged = self.tracker.logged_metrics(self.run_id)
+            state = self.store.load(self.run_id, device)
             if state is not None:
                 self._restore(state)
                 restored = True
-        self.sink = _MetricSink(self.tracker, self.task_runid, logged)
-        start = self.step
+        self.sink = _MetricSink(self.tracker, self.run_id, logged)
         self.t0 = self.saved_at = time.perf_counter()
         if self.progress:
-            self.progress.start(cell.name, run.steps, completed=start)
+            self.progress.start(cell.name, run.steps, completed=self.step)
         try:  # whatever ends the loop, the metrics computed so far reach the store
             self._train(restored)
             with self.guard.deferred():
@@ -300,7 +302,7 @@ class _Training:
                     )
                 )
         finally:
-            if self.heartbeat.lost(self.task_runid) is None:
+            if self.heartbeat.lost(self.run_id) is None:
                 self.sink.log(self.pending)
         if self.sink.mismatches:
             print(
@@ -308,9 +310,8 @@ class _Training:
                 "from those logged before it (nondeterministic kernels?); the first ones are kept",
                 file=sys.stderr,
             )
-        return CellResult(
-            cell, "finished", self.last_eval.get(task.primary_metric), wall, run_id=self.task_runid
-        )
+        primary = self.registry.task(cell.task).primary_metric
+        return CellResult(cell, "finished", self.last_eval.get(primary), wall, run_id=self.run_id)
 
     def _train(self, restored: bool) -> None:
         run, model, optimiser = self.task_run, self.model, self.optimiser
@@ -343,7 +344,7 @@ class _Training:
 
     def _boundary(self, step: int, last: bool = False) -> None:
         """Between two steps: stop if superseded, checkpoint if due or interrupted."""
-        lost = self.heartbeat.lost(self.task_runid)
+        lost = self.heartbeat.lost(self.run_id)
         if lost:
             raise Superseded(lost)
         signum = self.guard.pending
@@ -372,7 +373,7 @@ class _Training:
             return
         with tempfile.TemporaryDirectory() as tmp:
             self.task_run.write_artifacts(step, Path(tmp))
-            self.tracker.log_dir(self.task_runid, Path(tmp), f"snapshots/step={step}")
+            self.tracker.log_dir(self.run_id, Path(tmp), f"snapshots/step={step}")
 
     def _save(self, step: int) -> None:
         state = training_state(
@@ -387,15 +388,13 @@ class _Training:
             last_eval=self.last_eval,
         )
         with self.guard.deferred():
-            self.store.save(self.task_runid, state)
-            self.tracker.set_tags(self.task_runid, {"sparsebench.checkpoint_step": str(step)})
+            self.store.save(self.run_id, state)
+            self.tracker.set_tags(self.run_id, {"sparsebench.checkpoint_step": str(step)})
         self.saved_step, self.saved_at = step, time.perf_counter()
 
     def _restore(self, state: dict[str, Any]) -> None:
         if state.get("cell_id") != self.cell.cell_id:
-            raise ValueError(
-                f"the checkpoint of run {self.task_runid} belongs to cell {state.get('cell_id')}"
-            )
+            raise ValueError(f"the checkpoint of run {self.run_id} belongs to cell {state.get('cell_id')}")
         self.model.load_state_dict(state["model"])
         self.optimiser.load_state_dict(state["optimiser"])
         if self.task_run.load_state_dict is not None:

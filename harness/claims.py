@@ -41,7 +41,10 @@ __all__ = [
     "acquire",
     "current_claim",
     "gone",
+    "holder_gone",
+    "latest_run",
     "reconcile",
+    "released",
     "try_claim",
 ]
 
