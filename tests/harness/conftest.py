@@ -113,6 +113,13 @@ def register_estimators(register):
 """
 
 
+@pytest.fixture(autouse=True)
+def own_store(monkeypatch) -> None:
+    """No test writes to a store another test named: ``mlflow.set_tracking_uri`` (used to read
+    stores back) exports ``MLFLOW_TRACKING_URI``, which the CLI would otherwise follow."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """A fresh sparsebench home; the store is ``<home>/mlflow.db``."""
