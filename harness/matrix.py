@@ -175,8 +175,10 @@ def _check_numbers(where: str, params: Mapping[str, Any], owner: Task | Estimato
         non_negative |= set(NON_NEGATIVE)
     for key, value in params.items():
         for number in _numbers(value):
-            if not math.isfinite(number):
+            if isinstance(number, float) and not math.isfinite(number):
                 raise ConfigError(f"{where}: {key} = {number!r} must be a finite number")
+            if isinstance(number, int) and abs(number) >= 2**63:
+                raise ConfigError(f"{where}: {key} = {number!r} does not fit in 64 bits")
             if key in positive and number <= 0:
                 raise ConfigError(f"{where}: {key} = {number!r} must be positive")
             if key in non_negative and number < 0:
@@ -222,9 +224,9 @@ def resolve_cells(
     )
     seeds = list(selection.seeds) or matrix.get("seeds", [0])
     if not isinstance(seeds, list) or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds
-    ):
-        raise ConfigError(f"[matrix] seeds = {seeds!r} must be a list of non-negative integers")
+        isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds
+    ):  # numpy's generator takes 32-bit seeds
+        raise ConfigError(f"[matrix] seeds = {seeds!r} must be a list of integers in [0, 2**32)")
     if not seeds:
         raise ConfigError("[matrix] seeds is empty; give at least one seed")
     if selection.tasks:
