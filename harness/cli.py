@@ -14,11 +14,14 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from harness.errors import UsageError
+
+if TYPE_CHECKING:
+    from harness.signals import Interrupted
 
 __all__ = ["main"]
 
@@ -55,7 +58,7 @@ def _csv(text: str) -> list[str]:
     return values
 
 
-def _number(kind: type, minimum: float, strict: bool = False):  # -> Callable[[str], int | float]
+def _number(kind: type, minimum: float, strict: bool = False) -> Callable[[str], int | float]:
     """An argparse type for a finite number >= ``minimum`` (> when ``strict``)."""
 
     def parse(text: str) -> int | float:
@@ -180,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return interrupted.exit_code
 
 
-def _guarded(command, args: argparse.Namespace) -> int:
+def _guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return command(args)
     except UsageError as e:
@@ -188,7 +191,7 @@ def _guarded(command, args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
 
-def _interrupted_line(e, command: str, argv: list[str]) -> str:
+def _interrupted_line(e: Interrupted, command: str, argv: list[str]) -> str:
     """One line: which signal, what was saved, what to rerun."""
     line = f"sparsebench: interrupted by {e.name}"
     if command != "run":
@@ -265,7 +268,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     console.print(f"[bold]sparsebench[/] {len(cells)} cells on {device} -> {uri}")
     results = runner.run_matrix(
-        cells, registry, tracker, args.preset, options, args.guard, notify=lambda line: console.print(line)
+        cells, registry, tracker, args.preset, options, args.guard, notify=console.print
     )
     summary.print_results(console, results)
     summary.print_where(console, uri, experiment_id)

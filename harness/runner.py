@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +131,7 @@ def run_matrix(
     preset: str,
     options: MatrixOptions,
     guard: SignalGuard | None = None,
-    notify=print,
+    notify: Callable[[str], None] = print,
 ) -> list[CellResult]:
     """Every cell in order under one parent run; cells finished or running elsewhere are left."""
     guard = guard or SignalGuard()
@@ -197,7 +197,7 @@ def _claim_and_execute(
     guard: SignalGuard,
     heartbeat: Heartbeat,
     progress: CellProgress | None,
-    notify,
+    notify: Callable[[str], None],
 ) -> CellResult:
     guard.raise_pending()
     with guard.deferred():  # a claim and its run are made together or not at all
