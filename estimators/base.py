@@ -252,6 +252,8 @@ class Estimator:
       parameters) still cannot be served; checked before any training, so the matrix says ``n/a``.
       It must agree with ``build`` (``sparsebench check-plugin`` verifies that); an ``Unsupported``
       that ``build`` raises anyway also makes the cell ``n/a``.
+    - ``positive`` / ``non_negative``: numeric parameters (or lists of numbers) that must be
+      > 0 / >= 0. Every float parameter must be finite whatever is declared.
     """
 
     name: ClassVar[str]
@@ -259,6 +261,8 @@ class Estimator:
     kinds: ClassVar[frozenset[str]] = frozenset()
     defaults: ClassVar[Mapping[str, Any]] = {}
     choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {}
+    positive: ClassVar[tuple[str, ...]] = ()
+    non_negative: ClassVar[tuple[str, ...]] = ()
 
     def check(self, params: Mapping[str, Any]) -> None:
         return None

@@ -1,37 +1,78 @@
 """The ``sparsebench`` command: run, list, plugins, check-plugin, report, ui.
 
-Every usage problem (unknown name, bad config, broken plugin, unreachable store, missing data)
-ends as one line on stderr and exit code 2, before anything is written to the store.
+Every usage problem (unknown name, bad config, broken plugin, unreachable store, missing data,
+a bad command line) ends as one line on stderr and exit code 2, before anything is written to
+the store. SIGINT, SIGTERM and SIGHUP end ``run`` with the current cell checkpointed, the cell
+and the parent run KILLED, one line naming what to rerun, and exit code 128 + the signal.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
+import shlex
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from harness.errors import UsageError
+
+if TYPE_CHECKING:
+    from harness.signals import Interrupted
 
 __all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_FAILED_CELLS = 1
-EXIT_INTERRUPTED = 130
+
+
+def _one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped: an error is one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other usage error (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"sparsebench: error: {_one_line(f'{self.prog}: {message}')} (see --help)\n")
 
 
 def _csv_ints(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; give at least one integer")
+    return values
 
 
 def _csv(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; give at least one name")
+    return values
+
+
+def _number(kind: type, minimum: float, strict: bool = False) -> Callable[[str], int | float]:
+    """An argparse type for a finite number >= ``minimum`` (> when ``strict``)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {'>' if strict else '>='} {minimum:g}")
+        return value
+
+    return parse
 
 
 RETRY = ("diverged", "failed", "n/a")
@@ -47,7 +88,7 @@ def _statuses(text: str) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "-p",
         "--plugin",
@@ -63,7 +104,16 @@ def _parser() -> argparse.ArgumentParser:
         help="MLflow store or server (default: $MLFLOW_TRACKING_URI, else "
         "sqlite under $SPARSEBENCH_HOME or ./sparsebench-runs)",
     )
-    matrix = argparse.ArgumentParser(add_help=False)
+    stale = _Parser(add_help=False)
+    stale.add_argument(
+        "--stale-after",
+        type=_number(float, 0.0, strict=True),
+        default=5.0,
+        metavar="MINUTES",
+        help="a RUNNING run whose owner (on another host) has not beaten for this long is marked KILLED "
+        "(default 5; an owner on this host whose pid has exited is gone at once)",
+    )
+    matrix = _Parser(add_help=False)
     matrix.add_argument("--preset", default="quick", help="shipped preset: quick or paper")
     matrix.add_argument("--config", type=Path, default=None, help="TOML file merged over the preset")
     matrix.add_argument(
@@ -99,12 +149,12 @@ def _parser() -> argparse.ArgumentParser:
         "hand (such cells are marked: not the paper's 60k/10k)",
     )
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sparsebench",
         description="Compare gradient estimators for discrete structure (Bloem et al. 2018).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", parents=[common, matrix], help="run the comparison matrix")
+    run = sub.add_parser("run", parents=[common, matrix, stale], help="run the comparison matrix")
     run.add_argument("--dry-run", action="store_true", help="list the cells and stop")
     run.add_argument("--force", action="store_true", help="rerun cells that already finished")
     run.add_argument(
@@ -119,9 +169,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no live progress bars")
     run.add_argument(
         "--threads",
-        type=int,
+        type=_number(int, 0),
         default=0,
         help="CPU threads for torch (default: torch's choice; 1 helps on a busy machine)",
+    )
+    run.add_argument(
+        "--checkpoint-minutes",
+        type=_number(float, 0.0),
+        default=10.0,
+        metavar="MIN",
+        help="checkpoint every cell at least this often (default 10; 0: by steps only)",
+    )
+    run.add_argument(
+        "--checkpoint-steps",
+        type=_number(int, 0),
+        default=0,
+        metavar="N",
+        help="also checkpoint every N steps (default 0: by time only)",
     )
     sub.add_parser("list", parents=[common, matrix], help="tasks, estimators and the cells of a preset")
     sub.add_parser("plugins", parents=[common], help="every plugin, where it came from, what it registered")
@@ -135,13 +199,13 @@ def _parser() -> argparse.ArgumentParser:
         nargs="?",
         help="a plugin, one of its estimators or tasks, or its distribution (default: the one --plugin)",
     )
-    report = sub.add_parser("report", parents=[common], help="figures and tables from the store")
+    report = sub.add_parser("report", parents=[common, stale], help="figures and tables from the store")
     report.add_argument(
         "--preset", action="append", default=[], help="report only these presets' experiments (default: all)"
     )
     report.add_argument("--out", type=Path, default=None, help="output folder (default: <home>/report)")
     ui = sub.add_parser("ui", parents=[common], help="serve the MLflow dashboard for the store")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=_number(int, 1), default=5000)
     ui.add_argument("--host", default="127.0.0.1")
     return parser
 
@@ -168,19 +232,41 @@ def _data_root(path: Path | None) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    from harness.signals import Interrupted, SignalGuard
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a one-line usage error (2)
+        return int(e.code or 0)
+    try:
+        if args.command == "ui":  # the dashboard server shares the terminal; Ctrl-C stops both
+            return _guarded(cmd_ui, args)
+        with SignalGuard() as guard:
+            args.guard = guard
+            return _guarded(COMMANDS[args.command], args)
+    except KeyboardInterrupt as e:
+        interrupted = e if isinstance(e, Interrupted) else Interrupted()
+        print(_interrupted_line(interrupted, args.command, argv), file=sys.stderr)
+        return interrupted.exit_code
+
+
+def _guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         with _data_root(getattr(args, "data_root", None)):
-            return COMMANDS[args.command](args)
+            return command(args)
     except UsageError as e:
-        print(f"sparsebench: error: {e}", file=sys.stderr)
+        print(f"sparsebench: error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(
-            "sparsebench: interrupted; finished cells are kept, `sparsebench run` resumes the rest",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
+
+
+def _interrupted_line(e: Interrupted, command: str, argv: list[str]) -> str:
+    """One line: which signal, what was saved, what to rerun."""
+    line = f"sparsebench: interrupted by {e.name}"
+    if command != "run":
+        return line
+    saved = f"{e.note} (marked KILLED)" if e.note else "finished cells are kept"
+    return f"{line}; {saved}; resume with: sparsebench {shlex.join(argv)}"
 
 
 def _console():  # -> rich.console.Console
@@ -206,18 +292,36 @@ def _load(args: argparse.Namespace):  # -> tuple[Registry, list[Cell]]
     registry = _registry(args)
     raw = config.load_config(args.preset, args.config, args.sets)
     selection = matrix.Selection(tuple(args.task), tuple(args.estimator), tuple(args.size), tuple(args.seeds))
-    cells = matrix.resolve_cells(raw, registry, selection)
+    cells = matrix.resolve_cells(raw, registry, selection, forced=config.set_layer(args.sets))
     return registry, matrix.check_data(cells, registry, args.embedded_digits)
+
+
+def _reconcile(tracker, experiment_ids: list[str], stale_minutes: float) -> None:
+    """Mark runs left RUNNING by a process that is gone as KILLED, and say so."""
+    from harness.claims import reconcile
+
+    for note in reconcile(tracker.client, experiment_ids, stale_minutes * 60, tracker.artifact_root):
+        print(f"sparsebench: marked KILLED, its owner is gone: {note}", file=sys.stderr)
+
+
+def _cache_dir() -> Path:
+    from harness.tracking import default_home
+
+    cache = default_home() / "cache"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the data cache {cache}: {e.strerror}; set SPARSEBENCH_HOME") from e
+    return cache
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from harness import runner, summary
-    from harness.tracking import Tracker, default_home, resolve_tracking_uri
+    from harness.checkpoint import CheckpointPolicy
+    from harness.tracking import Tracker, resolve_tracking_uri
 
     registry, cells = _load(args)
     device = runner.pick_device(args.device)
-    if args.threads < 0:
-        raise UsageError(f"--threads {args.threads}: must be 0 (torch's default) or more")
     if args.threads:
         import torch
 
@@ -226,24 +330,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         summary.print_cells(console, cells)
         return 0
+    if args.checkpoint_minutes == 0 and args.checkpoint_steps == 0:
+        raise UsageError("--checkpoint-minutes 0 and --checkpoint-steps 0: give at least one interval")
     uri = resolve_tracking_uri(args.tracking_uri)
-    tracker = Tracker(uri)  # unreachable store: a usage error before any training
-    cache = default_home() / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(uri)  # unreachable, unreadable or read-only store: a usage error before any training
+    cache = _cache_dir()
+    experiment_id = tracker.experiment(args.preset)
+    _reconcile(tracker, [experiment_id], args.stale_after)
+    options = runner.MatrixOptions(
+        device=device,
+        cache_dir=cache,
+        checkpoints=CheckpointPolicy.for_store(uri, args.checkpoint_steps, args.checkpoint_minutes),
+        force=args.force,
+        retry=tuple(args.retry),
+        stale_s=args.stale_after * 60,
+        show_progress=not args.no_progress,
+        plugins=tuple(args.plugin),
+    )
     console.print(f"[bold]sparsebench[/] {len(cells)} cells on {device} -> {uri}")
     results = runner.run_matrix(
-        cells,
-        registry,
-        tracker,
-        args.preset,
-        device,
-        cache,
-        args.force,
-        show_progress=not args.no_progress,
-        retry=args.retry,
+        cells, registry, tracker, args.preset, options, args.guard, notify=console.print
     )
     summary.print_results(console, results)
-    experiment_id = tracker.experiment(args.preset)
     summary.print_where(console, uri, experiment_id)
     return EXIT_FAILED_CELLS if any(r.status == "failed" for r in results) else 0
 
@@ -284,14 +392,21 @@ def cmd_check_plugin(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.errors import TrackingError
-    from harness.tracking import default_home, resolve_tracking_uri
+    from harness.tracking import EXPERIMENT_PREFIX, Tracker, default_home, resolve_tracking_uri
     from reports.build import build_report
     from reports.errors import ReportError, StoreReadError
 
     registry = _registry(args)
     uri = resolve_tracking_uri(args.tracking_uri)
+    tracker = Tracker(uri, create=False)  # a dead server or a corrupt store: one line, at once
     out = args.out or default_home() / "report"
-    experiments = [f"sparsebench-{p}" for p in args.preset] or None
+    experiments = [f"{EXPERIMENT_PREFIX}{p}" for p in args.preset] or None
+    wanted = [
+        e.experiment_id
+        for e in tracker.client.search_experiments(max_results=1000)
+        if (e.name in experiments if experiments else e.name.startswith(EXPERIMENT_PREFIX))
+    ]
+    _reconcile(tracker, wanted, args.stale_after)
     try:
         result = build_report(uri, experiments, out, [r.obj for r in registry.figures])
     except StoreReadError as e:

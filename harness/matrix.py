@@ -1,7 +1,10 @@
 """Resolve a raw config into the comparison matrix: task x variant x estimator x (sweep) x seed.
 
 Every key and value is checked here against what the registered plugins declare, before anything
-touches the tracking store, so a typo costs one line and exit code 2, never a half-written run.
+touches the tracking store, so a typo costs one line and exit code 2, never a half-written run:
+types against the defaults, choices, finite floats, the signs a plugin declares (``positive``,
+``non_negative``), then each plugin's own ``check``. Values given with ``--set`` (``forced``) win
+over variants and ``[[overrides]]``: they are applied last.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +28,7 @@ __all__ = ["ALL", "Cell", "Selection", "check_data", "choose_kind", "resolve_cel
 
 MATRIX_KEYS = ("tasks", "estimators", "seeds")
 OVERRIDE_KEYS = ("match", "task", "estimator", "sweep")
+# What the runner itself reads, whatever a task declares.
 POSITIVE = ("batch_size", "lr")
 NON_NEGATIVE = ("steps", "eval_every")  # 0: the task derives it (e.g. from epochs)
 ALL = "*"  # in a list of task or estimator names: every registered one, in load order
@@ -78,20 +83,30 @@ class Cell:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _typed(where: str, key: str, value: Any, default: Any) -> Any:
-    """Check ``value`` against the type of ``default``; ints are accepted for floats."""
+def _of_type(value: Any, default: Any) -> tuple[bool, Any]:
+    """Whether ``value`` has the type of ``default`` (ints pass for floats), and the value to keep."""
     if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
+        return isinstance(value, bool), value
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, (list, tuple)):
+        return ok, float(value) if ok else value
+    return isinstance(value, type(default)), value
+
+
+def _typed(where: str, key: str, value: Any, default: Any) -> Any:
+    """Check ``value`` against the type of ``default``; a list's items against the default's first
+    item (an empty default leaves its items to the plugin's ``check``)."""
+    if isinstance(default, (list, tuple)):
         ok = isinstance(value, (list, tuple))
+        if ok and default:
+            items = [_of_type(v, default[0]) for v in value]
+            ok = all(good for good, _ in items)
+            value = [v for _, v in items]
         value = list(value) if ok else value
     else:
-        ok = isinstance(value, type(default))
+        ok, value = _of_type(value, default)
     if not ok:
         raise ConfigError(
             f"{where}: {key} = {value!r} should be {type(default).__name__} like its default {default!r}"
@@ -99,9 +114,10 @@ def _typed(where: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def _update(where: str, params: dict[str, Any], extra: Mapping[str, Any], owner: Task | Estimator) -> None:
+def _update(where: str, params: dict[str, Any], extra: Any, owner: Task | Estimator) -> None:
     """Apply ``extra`` to ``params``, checking keys, types and choices against the plugin."""
     defaults, choices = owner.defaults, owner.choices
+    _table(where, extra)
     for key, value in extra.items():
         if key not in defaults:
             raise ConfigError(f"{where}: unknown key {key!r}; known: {', '.join(sorted(defaults))}")
@@ -111,12 +127,26 @@ def _update(where: str, params: dict[str, Any], extra: Mapping[str, Any], owner:
             raise ConfigError(f"{where}: {key} = {value!r} is not one of {allowed}")
 
 
+def _table(where: str, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a table, not {value!r}")
+    return value
+
+
+def _list_of_tables(where: str, value: Any) -> list[Mapping[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+        raise ConfigError(f"{where} must be a list of tables, not {value!r}")
+    return value
+
+
 def _names(where: str, value: Any, known: Iterable[str], what: str) -> list[str]:
     """The names ``value`` lists, each once; ``"*"`` stands for every known name in load order."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where} must be a list of {what} names (or \"{ALL}\" for all)")
+    if not value:
+        raise ConfigError(f"{where} is empty; name at least one {what}")
     known = list(known)
     names: list[str] = []
     for name in value:
@@ -140,21 +170,56 @@ def _matches(match: Mapping[str, Any], task: str, estimator: str, params: Mappin
     return True
 
 
-def _check_values(where: str, params: Mapping[str, Any], size_key: str) -> None:
-    for key in (*POSITIVE, size_key):
-        value = params.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
-            raise ConfigError(f"{where}: {key} = {value!r} must be positive")
-    for key in NON_NEGATIVE:
-        if params[key] < 0:
-            raise ConfigError(f"{where}: {key} = {params[key]!r} must not be negative")
+def _numbers(value: Any) -> list[int | float]:
+    items = value if isinstance(value, list) else [value]
+    return [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _check_numbers(where: str, params: Mapping[str, Any], owner: Task | Estimator) -> None:
+    """The generic sanity layer: floats finite; declared signs (and the runner's own) held."""
+    positive, non_negative = set(owner.positive), set(owner.non_negative)
+    if isinstance(owner, Task):
+        positive |= {*POSITIVE, owner.size_key}
+        non_negative |= set(NON_NEGATIVE)
+    for key, value in params.items():
+        for number in _numbers(value):
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ConfigError(f"{where}: {key} = {number!r} must be a finite number")
+            if isinstance(number, int) and abs(number) >= 2**63:
+                raise ConfigError(f"{where}: {key} = {number!r} does not fit in 64 bits")
+            if key in positive and number <= 0:
+                raise ConfigError(f"{where}: {key} = {number!r} must be positive")
+            if key in non_negative and number < 0:
+                raise ConfigError(f"{where}: {key} = {number!r} must not be negative")
+
+
+def _check_cell(where: str, task: Task, tp: Mapping[str, Any], est: Estimator, ep: Mapping[str, Any]) -> None:
+    """Every value a cell will run with, before anything runs: numbers, then the plugins' checks."""
+    _check_numbers(f"{where} task", tp, task)
+    _check_numbers(f"{where} estimator {est.name!r}", ep, est)
+    try:
+        task.check(tp)
+    except UsageError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    try:
+        est.check(ep)
+    except ValueError as e:
+        raise ConfigError(f"{where}: estimator {est.name!r}: {e}") from None
 
 
 def resolve_cells(
-    config: Mapping[str, Any], registry: Registry, selection: Selection = Selection()
+    config: Mapping[str, Any],
+    registry: Registry,
+    selection: Selection = Selection(),
+    forced: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> list[Cell]:
-    """Every cell of the selected matrix, in a stable order, with n/a cells marked and explained."""
-    matrix = dict(config.get("matrix", {}))
+    """Every cell of the selected matrix, in a stable order, with n/a cells marked and explained.
+
+    ``forced`` (``harness.config.set_layer``): task and estimator parameters that win over every
+    variant and override. Cells that come out identical (a forced size over several variants)
+    are listed once.
+    """
+    matrix = dict(_table("[matrix]", config.get("matrix", {})))
     for key in matrix:
         if key not in MATRIX_KEYS:
             raise ConfigError(f"[matrix]: unknown key {key!r}; known: {', '.join(MATRIX_KEYS)}")
@@ -167,9 +232,11 @@ def resolve_cells(
     )
     seeds = list(selection.seeds) or matrix.get("seeds", [0])
     if not isinstance(seeds, list) or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds
-    ):
-        raise ConfigError(f"[matrix] seeds = {seeds!r} must be a list of non-negative integers")
+        isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds
+    ):  # numpy's generator takes 32-bit seeds
+        raise ConfigError(f"[matrix] seeds = {seeds!r} must be a list of integers in [0, 2**32)")
+    if not seeds:
+        raise ConfigError("[matrix] seeds is empty; give at least one seed")
     if selection.tasks:
         task_names = _names("--task", list(selection.tasks), registry.tasks, "task")
     if selection.estimators:
@@ -179,28 +246,49 @@ def resolve_cells(
             raise ConfigError(f"--size {size}: sizes must be positive")
 
     # Every section is resolved, selected or not: a typo should not wait for the day it is selected.
-    task_sections, est_sections = config.get("tasks", {}), config.get("estimators", {})
-    for name in task_sections:
+    task_sections = _table("[tasks]", config.get("tasks", {}))
+    est_sections = _table("[estimators]", config.get("estimators", {}))
+    forced = forced or {}
+    forced_tasks = _table("--set tasks", forced.get("tasks", {}))
+    forced_ests = _table("--set estimators", forced.get("estimators", {}))
+    for name in [*task_sections, *forced_tasks]:
         _names("[tasks]", name, registry.tasks, "task")
-    for name in est_sections:
+    for name in [*est_sections, *forced_ests]:
         _names("[estimators]", name, registry.estimators, "estimator")
     variants_of = {
-        name: _task_variants(name, task_sections.get(name, {}), registry.task(name))
+        name: _task_variants(
+            name,
+            _table(f"[tasks.{name}]", task_sections.get(name, {})),
+            forced_tasks.get(name, {}),
+            registry.task(name),
+        )
         for name in dict.fromkeys([*task_sections, *task_names])
     }
-    est_base = {
-        name: _resolved(f"[estimators.{name}]", est_sections.get(name, {}), registry.estimator(name))
-        for name in dict.fromkeys([*est_sections, *est_names])
-    }
-    overrides = config.get("overrides", [])
+    est_base = {}
+    for name in dict.fromkeys([*est_sections, *est_names]):
+        est = registry.estimator(name)
+        where = f"[estimators.{name}]"
+        est_base[name] = _resolved(where, _table(where, est_sections.get(name, {})), est)
+        _update(f"--set estimators.{name}", est_base[name], forced_ests.get(name, {}), est)
+        _check_numbers(where, est_base[name], est)
+        try:
+            est.check(est_base[name])
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    overrides = _list_of_tables("[[overrides]]", config.get("overrides", []))
     for i, ov in enumerate(overrides):
         bad = sorted(set(ov) - set(OVERRIDE_KEYS))
         if bad:
             raise ConfigError(
                 f"[[overrides]] #{i + 1}: unknown key {bad[0]!r}; known: {', '.join(OVERRIDE_KEYS)}"
             )
+        for key in ("match", "task", "estimator", "sweep"):
+            _table(f"[[overrides]] #{i + 1} {key}", ov.get(key, {}))
+        for key, values in ov.get("sweep", {}).items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"[[overrides]] #{i + 1} sweep {key!r} must be a non-empty list of values")
 
-    cells: list[Cell] = []
+    cells: dict[str, Cell] = {}  # by id: identical cells are listed once
     for task_name in task_names:
         size_key = registry.task(task_name).size_key
         for variant, vparams in variants_of[task_name]:
@@ -208,12 +296,14 @@ def resolve_cells(
                 continue
             label = _variant_label(variant, vparams, size_key)
             for est_name in est_names:
-                cells += _expand(
-                    task_name, label, vparams, est_name, est_base[est_name], seeds, registry, overrides
-                )
+                for cell in _expand(
+                    task_name, label, vparams, est_name, est_base[est_name], seeds, registry, overrides,
+                    forced_tasks.get(task_name, {}), forced_ests.get(est_name, {}),
+                ):
+                    cells.setdefault(cell.cell_id, cell)
     if not cells:
         raise ConfigError("the selection matches no cell: check --task, --estimator and --size")
-    return cells
+    return list(cells.values())
 
 
 def _resolved(where: str, extra: Mapping[str, Any], owner: Task | Estimator) -> dict[str, Any]:
@@ -224,14 +314,20 @@ def _resolved(where: str, extra: Mapping[str, Any], owner: Task | Estimator) -> 
 
 
 def _task_variants(
-    name: str, section: Mapping[str, Any], task: Task
+    name: str, section: Mapping[str, Any], forced: Mapping[str, Any], task: Task
 ) -> list[tuple[Mapping[str, Any], dict[str, Any]]]:
     """(variant table, resolved task params) for each variant of a ``[tasks.<name>]`` section."""
     base = _resolved(f"[tasks.{name}]", {k: v for k, v in section.items() if k != "variants"}, task)
+    variants = _list_of_tables(f"[tasks.{name}] variants", section.get("variants", [{}]))
+    if not variants:
+        raise ConfigError(f"[tasks.{name}] variants is empty; give at least one ([{{}}]: the defaults)")
     out = []
-    for variant in section.get("variants", [{}]):
+    for variant in variants:
         params = dict(base)
-        _update(f"[tasks.{name}] variant {variant!r}", params, variant, task)
+        where = f"[tasks.{name}] variant {variant!r}"
+        _update(where, params, variant, task)
+        _update(f"--set tasks.{name}", params, forced, task)
+        _check_numbers(where, params, task)
         out.append((variant, params))
     return out
 
@@ -245,6 +341,8 @@ def _expand(
     seeds: list[int],
     registry: Registry,
     overrides: list[Mapping[str, Any]],
+    forced_task: Mapping[str, Any],
+    forced_est: Mapping[str, Any],
 ) -> list[Cell]:
     task, est = registry.task(task_name), registry.estimator(est_name)
     where = f"{task_name}/{label}/{est_name}"
@@ -256,6 +354,11 @@ def _expand(
             _update(f"[[overrides]] for {where} task", tparams, ov.get("task", {}), task)
             _update(f"[[overrides]] for {where} estimator", eparams, ov.get("estimator", {}), est)
             sweep.update(ov.get("sweep", {}))
+    # --set wins: over the overrides just applied, and a sweep over a forced key collapses.
+    _update(f"--set tasks.{task_name}", tparams, forced_task, task)
+    _update(f"--set estimators.{est_name}", eparams, forced_est, est)
+    forced_keys = {f"task.{k}" for k in forced_task} | {f"estimator.{k}" for k in forced_est}
+    sweep = {k: v for k, v in sweep.items() if k not in forced_keys}
     points: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
     keys = list(sweep)
     for combo in itertools.product(*(sweep[k] for k in keys)) if keys else [()]:
@@ -269,11 +372,7 @@ def _expand(
             else:
                 raise ConfigError(f"[[overrides]] sweep key {key!r} must start with 'task.' or 'estimator.'")
         label_sweep = ",".join(f"{k.partition('.')[2]}={v}" for k, v in zip(keys, combo, strict=True))
-        _check_values(where, tp, task.size_key)
-        try:
-            task.check(tp)
-        except UsageError as e:
-            raise ConfigError(f"{where}: {e}") from None
+        _check_cell(f"{where}{'/' + label_sweep if label_sweep else ''}", task, tp, est, ep)
         points.append((label_sweep, tp, ep))
 
     code = {

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from harness.cell import CellResult
 from harness.matrix import Cell
 from harness.plugins import Registry
-from harness.runner import CellResult
 from harness.tracking import ui_url
 
 __all__ = ["print_cells", "print_plugins", "print_registry", "print_results", "print_where"]
@@ -21,6 +21,8 @@ STATUS_STYLE = {
     "diverged": "magenta",
     "failed": "red",
     "killed": "red",
+    "elsewhere": "cyan",  # claimed by another process on the same store
+    "superseded": "red",
 }
 
 

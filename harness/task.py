@@ -56,6 +56,12 @@ class TaskRun:
       (``eval/...``); the first key listed in ``Task.primary_metric`` is the summary metric.
     - ``write_artifacts(step, out_dir)`` may write files (snapshots, figures' data) that the
       runner logs under ``artifacts/step=<step>/``; it is called at ``Task``'s snapshot steps.
+    - ``state_dict()`` / ``load_state_dict(state)``: the task's own state beyond the model's
+      parameters and buffers and the global random generators (which the runner saves itself),
+      e.g. a data stream's generator, epoch and order. The runner puts it in every checkpoint
+      and restores it before a resumed cell's first step, and a resumed cell must then train
+      exactly as an uninterrupted one: a task whose batches are not a pure function of the step
+      must provide both. Tensors, numbers, strings and lists/dicts of them only.
     """
 
     model: nn.Module
@@ -66,6 +72,8 @@ class TaskRun:
     write_artifacts: Callable[[int, Path], None] | None = None
     provenance: dict[str, str] = field(default_factory=dict)  # logged as data.* tags
     snapshot_steps: tuple[int, ...] = ()
+    state_dict: Callable[[], dict[str, Any]] | None = None
+    load_state_dict: Callable[[dict[str, Any]], None] | None = None
 
 
 class Task:
@@ -84,6 +92,9 @@ class Task:
     - ``setup(cell)``: build data and model on ``cell.device`` and return a ``TaskRun``.
     Optional:
     - ``choices``: for parameters with a fixed set of values, that set (checked with the config).
+    - ``positive`` / ``non_negative``: numeric parameters (or lists of numbers) that must be
+      > 0 / >= 0. Every float parameter must be finite whatever is declared; the harness checks
+      both with the config and names the key.
     - ``check(params)``: raise ``harness.errors.UsageError`` for a parameter problem found before
       any training (a size the task cannot take); the CLI turns it into exit code 2.
     - ``check_data(params, allow_embedded)``: check that the data ``params`` name is present,
@@ -109,6 +120,8 @@ class Task:
     size_key: ClassVar[str] = "n"
     primary_metric: ClassVar[str] = "eval/loss"
     smoke: ClassVar[Mapping[str, Any]] = {}
+    positive: ClassVar[tuple[str, ...]] = ()
+    non_negative: ClassVar[tuple[str, ...]] = ()
 
     def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
         raise NotImplementedError

@@ -11,15 +11,15 @@ import platform
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.errors import TrackingError
+from harness.claims import CLAIM_TAG, HEARTBEAT_TAG, OWNER_TAG, STATUS_TAG, Claim, Owner
+from harness.store import open_client, sqlite_path
 
 if TYPE_CHECKING:
+    from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
     from harness.matrix import Cell
@@ -28,7 +28,6 @@ __all__ = ["Tracker", "default_home", "resolve_tracking_uri", "ui_url"]
 
 HOME_ENV = "SPARSEBENCH_HOME"
 EXPERIMENT_PREFIX = "sparsebench-"
-STATUS_TAG = "sparsebench.status"
 
 
 def default_home() -> Path:
@@ -49,25 +48,6 @@ def ui_url(port: int, experiment_id: str | None = None, host: str = "127.0.0.1")
     if experiment_id is None:
         return base
     return f"{base}#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-
-
-def _check_reachable(uri: str) -> None:
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
-                if response.status != 200:
-                    raise TrackingError(f"tracking server {uri} answered {response.status} on /health")
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise TrackingError(
-                f"tracking server {uri} is unreachable ({reason}); start it or drop --tracking-uri"
-            ) from None
-    elif uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TrackingError(f"cannot create the tracking store {path}: {e}") from None
 
 
 def _git_sha() -> str:
@@ -97,34 +77,41 @@ def environment_tags(device: str) -> dict[str, str]:
     }
 
 
+def _lease_tags(owner: Owner) -> dict[str, str]:
+    return {OWNER_TAG: owner.token, HEARTBEAT_TAG: f"{time.time():.3f}"}
+
+
 class Tracker:
-    """The store a matrix run writes into; created only after the config has been validated."""
+    """The store a matrix run writes into; opened (and checked) only after the config has been
+    validated, so a bad config never touches it."""
 
-    def __init__(self, uri: str) -> None:
-        _check_reachable(uri)
-        from mlflow.tracking import MlflowClient
-
+    def __init__(self, uri: str, *, create: bool = True) -> None:
+        self.client: MlflowClient = open_client(uri, create=create, write=True)
         self.uri = uri
-        self.client: MlflowClient = MlflowClient(tracking_uri=uri)
-        self.artifact_root = (
-            (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-            if uri.startswith("sqlite:///")
-            else None
-        )
+        db = sqlite_path(uri)
+        self.artifact_root = (db.resolve().parent / "artifacts").as_uri() if db is not None else None
 
     def experiment(self, preset: str) -> str:
         """The experiment for a preset, created as a model-training experiment on first use."""
+        from mlflow.exceptions import MlflowException
+
         name = EXPERIMENT_PREFIX + preset
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
-        return self.client.create_experiment(
-            name,
-            artifact_location=f"{self.artifact_root}/{name}" if self.artifact_root else None,
-            tags={"mlflow.experimentKind": "custom_model_development", "sparsebench.preset": preset},
-        )
+        try:
+            return self.client.create_experiment(
+                name,
+                artifact_location=f"{self.artifact_root}/{name}" if self.artifact_root else None,
+                tags={"mlflow.experimentKind": "custom_model_development", "sparsebench.preset": preset},
+            )
+        except MlflowException:  # another launcher created it a moment ago
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
 
-    def start_parent(self, experiment_id: str, preset: str, n_cells: int) -> str:
+    def start_parent(self, experiment_id: str, preset: str, n_cells: int, owner: Owner) -> str:
         run = self.client.create_run(
             experiment_id,
             run_name=f"{preset} {time.strftime('%Y-%m-%d %H:%M:%S')}",
@@ -132,6 +119,7 @@ class Tracker:
                 "sparsebench.role": "matrix",
                 "sparsebench.preset": preset,
                 "sparsebench.cells": str(n_cells),
+                **_lease_tags(owner),
             },
         )
         return run.info.run_id
@@ -154,12 +142,17 @@ class Tracker:
             cid for cid, (status, tag) in latest.items() if status == "FINISHED" and tag not in retry
         }
 
-    def start_cell(self, experiment_id: str, parent_id: str, cell: Cell, tags: Mapping[str, str]) -> str:
+    def start_cell(
+        self, experiment_id: str, parent_id: str, cell: Cell, tags: Mapping[str, str], claim: Claim
+    ) -> str:
         run = self.client.create_run(
             experiment_id,
             run_name=cell.name,
             tags={
                 "mlflow.parentRunId": parent_id,
+                OWNER_TAG: claim.owner,
+                CLAIM_TAG: str(claim.generation),
+                HEARTBEAT_TAG: f"{time.time():.3f}",
                 "sparsebench.role": "cell",
                 "sparsebench.cell_id": cell.cell_id,
                 "sparsebench.task": cell.task,
@@ -182,6 +175,30 @@ class Tracker:
         self.client.log_batch(run_id, params=params)
         self.log_json(run_id, "config.json", {"name": cell.name, "cell_id": cell.cell_id, **cell.resolved()})
         return run_id
+
+    def adopt_cell(self, run: Run, parent_id: str, tags: Mapping[str, str], claim: Claim) -> str:
+        """Take an unfinished cell run over for a resume: new owner, claim and parent, RUNNING."""
+        run_id = run.info.run_id
+        resumes = int(run.data.tags.get("sparsebench.resumes", "0")) + 1
+        self.set_tags(
+            run_id,
+            {
+                **tags,
+                "mlflow.parentRunId": parent_id,
+                OWNER_TAG: claim.owner,
+                CLAIM_TAG: str(claim.generation),
+                HEARTBEAT_TAG: f"{time.time():.3f}",
+                STATUS_TAG: "running",
+                "sparsebench.resumes": str(resumes),
+            },
+        )
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def logged_metrics(self, run_id: str) -> dict[str, dict[int, float]]:
+        """key -> step -> value of everything a run has logged (for a resume not to log twice)."""
+        keys = self.client.get_run(run_id).data.metrics
+        return {key: {m.step: m.value for m in self.client.get_metric_history(run_id, key)} for key in keys}
 
     def log_metrics(self, run_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
         """One ``log_batch`` for many steps' worth of metrics."""

@@ -188,6 +188,11 @@ class AttentionTask(Task):
         "canvas": 48, "glimpse": 6, "glimpses": 2, "steps": 3, "eval_every": 3, "batch_size": 4,
         "hidden": 16, "train_images": 16, "test_images": 8, "dataset": "embedded-mnist",
     }  # fmt: skip
+    positive = (
+        "glimpse", "glimpses", "epochs", "lr", "batch_size", "hidden",
+        "train_images", "test_images", "canvas",
+    )  # fmt: skip
+    non_negative = ("steps", "eval_every", "data_seed", "snapshots")  # steps, eval_every: 0 = from epochs
 
     def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
         canvas = params["canvas"]
@@ -265,6 +270,8 @@ class AttentionTask(Task):
             write_artifacts=artifacts.write,
             provenance=_provenance(splits, config, p),
             snapshot_steps=tuple(p["snapshots"]) or (0, steps),
+            state_dict=lambda: {"batches": batches.state_dict(), "grid_written": artifacts.grid_written},
+            load_state_dict=lambda state: _load_state(state, batches, artifacts),
         )
 
 
@@ -279,12 +286,25 @@ class _Batches:
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch, self.order = -1, torch.empty(0, dtype=torch.long)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The shuffling generator and the current epoch's order: what a resume continues from."""
+        return {"generator": self.generator.get_state(), "epoch": self.epoch, "order": self.order}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["generator"].cpu())
+        self.epoch, self.order = int(state["epoch"]), state["order"].cpu()
+
     def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, slot = divmod(step, self.per_epoch)
         if epoch != self.epoch:  # steps arrive in order; a new epoch reshuffles
             self.epoch, self.order = epoch, torch.randperm(len(self.labels), generator=self.generator)
         idx = self.order[slot * self.batch_size : (slot + 1) * self.batch_size].to(self.labels.device)
         return _to_float(self.images[idx]), self.labels[idx]
+
+
+def _load_state(state: Mapping[str, Any], batches: _Batches, artifacts: _Artifacts) -> None:
+    batches.load_state_dict(state["batches"])
+    artifacts.grid_written = bool(state["grid_written"])
 
 
 class _Artifacts:

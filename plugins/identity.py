@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from estimators.base import PermutationSpec, SparseMatrixSpec, Spec, StructureLayer
-from harness.errors import UsageError
 from harness.hookspecs import hookimpl
 from harness.task import CellSetup, Task, TaskRun
 
@@ -57,16 +56,14 @@ class IdentityTask(Task):
         "snapshots": [0, 1000, 5000, 9000, 13000],  # the steps of the paper's Fig. 3
     }
     smoke: Mapping[str, Any] = {"n": 4, "steps": 3, "eval_every": 3, "batch_size": 8, "eval_samples": 64}
+    positive = ("n", "steps", "eval_every", "lr", "batch_size", "eval_samples")
+    non_negative = ("snapshots",)
 
     def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
         n = params["n"]
         if kind == "sparse_matrix":
             return SparseMatrixSpec(in_shape=(n,), out_shape=(n,), k=n)
         return PermutationSpec(n=n, source="free")
-
-    def check(self, params: Mapping[str, Any]) -> None:
-        if params["eval_samples"] <= 0:
-            raise UsageError(f"eval_samples = {params['eval_samples']} must be positive")
 
     def setup(self, cell: CellSetup) -> TaskRun:
         n, batch, device = cell.params["n"], cell.params["batch_size"], cell.device
@@ -101,6 +98,9 @@ class IdentityTask(Task):
             write_artifacts=write_artifacts,
             snapshot_steps=tuple(cell.params["snapshots"]),
             provenance={"data.source": "synthetic-normal", "data.eval_size": str(len(x_eval))},
+            # the training vectors are a stream: a resumed cell continues it where it stopped
+            state_dict=lambda: {"train_gen": train_gen.get_state()},
+            load_state_dict=lambda state: train_gen.set_state(state["train_gen"].cpu()),
         )
 
 

@@ -270,6 +270,8 @@ class SortingTask(Task):
         "n": 4, "digits": 1, "steps": 3, "eval_every": 3, "batch_size": 4, "eval_instances": 16,
         "dataset": "embedded-mnist",
     }  # fmt: skip
+    positive = ("n", "digits", "steps", "eval_every", "lr", "batch_size", "eval_instances")
+    non_negative = ("train_instances", "snapshots")
 
     def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
         return PermutationSpec(n=params["n"], source="keys")
@@ -357,6 +359,8 @@ class SortingTask(Task):
             write_artifacts=write_artifacts,
             provenance={**splits.provenance, "data.name": f"{digits}-digit numbers/{p['dataset']}"},
             snapshot_steps=tuple(p["snapshots"]),
+            # no state_dict: batches are a pure function of the step (``_training_batches``) and
+            # the layers draw from the global generators, which the runner checkpoints itself
         )
 
 

@@ -23,6 +23,7 @@ class BilinearEstimator(Estimator):
     description: ClassVar[str] = "bilinear-sampling glimpse (spatial-transformer style), exact gradient"
     kinds: ClassVar[frozenset[str]] = frozenset({"glimpse"})
     defaults: ClassVar[Mapping[str, Any]] = {"box_offset": 1.0}
+    positive: ClassVar[tuple[str, ...]] = ("box_offset",)
 
     def build(self, spec: Spec, params: Mapping[str, Any]) -> StructureLayer:
         if not isinstance(spec, GlimpseSpec):

@@ -30,6 +30,7 @@ class DenseEstimator(Estimator):
     description: ClassVar[str] = "dense baselines: full weight, whole-image ConvNet, NeuralSort"
     kinds: ClassVar[frozenset[str]] = frozenset({"sparse_matrix", "glimpse", "permutation"})
     defaults: ClassVar[Mapping[str, Any]] = {"tau": 1.0}  # NeuralSort temperature
+    positive: ClassVar[tuple[str, ...]] = ("tau",)
 
     def unsupported(self, spec: Spec, params: Mapping[str, Any] | None = None) -> str | None:
         if isinstance(spec, PermutationSpec) and spec.source != "keys":

@@ -20,6 +20,8 @@ class GumbelSinkhornEstimator(Estimator):
     description: ClassVar[str] = "Gumbel-Sinkhorn relaxation, Hungarian matching at evaluation"
     kinds: ClassVar[frozenset[str]] = frozenset({"permutation"})
     defaults: ClassVar[Mapping[str, Any]] = {"temperature": 1.0, "iterations": 20, "noise": 1.0}
+    positive: ClassVar[tuple[str, ...]] = ("temperature", "iterations")
+    non_negative: ClassVar[tuple[str, ...]] = ("noise",)  # 0: deterministic Sinkhorn
 
     def build(self, spec: Spec, params: Mapping[str, Any]) -> StructureLayer:
         if not isinstance(spec, PermutationSpec):

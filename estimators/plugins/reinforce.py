@@ -49,6 +49,18 @@ class ReinforceEstimator(Estimator):
         "baseline": ("moving_average", "leave_one_out", "none"),
         "log_prob": ("discretised", "continuous"),
     }
+    positive: ClassVar[tuple[str, ...]] = ("tau", "box_offset", "std")
+    non_negative: ClassVar[tuple[str, ...]] = ("samples", "baseline_decay")
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        if not params["baseline_decay"] < 1:
+            decay = params["baseline_decay"]
+            raise ValueError(f"baseline_decay = {decay!r} must be below 1 (it is the weight on the past)")
+        if params["baseline"] == "leave_one_out" and params["samples"] == 1:
+            raise ValueError(
+                "baseline 'leave_one_out' needs samples = 0 (one draw per instance) or >= 2 "
+                "(it averages the other draws)"
+            )
 
     def unsupported(self, spec: Spec, params: Mapping[str, Any] | None = None) -> str | None:
         if isinstance(spec, PermutationSpec):

@@ -47,6 +47,18 @@ class SparseEstimator(Estimator):
     }
 
     choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {"normalise": ("pooled", "tuple")}
+    positive: ClassVar[tuple[str, ...]] = ("tau", "box_offset", "C")
+    non_negative: ClassVar[tuple[str, ...]] = ("a_l", "a_g", "chunk", "samples")
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        if params["a_l"] + params["a_g"] < 1:
+            raise ValueError(
+                "a_l = a_g = 0 samples nothing beyond each tuple's nearest integer points, so no "
+                "other position can be found; set a_l or a_g to at least 1"
+            )
+        region = params["region"]
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in region):
+            raise ValueError(f"region = {region!r} must list positive integers (one per dimension), or be []")
 
     def unsupported(self, spec: Spec, params: Mapping[str, Any] | None = None) -> str | None:
         if isinstance(spec, PermutationSpec):
