@@ -146,13 +146,14 @@ def _source_hash(files: dict[str, Path]) -> str:
 
 
 def _is_release(dist: metadata.Distribution, module: ModuleType) -> bool:
-    """True when the module was loaded from the distribution's install location (a wheel install),
-    not from a source tree (editable install, ``PYTHONPATH``, a checkout)."""
+    """True when the module's file is one the distribution installed (listed in its wheel
+    ``RECORD``), not a source tree's: an editable install, ``PYTHONPATH``, or a checkout whose
+    ``*.egg-info`` folder (no ``RECORD``) is found first when the checkout is the working folder."""
     file = getattr(module, "__file__", None)
-    if not file:
+    if not file or dist.read_text("RECORD") is None:
         return False
-    root = Path(str(dist.locate_file(""))).resolve()
-    return Path(file).resolve().is_relative_to(root)
+    target = Path(file).resolve()
+    return any(Path(str(dist.locate_file(f))).resolve() == target for f in dist.files or ())
 
 
 def code_version(plugin: object, dist: metadata.Distribution | None = None) -> str:

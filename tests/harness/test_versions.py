@@ -64,3 +64,25 @@ def test_a_wheel_install_is_its_version(tmp_path, monkeypatch):
         assert code_version(module, dist) == "sbv-released 2.0.1"
     finally:
         sys.modules.pop("sbv_released")
+
+
+def test_a_source_tree_with_egg_info_is_not_a_release(tmp_path, monkeypatch):
+    """A checkout that was once `pip install -e`d holds `<name>.egg-info` (no RECORD); run from that
+    folder, the metadata found first is the egg-info, and its code must still carry the hash."""
+    tree = tmp_path / "checkout"
+    tree.mkdir()
+    (tree / "sbv_tree.py").write_text("X = 1\n")
+    info = tree / "sbv_tree.egg-info"
+    info.mkdir()
+    (info / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: sbv-tree\nVersion: 0.3.0\n")
+    (info / "SOURCES.txt").write_text("sbv_tree.py\n")
+    (info / "top_level.txt").write_text("sbv_tree\n")
+    monkeypatch.syspath_prepend(str(tree))
+    from importlib import metadata
+
+    dist = metadata.distribution("sbv-tree")
+    module = importlib.import_module("sbv_tree")
+    try:
+        assert code_version(module, dist).startswith("sbv-tree 0.3.0 src:")
+    finally:
+        sys.modules.pop("sbv_tree")
