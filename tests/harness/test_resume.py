@@ -27,7 +27,7 @@ ATTENTION = [
     "--task", "attention",
     "--set", "tasks.attention.variants=[{glimpses = 2, glimpse = 8}]",
     "--set", "tasks.attention.canvas=32",
-    "--set", "tasks.attention.clutter='ram'",
+    "--set", "tasks.attention.clutter='deepmind'",
     "--set", "tasks.attention.train_images=40",  # 2.5 epochs of 16: the resume crosses an epoch
     "--set", "tasks.attention.test_images=32",
     "--set", "tasks.attention.batch_size=16",
