@@ -49,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         "sqlite under $SPARSEBENCH_HOME or ./sparsebench-runs)",
     )
     matrix = argparse.ArgumentParser(add_help=False)
-    matrix.add_argument("--preset", default="quick", help="shipped preset: quick or paper")
+    matrix.add_argument(
+        "--preset", default="quick", help="shipped preset: quick, paper or neuralsort"
+    )
     matrix.add_argument("--config", type=Path, default=None, help="TOML file merged over the preset")
     matrix.add_argument(
         "--set",
