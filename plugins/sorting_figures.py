@@ -158,8 +158,9 @@ def draw_fig7(ctx: ReportContext) -> list[Path]:
         x, t = arrays["x"], arrays["t"]  # (L+1, n, digits, 28, 28) each
     rows, n = x.shape[:2]
     left, right = _mosaic(x), _mosaic(t)
-    height = 1.0 + 0.6 * rows
-    fig, axes = plt.subplots(1, 2, figsize=(2 * (0.35 * n * data["digits"] + 0.8), height))
+    side = 0.35 * n * data["digits"] + 0.8  # inches per panel
+    height = side * left.shape[0] / left.shape[1] + 0.9
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side, height))
     cmap = plt.get_cmap("gray_r").with_extremes(bad="white")
     centres = [r * (28 + _GAP) + 14 for r in range(rows)]
     for ax, mosaic, title, name in ((axes[0], left, "input, transformed", "x"),
@@ -171,8 +172,9 @@ def draw_fig7(ctx: ReportContext) -> list[Path]:
         ax.set_title(title)
     fig.suptitle(
         f"Fig. 7: quicksort steps, {run['run_name']} at step {step} ({data['layer']}); "
-        f"numbers {data['values']}", y=1.02, fontsize=8,
+        f"numbers {data['values']}", fontsize=8,
     )
+    fig.tight_layout()
     return save(fig, ctx.out_dir, "fig7_sorting_quicksort")
 
 

@@ -102,7 +102,8 @@ class GumbelSinkhornLayer(StructureLayer):
     one per output position (``scores_per_item = n``); ``forward(scores: (b, n, n))`` with
     ``scores[:, j, k]`` item ``j``'s score for position ``k``. Mena et al.'s operator runs on that
     item-major matrix (rows first, as ``google/gumbel_sinkhorn``'s ``sinkhorn_ops.py``) and the
-    result is transposed into this package's convention ``x_sorted = P @ x`` (rows = positions).
+    result is transposed into this package's convention ``x_sorted = P @ x`` (rows = positions);
+    Mena et al. normalise the item-major columns last, so every output row sums to 1 exactly.
     ``source="free"`` learns the position-major logits and ``forward(batch_size)`` draws one noisy
     matrix per instance. ``eval()``: the Hungarian solution of the noiseless scores.
     """

@@ -15,7 +15,8 @@ equal to the i-th smallest. Without ties this is the paper's "exact argsort matc
 NeuralSort's per-element accuracy.
 
 Protocols: the paper sorts n = 4, 8, 16 three-digit numbers (``PAPER_PROTOCOL``); NeuralSort
-(Grover et al. 2019) sorts n = 3, 5, 7, 9, 15 four-digit numbers (``NEURALSORT_PROTOCOL``).
+(Grover et al. 2019) sorts n = 3, 5, 7, 9, 15 four-digit numbers (``NEURALSORT_PROTOCOL``) and
+tunes on a validation split of the training digits (``validation_split``).
 """
 
 from __future__ import annotations
