@@ -271,11 +271,12 @@ def test_single_step_layers_use_the_final_loss_only() -> None:
     torch.testing.assert_close(final, instance_bce(out.matrix @ x, target))
 
 
-def test_permutation_cross_entropy_matches_an_independent_reference() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_permutation_cross_entropy_matches_an_independent_reference(device: str) -> None:
     """-mean over rows of log P[row, item that belongs there], against torch's NLL on log P."""
     torch.manual_seed(0)
-    matrix = torch.rand(4, 5, 5, dtype=torch.float64).softmax(-1)  # row-stochastic
-    values = torch.stack([torch.randperm(5) for _ in range(4)])
+    matrix = torch.rand(4, 5, 5, dtype=torch.float64, device=device).softmax(-1)  # row-stochastic
+    values = torch.stack([torch.randperm(5) for _ in range(4)]).to(device)
     order = values.argsort(dim=1)  # the item at every ascending position
     reference = torch.stack([
         F.nll_loss((matrix[b] + CE_EPS).log(), order[b]) for b in range(4)
