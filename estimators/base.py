@@ -20,6 +20,7 @@ __all__ = [
     "KINDS",
     "Estimator",
     "FullImageReadout",
+    "GlimpseLayer",
     "GlimpseSpec",
     "PermutationOutput",
     "PermutationSpec",
@@ -85,7 +86,8 @@ class GlimpseSpec:
     Layer contract: ``forward(images: (b, c, h, w), boxes: (b, glimpses, 4)) -> (b, glimpses, c,
     size, size)``. ``boxes`` are the source network's raw (unconstrained) outputs; each layer maps
     them into the image itself (the paper applies sigmoid and rescaling after placing the points).
-    An estimator that reads the whole image instead returns a ``FullImageReadout``.
+    Layers subclass ``GlimpseLayer``, whose ``corners`` and ``box_pixels`` give the task the box
+    geometry. An estimator that reads the whole image instead returns a ``FullImageReadout``.
     """
 
     image_shape: tuple[int, int, int]
@@ -101,12 +103,18 @@ Spec = SparseMatrixSpec | PermutationSpec | GlimpseSpec
 class PermutationOutput:
     """Soft (training) or hard (eval) permutation matrices, ``x_sorted = matrix @ x``.
 
-    ``steps`` holds the factors in order of application (quicksort's half-permutations; one entry
-    for estimators that produce the permutation at once), each ``(b, n, n)``.
+    ``steps`` holds the factors in order of application, each ``(b, n, n)``: one entry for
+    estimators that produce the permutation at once, several for one that sorts in stages
+    (quicksort's ``log2 n`` half-permutations). ``intermediate`` says the stages are a sorting
+    procedure's intermediate states that a task may supervise one by one (the sorting task's
+    intermediate loss, §3.3, and the states of Fig. 7); tasks read them only through
+    ``intermediate_inputs`` and ``intermediate_targets``, so any estimator can offer them.
+    ``extras`` holds whatever else the layer wants to expose (logged or ignored by tasks).
     """
 
     steps: list[torch.Tensor]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    intermediate: bool = False
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -116,19 +124,53 @@ class PermutationOutput:
             out = step @ out
         return out
 
+    def intermediate_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``x_0 = x``, ``x_d = P_d x_{d-1}``: the data ``(b, n, ...)`` after every step."""
+        out = [x]
+        for step in self.steps:
+            out.append(_apply(step, out[-1]))
+        return out
+
+    def intermediate_targets(self, target: torch.Tensor) -> list[torch.Tensor]:
+        """``t_L = target`` (sorted), ``t_{d-1} = P_d^T t_d``; aligned with ``intermediate_inputs``.
+
+        The reversed steps tell every intermediate state what it should hold if the keys were in
+        the right order (the paper's intermediate loss sums ``BCE(x_d, t_d)`` over ``d``).
+        """
+        out = [target]
+        for step in reversed(self.steps):
+            out.insert(0, _apply(step.transpose(-1, -2), out[0]))
+        return out
+
+
+def _apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``matrix @ x`` over the item axis of ``x: (b, n, *rest)``; ``matrix`` is ``(b, n, n)``."""
+    flat = x.reshape(x.shape[0], x.shape[1], -1)  # (b, n, m)
+    return (matrix @ flat).view_as(x)
+
 
 class StructureLayer(nn.Module):
     """Base for the layers estimators build.
 
-    Optional overrides:
-    - ``objective(per_sample_loss)``: turns per-instance losses ``(b,)`` into the scalar to
-      minimise. The default is the mean; score-function estimators add their surrogate term using
-      what they recorded in the last ``forward``.
+    ``forward`` follows the contract of the spec's kind (see each spec's docstring); ``eval()``
+    makes the structure deterministic. Optional overrides:
+
+    - ``objective(per_sample_loss)``: turns per-instance losses into the scalar to minimise.
+      A task calls it exactly once after every *training* forward, with ``per_sample_loss`` of
+      shape ``(b,)``: entry ``i`` is the loss of instance ``i`` of that forward's batch, whatever
+      the layer sampled internally (a layer that draws several structures per step assigns them to
+      instances itself and regroups the losses here). The default is the mean. Score-function
+      estimators add their surrogate term from what they recorded in the last ``forward``, on the
+      *detached* losses: the gradient of the result with respect to ``per_sample_loss`` must stay
+      the mean's (``1/b`` each), so the task's own networks train alike under every estimator.
     - ``snapshot()``: tensors worth logging as an artifact at set steps (means, sigmas, samples).
     - ``scores_per_item`` (``permutation`` kind, ``source="keys"``): how many scores per item
       ``forward`` reads, 1 (a scalar key, the default) or the spec's ``n`` (one score per output
       position). Set it in ``__init__``; tasks size their scoring network's head by it, so one
       task serves key-based and position-scoring estimators alike.
+
+    Register every tensor the layer keeps as a parameter or buffer, so ``.to(device)`` moves it
+    and ``state_dict()`` checkpoints it.
     """
 
     scores_per_item: int = 1
@@ -138,6 +180,56 @@ class StructureLayer(nn.Module):
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {}
+
+
+class GlimpseLayer(StructureLayer):
+    """Base for layers that answer a ``GlimpseSpec`` by reading pixels inside a box.
+
+    The box geometry is part of the contract, so that a task can measure and draw the boxes of any
+    estimator (the attention task's saturation metric and Fig. 4's boxes):
+
+    - the source network emits four raw values per glimpse, ``(y0, x0, y1, x1)``: two opposite
+      corners as (row, column) in *logit* space; ``corners(boxes)`` adds a fixed offset
+      ``(-o, -o, +o, +o)`` (``box_offset``) so that the untrained box covers the middle of the
+      image instead of a point, and returns the corners' sigmoid pre-activations;
+    - read-out points are placed between the corners in logit space; the sigmoid and the rescaling
+      to pixel coordinates (``to_pixels``) come afterwards (the paper's order, §3.2), so a point's
+      pixel coordinate is ``sigmoid(z) * (extent - 1)``;
+    - ``box_pixels(boxes, h, w)`` is the box outline in pixel coordinates.
+
+    Subclasses implement ``forward(images (b, c, h, w), boxes (b, g, 4)) -> (b, g, c, k, k)``;
+    one with another parametrisation overrides ``corners`` and ``to_pixels`` together.
+    """
+
+    def __init__(self, spec: GlimpseSpec, box_offset: float = 1.0) -> None:
+        super().__init__()
+        if spec.size < 1 or spec.glimpses < 1:
+            raise ValueError(f"glimpse size and count must be >= 1, got {spec.size}, {spec.glimpses}")
+        self.spec = spec
+        offset = torch.tensor([-box_offset, -box_offset, box_offset, box_offset])
+        self.register_buffer("offset", offset, persistent=False)
+
+    def corners(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Raw source outputs ``(b, g, 4)`` -> corner pre-activations ``(b, g, 4)`` (logit space)."""
+        return boxes + self.offset
+
+    def to_pixels(self, z: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Logit-space ``(..., 2)`` points ``(y, x)`` -> continuous pixel coordinates ``(..., 2)``."""
+        extent = torch.tensor([height - 1, width - 1], device=z.device, dtype=z.dtype)
+        return torch.sigmoid(z) * extent
+
+    def box_pixels(self, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The box outline in pixel coordinates, ``(b, g, 4)`` as ``(y0, x0, y1, x1)``."""
+        pairs = self.corners(boxes).unflatten(-1, (2, 2))  # (b, g, 2, 2): [[y0, x0], [y1, x1]]
+        return self.to_pixels(pairs, height, width).flatten(-2)  # (b, g, 4)
+
+    def check_input(self, images: torch.Tensor, boxes: torch.Tensor) -> None:
+        b, g = images.shape[0], self.spec.glimpses
+        if images.dim() != 4 or boxes.shape != (b, g, 4):
+            raise ValueError(
+                f"expected images (b, c, h, w) and boxes (b, {g}, 4), "
+                f"got {tuple(images.shape)} and {tuple(boxes.shape)}"
+            )
 
 
 class FullImageReadout(StructureLayer):
@@ -159,12 +251,18 @@ class Estimator:
     - ``description``: one line for ``sparsebench list``.
     - ``kinds``: the structure kinds this estimator can build (subset of ``KINDS``).
     - ``build(spec, params)``: return a ``StructureLayer`` for the spec, or raise ``Unsupported``.
+      ``params`` is the resolved ``defaults`` (every key present, values checked).
     Optional:
     - ``defaults``: hyperparameters and their default values; config keys under
       ``[estimators.<name>]`` must be among them (their types are checked against the defaults).
     - ``choices``: for string parameters with a fixed set of values, that set (checked too).
+    - ``check(params)``: raise ``ValueError`` naming the key for a bad value (a negative
+      temperature); run when the matrix is resolved, so a bad value stops the command before
+      anything is written.
     - ``unsupported(spec, params)``: a reason string when a spec of a supported kind (or these
       parameters) still cannot be served; checked before any training, so the matrix says ``n/a``.
+      It must agree with ``build`` (``sparsebench check-plugin`` verifies that); an ``Unsupported``
+      that ``build`` raises anyway also makes the cell ``n/a``.
     """
 
     name: ClassVar[str]
@@ -172,6 +270,9 @@ class Estimator:
     kinds: ClassVar[frozenset[str]] = frozenset()
     defaults: ClassVar[Mapping[str, Any]] = {}
     choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {}
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        return None
 
     def unsupported(self, spec: Spec, params: Mapping[str, Any] | None = None) -> str | None:
         if spec.kind not in self.kinds:

@@ -1,4 +1,4 @@
-"""The ``sparsebench`` command: run, list, plugins, report, ui.
+"""The ``sparsebench`` command: run, list, plugins, check-plugin, report, ui.
 
 Every usage problem (unknown name, bad config, broken plugin, unreachable store, missing data)
 ends as one line on stderr and exit code 2, before anything is written to the store.
@@ -33,14 +33,28 @@ def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+RETRY = ("diverged", "failed", "n/a")
+
+
+def _statuses(text: str) -> list[str]:
+    statuses = _csv(text)
+    bad = [s for s in statuses if s not in RETRY]
+    if bad:
+        choose = ", ".join(RETRY)
+        raise argparse.ArgumentTypeError(f"{bad[0]!r} is not a status to retry; choose from {choose}")
+    return statuses
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
+        "-p",
         "--plugin",
         action="append",
         default=[],
         metavar="MODULE",
-        help="extra plugin module to load (repeatable; also $SPARSEBENCH_PLUGINS)",
+        help="extra plugin module to load (found in the working folder too), or no:NAME to switch "
+        "a plugin off (repeatable; also $SPARSEBENCH_PLUGINS and $SPARSEBENCH_DISABLE_PLUGINS)",
     )
     common.add_argument(
         "--tracking-uri",
@@ -80,6 +94,14 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common, matrix], help="run the comparison matrix")
     run.add_argument("--dry-run", action="store_true", help="list the cells and stop")
     run.add_argument("--force", action="store_true", help="rerun cells that already finished")
+    run.add_argument(
+        "--retry",
+        type=_statuses,
+        default=[],
+        metavar="STATUSES",
+        help="also rerun cells whose latest run ended with these statuses, e.g. diverged,failed "
+        "(failed and interrupted cells are always rerun)",
+    )
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     run.add_argument("--no-progress", action="store_true", help="no live progress bars")
     run.add_argument(
@@ -90,6 +112,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("list", parents=[common, matrix], help="tasks, estimators and the cells of a preset")
     sub.add_parser("plugins", parents=[common], help="every plugin, where it came from, what it registered")
+    check = sub.add_parser(
+        "check-plugin",
+        parents=[common],
+        help="conformance checks for a plugin's estimators and tasks (exit 1 if any fails)",
+    )
+    check.add_argument(
+        "name",
+        nargs="?",
+        help="a plugin, one of its estimators or tasks, or its distribution (default: the one --plugin)",
+    )
     report = sub.add_parser("report", parents=[common], help="figures and tables from the store")
     report.add_argument(
         "--preset", action="append", default=[], help="report only these presets' experiments (default: all)"
@@ -123,10 +155,20 @@ def _console():  # -> rich.console.Console
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 
-def _load(args: argparse.Namespace):  # -> tuple[Registry, list[Cell]]
-    from harness import config, matrix, plugins
+def _registry(args: argparse.Namespace):  # -> Registry
+    """Every plugin loaded; what loading noticed (a module named twice) goes to stderr."""
+    from harness import plugins
 
     registry = plugins.load(args.plugin)
+    for warning in registry.warnings:
+        print(f"sparsebench: warning: {warning}", file=sys.stderr)
+    return registry
+
+
+def _load(args: argparse.Namespace):  # -> tuple[Registry, list[Cell]]
+    from harness import config, matrix
+
+    registry = _registry(args)
     raw = config.load_config(args.preset, args.config, args.sets)
     selection = matrix.Selection(tuple(args.task), tuple(args.estimator), tuple(args.size), tuple(args.seeds))
     return registry, matrix.resolve_cells(raw, registry, selection)
@@ -154,7 +196,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]sparsebench[/] {len(cells)} cells on {device} -> {uri}")
     results = runner.run_matrix(
-        cells, registry, tracker, args.preset, device, cache, args.force, show_progress=not args.no_progress
+        cells,
+        registry,
+        tracker,
+        args.preset,
+        device,
+        cache,
+        args.force,
+        show_progress=not args.no_progress,
+        retry=args.retry,
     )
     summary.print_results(console, results)
     experiment_id = tracker.experiment(args.preset)
@@ -173,22 +223,45 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from harness import plugins, summary
+    from harness import summary
 
-    summary.print_plugins(_console(), plugins.load(args.plugin))
+    summary.print_plugins(_console(), _registry(args))
     return 0
 
 
+def cmd_check_plugin(args: argparse.Namespace) -> int:
+    from harness import conformance
+
+    registry = _registry(args)
+    name = args.name
+    if name is None:
+        modules = [p for p in args.plugin if not p.startswith("no:")]
+        if len(modules) != 1:
+            raise UsageError(
+                "check-plugin: name the plugin to check (`sparsebench plugins` lists them) "
+                "or give exactly one --plugin MODULE"
+            )
+        name = modules[0]
+    report = conformance.check_plugin(registry, name, echo=lambda line: print(line, flush=True))
+    return 0 if report.ok else EXIT_FAILED_CELLS
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness import plugins
+    from harness.errors import TrackingError
     from harness.tracking import default_home, resolve_tracking_uri
     from reports.build import build_report
+    from reports.errors import ReportError, StoreReadError
 
-    registry = plugins.load(args.plugin)
+    registry = _registry(args)
     uri = resolve_tracking_uri(args.tracking_uri)
     out = args.out or default_home() / "report"
     experiments = [f"sparsebench-{p}" for p in args.preset] or None
-    result = build_report(uri, experiments, out, [r.obj for r in registry.figures])
+    try:
+        result = build_report(uri, experiments, out, [r.obj for r in registry.figures])
+    except StoreReadError as e:
+        raise TrackingError(str(e)) from e
+    except ReportError as e:
+        raise UsageError(str(e)) from e
     _console().print(f"report: [bold]{result.index_html}[/]")
     return 0
 
@@ -228,7 +301,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "plugins": cmd_plugins, "report": cmd_report, "ui": cmd_ui}
+COMMANDS = {
+    "run": cmd_run,
+    "list": cmd_list,
+    "plugins": cmd_plugins,
+    "check-plugin": cmd_check_plugin,
+    "report": cmd_report,
+    "ui": cmd_ui,
+}
 
 
 if __name__ == "__main__":

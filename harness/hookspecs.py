@@ -1,9 +1,13 @@
-"""The hooks a sparsebench plugin may implement; the whole plugin contract in one file.
+"""The hooks a sparsebench plugin may implement (the objects they register are documented in
+``estimators.base``, ``harness.task`` and ``reports.figure``; docs/plugins.md states the whole
+contract).
 
 Every hook takes a ``register`` callback rather than returning values (as in ``llm``): the host
 validates each object as it arrives and records which plugin registered it, so a clash or a broken
 object is reported with the plugin's name and source. All hooks are called once, at start-up,
-on every plugin (none is ``firstresult``); the built-in plugins use the same hooks.
+on every plugin (none is ``firstresult``); the built-in plugins use the same hooks. Implementations
+carry ``hookimpl``; a marked function with another name, or a hook-named function without the
+mark, is an error when the plugin loads.
 """
 
 from __future__ import annotations

@@ -19,12 +19,13 @@ from harness.plugins import REQUIRED_TASK_PARAMS as RUNNER_PARAMS
 from harness.plugins import Registry
 from harness.task import Task
 
-__all__ = ["Cell", "Selection", "resolve_cells"]
+__all__ = ["ALL", "Cell", "Selection", "choose_kind", "resolve_cells"]
 
 MATRIX_KEYS = ("tasks", "estimators", "seeds")
 OVERRIDE_KEYS = ("match", "task", "estimator", "sweep")
 POSITIVE = ("batch_size", "lr")
 NON_NEGATIVE = ("steps", "eval_every")  # 0: the task derives it (e.g. from epochs)
+ALL = "*"  # in a list of task or estimator names: every registered one, in load order
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Cell:
     task_params: dict[str, Any]
     estimator_params: dict[str, Any]
     sweep: str = ""
+    code: dict[str, str] = field(default_factory=dict)  # "task"/"estimator" -> plugin code version
     kind: str | None = None
     na_reason: str | None = None
     spec: Spec | None = field(default=None, compare=False)
@@ -58,13 +60,15 @@ class Cell:
         return "/".join(p for p in parts if p)
 
     def resolved(self) -> dict[str, Any]:
-        """The whole config the result depends on (plus names); what ``cell_id`` hashes."""
+        """The whole config the result depends on (plus names and the code of the two plugins
+        that build the cell); what ``cell_id`` hashes, so changed plugin code means a new cell."""
         return {
             "task": self.task,
             "estimator": self.estimator,
             "seed": self.seed,
             "task_params": self.task_params,
             "estimator_params": self.estimator_params,
+            "code": self.code,
         }
 
     @property
@@ -107,15 +111,18 @@ def _update(where: str, params: dict[str, Any], extra: Mapping[str, Any], owner:
 
 
 def _names(where: str, value: Any, known: Iterable[str], what: str) -> list[str]:
+    """The names ``value`` lists, each once; ``"*"`` stands for every known name in load order."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{where} must be a list of {what} names")
-    known = sorted(known)
+        raise ConfigError(f"{where} must be a list of {what} names (or \"{ALL}\" for all)")
+    known = list(known)
+    names: list[str] = []
     for name in value:
-        if name not in known:
-            raise ConfigError(f"unknown {what} {name!r}; known: {', '.join(known)}")
-    return value
+        if name not in known and name != ALL:
+            raise ConfigError(f"unknown {what} {name!r}; known: {', '.join(sorted(known))}")
+        names += [n for n in (known if name == ALL else [name]) if n not in names]
+    return names
 
 
 def _variant_label(variant: Mapping[str, Any], params: Mapping[str, Any], size_key: str) -> str:
@@ -268,17 +275,24 @@ def _expand(
             raise ConfigError(f"{where}: {e}") from None
         points.append((label_sweep, tp, ep))
 
+    code = {
+        "task": registry.version(registry.tasks[task_name].plugin),
+        "estimator": registry.version(registry.estimators[est_name].plugin),
+    }
     cells = []
     for sw, tp, ep in points:
-        kind, spec, reason = _choose_kind(task, est, tp, ep)
+        kind, spec, reason = choose_kind(task, est, tp, ep)
         cells += [
-            Cell(task_name, label, est_name, seed, tp, ep, sweep=sw, kind=kind, na_reason=reason, spec=spec)
+            Cell(
+                task_name, label, est_name, seed, tp, ep,
+                sweep=sw, code=code, kind=kind, na_reason=reason, spec=spec,
+            )  # fmt: skip
             for seed in seeds
         ]
     return cells
 
 
-def _choose_kind(
+def choose_kind(
     task: Any, est: Any, params: Mapping[str, Any], est_params: Mapping[str, Any]
 ) -> tuple[str | None, Spec | None, str | None]:
     """The first of the task's kinds that the estimator can serve, else the reason it cannot."""

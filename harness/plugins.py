@@ -1,12 +1,23 @@
 """The plugin manager: built-ins, the ``sparsebench`` entry-point group, ``--plugin`` and
-``SPARSEBENCH_PLUGINS``, all loaded through the same hooks and validated in one place."""
+``SPARSEBENCH_PLUGINS``, all loaded through the same hooks and validated in one place.
+
+Loading is strict, as a plugin author needs it to be: a hook name the contract does not know, a
+function named like a hook but missing ``@hookimpl``, an import error or an invalid registration
+is one ``PluginError`` naming the plugin and where it came from. Any plugin can be switched off by
+name (``-p no:NAME``, ``SPARSEBENCH_DISABLE_PLUGINS``) so that a broken installed one never
+blocks a command.
+"""
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from importlib import metadata
 from importlib.metadata import entry_points
 from types import ModuleType
 from typing import Any
@@ -17,8 +28,19 @@ from estimators.base import KINDS, Estimator
 from harness import hookspecs
 from harness.errors import PluginError
 from harness.task import Task
+from harness.versions import code_version
 
-__all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "ENV_VAR", "Registered", "Registry", "load"]
+__all__ = [
+    "DEFAULT_PLUGINS",
+    "DISABLE_ENV_VAR",
+    "DISABLE_PREFIX",
+    "ENTRY_POINT_GROUP",
+    "ENV_VAR",
+    "HOOKS",
+    "Registered",
+    "Registry",
+    "load",
+]
 
 #: Built-in plugins, loaded through the very hooks third-party plugins use.
 DEFAULT_PLUGINS: tuple[str, ...] = (
@@ -35,8 +57,14 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "estimators.plugins.bilinear",
 )
 ENTRY_POINT_GROUP = "sparsebench"
-ENV_VAR = "SPARSEBENCH_PLUGINS"  # comma-separated module paths, added to --plugin
+ENV_VAR = "SPARSEBENCH_PLUGINS"  # comma-separated module paths (or no:NAME), added to --plugin
+DISABLE_ENV_VAR = "SPARSEBENCH_DISABLE_PLUGINS"  # comma-separated plugin names never loaded
+DISABLE_PREFIX = "no:"  # --plugin no:NAME switches a plugin off, as pytest's -p no:NAME
 
+#: The hook names of the contract (``harness.hookspecs``).
+HOOKS: tuple[str, ...] = tuple(
+    name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(fn, "sparsebench_spec")
+)
 REQUIRED_TASK_PARAMS = ("steps", "eval_every", "lr", "batch_size")
 
 
@@ -57,6 +85,11 @@ class Registry:
     tasks: dict[str, Registered] = field(default_factory=dict)
     estimators: dict[str, Registered] = field(default_factory=dict)
     figures: list[Registered] = field(default_factory=list)
+    disabled: dict[str, str] = field(default_factory=dict)  # plugin name -> source, not loaded
+    warnings: list[str] = field(default_factory=list)  # one line each, for stderr
+    objects: dict[str, Any] = field(default_factory=dict)  # plugin name -> the loaded module
+    dists: dict[str, metadata.Distribution | None] = field(default_factory=dict)
+    _versions: dict[str, str] = field(default_factory=dict, repr=False)
 
     def task(self, name: str) -> Task:
         return self.tasks[name].obj
@@ -71,6 +104,21 @@ class Registry:
         found += [f"figure:{r.obj.name}" for r in self.figures if r.plugin == plugin]
         return found
 
+    def version(self, plugin: str) -> str:
+        """The code a plugin runs (``harness.versions.code_version``); part of every cell id."""
+        if plugin not in self._versions:
+            self._versions[plugin] = code_version(self.objects[plugin], self.dists.get(plugin))
+        return self._versions[plugin]
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    name: str
+    source: str
+    load: Callable[[], Any]
+    dist: metadata.Distribution | None = None
+    hint: str = ""  # how to switch it off (installed plugins: the user did not name them here)
+
 
 def _import(module_path: str, source: str) -> ModuleType:
     try:
@@ -81,11 +129,21 @@ def _import(module_path: str, source: str) -> ModuleType:
         ) from e
 
 
-def _discover(extra: Iterable[str]) -> list[tuple[str, str, Callable[[], Any]]]:
-    """(plugin name, source, loader) for every plugin, in load order."""
-    found: list[tuple[str, str, Callable[[], Any]]] = [
-        (m, "built-in", lambda m=m: _import(m, "built-in")) for m in DEFAULT_PLUGINS
-    ]
+def _working_folder_on_path() -> None:
+    """``--plugin my_module`` finds ``./my_module.py``, as ``python -m`` would; appended, so that an
+    installed package of the same name still wins."""
+    cwd = os.getcwd()
+    if not any(os.path.abspath(p or ".") == cwd for p in sys.path):
+        sys.path.append(cwd)
+
+
+def _off_hint(name: str) -> str:
+    return f"; switch it off with -p {DISABLE_PREFIX}{name} or {DISABLE_ENV_VAR}={name}"
+
+
+def _discover(modules: Iterable[str]) -> list[_Candidate]:
+    """Every plugin in load order: built-ins, entry points, then ``--plugin`` and the env var."""
+    found = [_Candidate(m, "built-in", lambda m=m: _import(m, "built-in")) for m in DEFAULT_PLUGINS]
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist
         source = f"{dist.name} {dist.version}" if dist else "entry point"
@@ -98,12 +156,23 @@ def _discover(extra: Iterable[str]) -> list[tuple[str, str, Callable[[], Any]]]:
                     f"plugin {ep.name!r} ({source}, {ep.value}) failed to load: {type(e).__name__}: {e}"
                 ) from e
 
-        found.append((ep.name, source, load_ep))
-    env = [m.strip() for m in os.environ.get(ENV_VAR, "").split(",") if m.strip()]
-    for module_path in [*extra, *env]:
+        found.append(_Candidate(ep.name, source, load_ep, dist, _off_hint(ep.name)))
+    for module_path in modules:
         source = f"module {module_path}"
-        found.append((module_path, source, lambda m=module_path, s=source: _import(m, s)))
+        found.append(_Candidate(module_path, source, lambda m=module_path, s=source: _import(m, s)))
     return found
+
+
+def _split(items: Iterable[str]) -> tuple[list[str], set[str]]:
+    """``--plugin`` / env items -> (modules to load, names to switch off)."""
+    modules, off = [], set()
+    for item in items:
+        item = item.strip()
+        if item.startswith(DISABLE_PREFIX):
+            off.add(item.removeprefix(DISABLE_PREFIX).strip())
+        elif item:
+            modules.append(item)
+    return modules, off
 
 
 def _check_task(task: Any, plugin: str, source: str) -> None:
@@ -132,27 +201,92 @@ def _check_estimator(est: Any, plugin: str, source: str) -> None:
 
 
 def load(extra: Iterable[str] = ()) -> Registry:
-    """Load every plugin and collect what it registers; raise ``PluginError`` on the first fault."""
+    """Load every plugin and collect what it registers; raise ``PluginError`` on the first fault.
+
+    ``extra`` holds ``--plugin`` values: module paths, or ``no:NAME`` to switch a plugin off
+    (matched against plugin names and, for installed plugins, distribution names).
+    """
+    env = os.environ.get(ENV_VAR, "").split(",")
+    modules, off = _split([*extra, *env])
+    off |= {n.strip() for n in os.environ.get(DISABLE_ENV_VAR, "").split(",") if n.strip()}
+    if modules:
+        _working_folder_on_path()
     pm = pluggy.PluginManager("sparsebench")
     pm.add_hookspecs(hookspecs)
     registry = Registry()
-    for name, source, loader in _discover(extra):
-        if name in registry.plugins:
-            if registry.plugins[name] == source:
+    matched: set[str] = set()
+    hints: dict[str, str] = {}
+    for cand in _discover(modules):
+        names = {cand.name} | ({cand.dist.name} if cand.dist is not None else set())
+        if names & off:
+            matched |= names & off
+            registry.disabled[cand.name] = cand.source
+            continue
+        if cand.name in registry.plugins:
+            if registry.plugins[cand.name] == cand.source:
                 continue  # the same module named twice (e.g. --plugin and the env var)
-            raise PluginError(f"plugin {name!r} ({source}) clashes with {registry.plugins[name]}")
-        plugin = loader()
+            raise PluginError(
+                f"plugin {cand.name!r} ({cand.source}) clashes with {registry.plugins[cand.name]}"
+            )
+        hints[cand.name] = cand.hint
         try:
-            pm.register(plugin, name=name)
-        except Exception as e:  # pluggy's validation: misspelt hook, wrong arguments
-            detail = " ".join(str(e).split())  # pluggy's message spans lines; ours is one
-            raise PluginError(f"plugin {name!r} ({source}) is invalid: {detail}") from e
-        registry.plugins[name] = source
-    _collect(pm, registry)
+            _register(pm, registry, cand)
+        except PluginError as e:
+            raise PluginError(f"{e}{cand.hint}") from e.__cause__
+    for name in sorted(off - matched):
+        registry.warnings.append(f"no plugin named {name!r} to switch off (see `sparsebench plugins`)")
+    try:  # after _check_hooks nothing can be pending; this is pluggy's own word on it
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        name = pm.get_name(e.plugin) or repr(e.plugin)
+        source = registry.plugins.get(name, "unknown source")
+        raise PluginError(f"plugin {name!r} ({source}) is invalid: {' '.join(str(e).split())}") from e
+    _collect(pm, registry, hints)
     return registry
 
 
-def _collect(pm: pluggy.PluginManager, registry: Registry) -> None:
+def _register(pm: pluggy.PluginManager, registry: Registry, cand: _Candidate) -> None:
+    plugin = cand.load()
+    if pm.is_registered(plugin):
+        other = pm.get_name(plugin)
+        registry.warnings.append(
+            f"plugin {cand.name!r} ({cand.source}) is the module already loaded as plugin "
+            f"{other!r} ({registry.plugins[other]}); loaded once"
+        )
+        return
+    _check_hooks(pm, plugin, cand)
+    try:
+        pm.register(plugin, name=cand.name)
+    except Exception as e:  # pluggy's validation: wrong hook arguments
+        detail = " ".join(str(e).split())  # pluggy's message spans lines; ours is one
+        raise PluginError(f"plugin {cand.name!r} ({cand.source}) is invalid: {detail}") from e
+    registry.plugins[cand.name] = cand.source
+    registry.objects[cand.name] = plugin
+    registry.dists[cand.name] = cand.dist
+
+
+def _check_hooks(pm: pluggy.PluginManager, plugin: Any, cand: _Candidate) -> None:
+    """Unknown hook names and hook-like functions without ``@hookimpl`` are errors: pluggy would
+    register the first without complaint and ignore the second, and the plugin would load, offer
+    nothing, and leave the user with ``unknown estimator`` much later."""
+    where = f"plugin {cand.name!r} ({cand.source})"
+    for attr in dir(plugin):
+        marked = pm.parse_hookimpl_opts(plugin, attr) is not None
+        close = difflib.get_close_matches(attr, HOOKS, n=1, cutoff=0.8)
+        if marked and attr not in HOOKS:
+            guess = f"; did you mean {close[0]!r}?" if close else ""
+            raise PluginError(
+                f"{where} implements unknown hook {attr!r}{guess} (hooks: {', '.join(HOOKS)})"
+            )
+        if not marked and close and inspect.isfunction(getattr(plugin, attr, None)):
+            raise PluginError(
+                f"{where} defines {attr}() without @hookimpl, so it would never be called; "
+                "decorate it with `from estimators.base import hookimpl`"
+                + ("" if attr in HOOKS else f" (and did you mean {close[0]!r}?)")
+            )
+
+
+def _collect(pm: pluggy.PluginManager, registry: Registry, hints: dict[str, str]) -> None:
     """Call each hook implementation with a ``register`` that knows which plugin is calling."""
     for hook_name, table, check in (
         ("register_tasks", registry.tasks, _check_task),
@@ -171,23 +305,23 @@ def _collect(pm: pluggy.PluginManager, registry: Registry) -> None:
                     )
                 table[obj.name] = Registered(obj, plugin, source)
 
-            _call(impl, register, source)
+            _call(impl, register, source, hints[plugin])
     for impl in pm.hook.register_figures.get_hookimpls():
         source = registry.plugins[impl.plugin_name]
 
         def add_figure(fig: Any, plugin=impl.plugin_name, source=source) -> None:
             registry.figures.append(Registered(fig, plugin, source))
 
-        _call(impl, add_figure, source)
+        _call(impl, add_figure, source, hints[impl.plugin_name])
 
 
-def _call(impl: pluggy.HookImpl, register: Callable[[Any], None], source: str) -> None:
+def _call(impl: pluggy.HookImpl, register: Callable[[Any], None], source: str, hint: str) -> None:
     try:
         impl.function(register=register)
-    except PluginError:
-        raise
+    except PluginError as e:
+        raise PluginError(f"{e}{hint}") from e.__cause__
     except Exception as e:
         raise PluginError(
             f"plugin {impl.plugin_name!r} ({source}) failed in {impl.function.__name__}: "
-            f"{type(e).__name__}: {e}"
+            f"{type(e).__name__}: {e}{hint}"
         ) from e

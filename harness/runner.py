@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from estimators.base import Unsupported
 from harness.matrix import Cell
 from harness.plugins import Registry
 from harness.task import CellSetup, TaskRun
@@ -231,10 +232,12 @@ def run_matrix(
     cache_dir: Path,
     force: bool = False,
     show_progress: bool = True,
+    retry: Sequence[str] = (),
 ) -> list[CellResult]:
-    """The in-process backend: every cell in order, under one parent run."""
+    """The in-process backend: every cell in order, under one parent run. Cells that finished
+    earlier are skipped, unless ``force`` or their status is in ``retry`` (diverged, n/a)."""
     experiment_id = tracker.experiment(preset)
-    done = set() if force else tracker.finished_cells(experiment_id)
+    done = set() if force else tracker.finished_cells(experiment_id, retry)
     todo = [c for c in cells if c.cell_id not in done]
     results = [CellResult(c, "skipped", reason="finished earlier") for c in cells if c.cell_id in done]
     if not todo:
@@ -283,6 +286,11 @@ def _run_one(
         tracker.set_tags(run_id, {STATUS_TAG: "killed"})
         tracker.end(run_id, "KILLED")
         raise
+    except Unsupported as e:  # build() or the task found it cannot serve the cell after all
+        reason = str(e) or "the estimator raised Unsupported"
+        tracker.set_tags(run_id, {STATUS_TAG: "n/a", "sparsebench.reason": reason})
+        tracker.end(run_id, "FINISHED")
+        return CellResult(cell, "n/a", reason=reason, run_id=run_id)
     except Diverged as e:
         tracker.set_tags(run_id, {STATUS_TAG: "diverged", "sparsebench.reason": str(e)})
         tracker.end(run_id, "FINISHED")  # a diverged cell is a result, not an error to retry

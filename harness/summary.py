@@ -26,10 +26,12 @@ STATUS_STYLE = {
 
 def print_plugins(console: Console, registry: Registry) -> None:
     table = Table(title="plugins")
-    for col in ("plugin", "source", "registered"):
+    for col in ("plugin", "source", "code", "registered"):
         table.add_column(col)
     for name, source in registry.plugins.items():
-        table.add_row(name, source, ", ".join(registry.provided_by(name)) or "-")
+        table.add_row(name, source, registry.version(name), ", ".join(registry.provided_by(name)) or "-")
+    for name, source in registry.disabled.items():
+        table.add_row(f"[dim]{name}[/]", f"[dim]{source}[/]", "", "[yellow]switched off[/]")
     console.print(table)
 
 

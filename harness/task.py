@@ -72,6 +72,13 @@ class Task:
     - ``choices``: for parameters with a fixed set of values, that set (checked with the config).
     - ``check(params)``: raise ``harness.errors.UsageError`` for a problem found before any training
       (missing data root, a size the task cannot take); the CLI turns it into exit code 2.
+    - ``smoke``: parameter overrides that make one cell take seconds (tiny sizes and data, a few
+      steps); ``sparsebench check-plugin`` trains every estimator it checks on them.
+
+    How the kind is chosen: for a cell, the harness walks ``kinds`` in order, asks ``spec(kind,
+    params)`` for each, and takes the first whose spec the estimator's ``unsupported`` accepts; if
+    none, the cell is ``n/a`` with the estimator's reasons. ``setup`` learns the choice from
+    ``CellSetup.kind``.
     """
 
     name: ClassVar[str]
@@ -81,6 +88,7 @@ class Task:
     choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {}
     size_key: ClassVar[str] = "n"
     primary_metric: ClassVar[str] = "eval/loss"
+    smoke: ClassVar[Mapping[str, Any]] = {}
 
     def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
         raise NotImplementedError

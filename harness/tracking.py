@@ -12,7 +12,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,20 +135,23 @@ class Tracker:
         )
         return run.info.run_id
 
-    def finished_cells(self, experiment_id: str) -> set[str]:
-        """Cell ids whose latest run ended FINISHED; those are skipped unless ``--force``."""
+    def finished_cells(self, experiment_id: str, retry: Collection[str] = ()) -> set[str]:
+        """Cell ids whose latest run ended FINISHED, except those whose status tag is in ``retry``
+        (``diverged``, ``n/a``); the rest are skipped unless ``--force``."""
         runs = self.client.search_runs(
             [experiment_id],
             filter_string="tags.`sparsebench.role` = 'cell'",
             order_by=["attributes.start_time DESC"],
             max_results=50000,
         )
-        latest: dict[str, str] = {}
+        latest: dict[str, tuple[str, str]] = {}
         for run in runs:
             cell_id = run.data.tags.get("sparsebench.cell_id")
             if cell_id and cell_id not in latest:
-                latest[cell_id] = run.info.status
-        return {cid for cid, status in latest.items() if status == "FINISHED"}
+                latest[cell_id] = (run.info.status, run.data.tags.get(STATUS_TAG, ""))
+        return {
+            cid for cid, (status, tag) in latest.items() if status == "FINISHED" and tag not in retry
+        }
 
     def start_cell(self, experiment_id: str, parent_id: str, cell: Cell, tags: Mapping[str, str]) -> str:
         run = self.client.create_run(
@@ -164,6 +167,7 @@ class Tracker:
                 "sparsebench.seed": str(cell.seed),
                 "sparsebench.sweep": cell.sweep,
                 "sparsebench.kind": cell.kind or "n/a",
+                **{f"sparsebench.code.{role}": version for role, version in cell.code.items()},
                 STATUS_TAG: "running",
                 **tags,
             },

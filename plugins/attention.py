@@ -42,18 +42,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from estimators.base import FullImageReadout, GlimpseSpec, Spec, StructureLayer
-from estimators.layers.glimpse import GlimpseLayer, saturated_fraction
+from estimators.base import FullImageReadout, GlimpseLayer, GlimpseSpec, Spec, StructureLayer
 from harness.errors import UsageError
 from harness.hookspecs import hookimpl
 from harness.task import CellSetup, Task, TaskRun
 from plugins.data.cluttered import VARIANTS, ClutterConfig, ClutteredSet, cluttered_mnist, save_sample_grid
 from plugins.data.mnist import MNISTSplits, load_mnist
 
-__all__ = ["AttentionModel", "AttentionTask", "ModelOutput", "SourceNetwork", "per_sample_loss"]
+__all__ = [
+    "AttentionModel",
+    "AttentionTask",
+    "ModelOutput",
+    "SourceNetwork",
+    "per_sample_loss",
+    "saturated_fraction",
+]
 
 CLASSES = 10
 COLLAPSE_FRACTION = 0.95  # eval/collapsed = 1 above this saturated fraction
+SATURATION_Z = 6.0  # |pre-activation| above which sigmoid'(z) < 2.5e-3: the box no longer moves
 ARTIFACT_IMAGES = 8  # fixed test images whose glimpses are written (Fig. 4)
 TEST_SEED_OFFSET = 1_000_003  # the test set's generator seed never equals the training set's
 LOSSES = ("ce", "bce")
@@ -128,6 +135,14 @@ class AttentionModel(nn.Module):
         return self.layer.corners(boxes) if isinstance(self.layer, GlimpseLayer) else boxes
 
 
+def saturated_fraction(preactivations: torch.Tensor, threshold: float = SATURATION_Z) -> float:
+    """Fraction of sigmoid pre-activations with ``|z| > threshold``.
+
+    Near 1.0 the box's sigmoid gradients have vanished: the 1-glimpse collapse of appendix A.1.
+    """
+    return (preactivations.abs() > threshold).float().mean().item()
+
+
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
     """``(b, 10)`` logits, ``(b,)`` labels -> ``(b,)`` losses; see the module docstring."""
     if loss == "ce":
@@ -166,6 +181,10 @@ class AttentionTask(Task):
         "data_seed": 0,
         "snapshots": [],  # steps that write artifacts; [] = first and last step
     }
+    smoke: Mapping[str, Any] = {
+        "canvas": 48, "glimpse": 6, "glimpses": 2, "steps": 3, "eval_every": 3, "batch_size": 4,
+        "hidden": 16, "train_images": 16, "test_images": 8,
+    }  # fmt: skip
 
     def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
         canvas = params["canvas"]

@@ -56,6 +56,7 @@ class IdentityTask(Task):
         "eval_samples": 10000,
         "snapshots": [0, 1000, 5000, 9000, 13000],  # the steps of the paper's Fig. 3
     }
+    smoke: Mapping[str, Any] = {"n": 4, "steps": 3, "eval_every": 3, "batch_size": 8, "eval_samples": 64}
 
     def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
         n = params["n"]

@@ -30,10 +30,10 @@ Protocols (task param ``protocol``) fix the data, the network and the metrics:
 
 Losses (task param ``loss``), per instance:
 
-- ``"intermediate_bce"`` (§3.3, the paper's): for layers that offer ``intermediate_inputs`` /
-  ``intermediate_targets`` (the sparse quicksort), the target is fed back through the transposed
-  half-permutations and ``BCE(x_d, t_d)`` is summed over ``d = 0 .. log2 n``; other layers get
-  ``"bce"``.
+- ``"intermediate_bce"`` (§3.3, the paper's): for layers whose output is marked ``intermediate``
+  (the sparse quicksort; see ``estimators.base.PermutationOutput``), the target is fed back
+  through the transposed half-permutations and ``BCE(x_d, t_d)`` is summed over
+  ``d = 0 .. log2 n``; other layers get ``"bce"``.
 - ``"bce"``: ``BCE(clamp(P @ x), t)`` averaged over items and pixels, with ``x`` the instance's
   images ``(n, digits * 784)`` in input order, ``t`` the images in ascending order of the numbers
   (ties kept in input order, so ``t`` is one of the correct sorts) and the clamp the paper's
@@ -90,7 +90,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from estimators.base import PermutationOutput, PermutationSpec, Spec, StructureLayer
-from estimators.sparse.quicksort import intermediate_inputs, intermediate_targets
 from harness.errors import UsageError
 from harness.hookspecs import hookimpl
 from harness.task import CellSetup, Task, TaskRun
@@ -199,12 +198,12 @@ def sorting_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-instance training loss and final-step BCE, both ``(b,)``; ``x``, ``target`` ``(b, n, m)``.
 
-    With ``intermediate`` and a layer that offers it, the loss is the §3.3 sum over all
+    With ``intermediate`` and an output that offers it, the loss is the §3.3 sum over all
     intermediate states; otherwise it is the BCE of the fully sorted output.
     """
-    if intermediate and hasattr(layer, "intermediate_targets"):
-        xs = layer.intermediate_inputs(out, x)  # x_0 .. x_L
-        ts = layer.intermediate_targets(out, target)  # t_0 .. t_L
+    if intermediate and out.intermediate:
+        xs = out.intermediate_inputs(x)  # x_0 .. x_L
+        ts = out.intermediate_targets(target)  # t_0 .. t_L
         terms = [instance_bce(xd, td) for xd, td in zip(xs, ts, strict=True)]
         return torch.stack(terms).sum(0), terms[-1]
     final = instance_bce(out.matrix @ x, target)
@@ -228,9 +227,10 @@ def quicksort_steps(
     pixels = images[0].flatten(1).to(torch.float64)  # (n, digits * 784)
     items = torch.cat([values[0, :, None].to(torch.float64), pixels], dim=1)  # (n, 1 + pixels)
     target, order = sorted_targets(items[None], values[:1])  # (1, n, 1 + pixels)
-    steps = [s[:1].to(torch.float64) for s in out.steps]  # L x (1, n, n)
-    xs = intermediate_inputs(steps, items[None])  # (L+1) x (1, n, 1 + pixels)
-    ts = intermediate_targets(steps, target)
+    first = PermutationOutput(steps=[s[:1].to(torch.float64) for s in out.steps])  # L x (1, n, n)
+    steps = first.steps
+    xs = first.intermediate_inputs(items[None])  # (L+1) x (1, n, 1 + pixels)
+    ts = first.intermediate_targets(target)
 
     def rows(states: list[torch.Tensor]) -> dict[str, list[list[float]]]:
         return {
@@ -285,6 +285,9 @@ class SortingTask(Task):
         "data_root": "",  # torchvision MNIST root; "" = the embedded 5k digits
         "snapshots": [0],  # steps that write quicksort_steps.json (Fig. 7: the first batch)
     }
+    smoke: Mapping[str, Any] = {
+        "n": 4, "digits": 1, "steps": 3, "eval_every": 3, "batch_size": 4, "eval_instances": 16,
+    }  # fmt: skip
 
     def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
         return PermutationSpec(n=params["n"], source="keys")

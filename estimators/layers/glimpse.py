@@ -1,7 +1,8 @@
 """Glimpse layers: read ``size x size`` pixels from an image at a box the source network predicts.
 
-Every layer here answers a ``GlimpseSpec`` and shares one box parametrisation, so that estimators
-differ only in how a gradient reaches the box:
+Every layer here answers a ``GlimpseSpec`` and shares the box parametrisation of the contract's
+``estimators.base.GlimpseLayer`` (re-exported here), so that estimators differ only in how a
+gradient reaches the box:
 
 - the source network emits four raw values per glimpse, ``(y0, x0, y1, x1)``: two opposite corners
   as (row, column) in *logit* space (the layout of ``estimators.sparse.glimpse_means``); a fixed
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from estimators.base import GlimpseSpec, StructureLayer
+from estimators.base import GlimpseLayer, GlimpseSpec
 from estimators.sparse import SparseGlimpse as SparseGlimpseCore
 from estimators.sparse import default_region
 
@@ -42,11 +43,7 @@ __all__ = [
     "ReinforceGlimpse",
     "SparseGlimpse",
     "box_points",
-    "saturated_fraction",
 ]
-
-#: |pre-activation| above which sigmoid'(z) < 2.5e-3: the box no longer moves (the paper's collapse).
-SATURATION_Z = 6.0
 
 
 def box_points(corners: torch.Tensor, size: int) -> torch.Tensor:
@@ -64,51 +61,6 @@ def box_points(corners: torch.Tensor, size: int) -> torch.Tensor:
     grid_y = ys[..., :, None].expand(*ys.shape, size)  # (..., size, size)
     grid_x = xs[..., None, :].expand(*xs.shape[:-1], size, size)  # (..., size, size)
     return torch.stack([grid_y, grid_x], dim=-1)
-
-
-def saturated_fraction(preactivations: torch.Tensor, threshold: float = SATURATION_Z) -> float:
-    """Fraction of sigmoid pre-activations with ``|z| > threshold``.
-
-    Near 1.0 the box's sigmoid gradients have vanished: the 1-glimpse collapse of appendix A.1.
-    """
-    return (preactivations.abs() > threshold).float().mean().item()
-
-
-class GlimpseLayer(StructureLayer):
-    """Base of the glimpse layers: the shared box parametrisation (see the module docstring).
-
-    Subclasses implement ``forward(images (b, c, h, w), boxes (b, g, 4)) -> (b, g, c, k, k)``.
-    """
-
-    def __init__(self, spec: GlimpseSpec, box_offset: float = 1.0) -> None:
-        super().__init__()
-        if spec.size < 1 or spec.glimpses < 1:
-            raise ValueError(f"glimpse size and count must be >= 1, got {spec.size}, {spec.glimpses}")
-        self.spec = spec
-        offset = torch.tensor([-box_offset, -box_offset, box_offset, box_offset])
-        self.register_buffer("offset", offset, persistent=False)
-
-    def corners(self, boxes: torch.Tensor) -> torch.Tensor:
-        """Raw source outputs ``(b, g, 4)`` -> corner pre-activations ``(b, g, 4)`` (logit space)."""
-        return boxes + self.offset
-
-    def to_pixels(self, z: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Logit-space ``(..., 2)`` points ``(y, x)`` -> continuous pixel coordinates ``(..., 2)``."""
-        extent = torch.tensor([height - 1, width - 1], device=z.device, dtype=z.dtype)
-        return torch.sigmoid(z) * extent
-
-    def box_pixels(self, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """The box outline in pixel coordinates, ``(b, g, 4)`` as ``(y0, x0, y1, x1)``."""
-        pairs = self.corners(boxes).unflatten(-1, (2, 2))  # (b, g, 2, 2): [[y0, x0], [y1, x1]]
-        return self.to_pixels(pairs, height, width).flatten(-2)  # (b, g, 4)
-
-    def check_input(self, images: torch.Tensor, boxes: torch.Tensor) -> None:
-        b, g = images.shape[0], self.spec.glimpses
-        if images.dim() != 4 or boxes.shape != (b, g, 4):
-            raise ValueError(
-                f"expected images (b, c, h, w) and boxes (b, {g}, 4), "
-                f"got {tuple(images.shape)} and {tuple(boxes.shape)}"
-            )
 
 
 class SparseGlimpse(GlimpseLayer):

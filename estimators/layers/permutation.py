@@ -20,7 +20,7 @@ from estimators.base import PermutationOutput, PermutationSpec, StructureLayer
 from estimators.layers.neuralsort import neuralsort, sort_matrix
 from estimators.layers.plackett_luce import perm_matrix, plackett_luce_log_prob, plackett_luce_sample
 from estimators.layers.sinkhorn import gumbel_sinkhorn, hungarian
-from estimators.sparse.quicksort import intermediate_inputs, intermediate_targets, quicksort
+from estimators.sparse.quicksort import quicksort
 
 __all__ = ["GumbelSinkhornLayer", "NeuralSortLayer", "PlackettLuceLayer", "QuicksortLayer"]
 
@@ -44,11 +44,11 @@ def _positive(name: str, value: float) -> None:
 class QuicksortLayer(StructureLayer):
     """The paper's differentiable quicksort: ``log2 n`` sampled half-permutations (section 3.3).
 
-    ``steps`` holds the half-permutations in order of application. For the intermediate loss use
-    ``intermediate_inputs(output, x)`` and ``intermediate_targets(output, target)``: sum
-    ``BCE(x_d, t_d)`` over the pairs. Clamping the outputs into ``(0, 1)`` before the BCE is the
-    task's job (paper footnote 8). ``extras["keys"]`` is ``(b, log2 n + 1, n)``, the keys after
-    every step.
+    ``steps`` holds the half-permutations in order of application and the output is marked
+    ``intermediate``: a task may put its loss on every intermediate state through the output's
+    ``intermediate_inputs(x)`` and ``intermediate_targets(target)`` (sum ``BCE(x_d, t_d)`` over the
+    pairs; clamping into ``(0, 1)`` first is the task's job, paper footnote 8).
+    ``extras["keys"]`` is ``(b, log2 n + 1, n)``, the keys after every step.
     """
 
     def __init__(self, spec: PermutationSpec, *, C: float = 10.0, samples: int | None = None):
@@ -79,17 +79,7 @@ class QuicksortLayer(StructureLayer):
             keys, C=self.C, samples=self.samples, generator=generator, hard=not self.training
         )
         self._last = torch.stack([s[0].detach() for s in steps])  # (log2 n, n, n), instance 0
-        return PermutationOutput(steps=steps, extras={"keys": trace})
-
-    @staticmethod
-    def intermediate_inputs(output: PermutationOutput, x: torch.Tensor) -> list[torch.Tensor]:
-        """``x_0 .. x_L``: the data ``(b, n, ...)`` after every half-permutation."""
-        return intermediate_inputs(output.steps, x)
-
-    @staticmethod
-    def intermediate_targets(output: PermutationOutput, target: torch.Tensor) -> list[torch.Tensor]:
-        """``t_0 .. t_L``: the sorted target fed back through the transposed steps."""
-        return intermediate_targets(output.steps, target)
+        return PermutationOutput(steps=steps, extras={"keys": trace}, intermediate=True)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {} if self._last is None else {"steps": self._last}

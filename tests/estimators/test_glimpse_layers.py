@@ -15,7 +15,6 @@ from estimators.layers.glimpse import (
     ReinforceGlimpse,
     SparseGlimpse,
     box_points,
-    saturated_fraction,
 )
 from estimators.plugins.bilinear import BilinearEstimator, register_estimators
 from estimators.sparse import glimpse_means, sample_indices
@@ -73,12 +72,6 @@ def test_box_points_span_the_corners() -> None:
     assert pts[0, :, 0, 0].tolist() == pytest.approx(np.linspace(-1, 3, 4).tolist())  # rows vary
     assert pts[0, 0, :, 1].tolist() == pytest.approx(np.linspace(-2, 4, 4).tolist())  # cols vary
     assert box_points(corners, 1)[0, 0, 0].tolist() == [1.0, 1.0]  # one point: the centre
-
-
-def test_saturated_fraction() -> None:
-    z = torch.tensor([0.0, 5.9, -6.1, 7.0, -100.0, 1.0, 2.0, 6.0])
-    assert saturated_fraction(z) == pytest.approx(3 / 8)
-    assert saturated_fraction(z, threshold=1.5) == pytest.approx(6 / 8)
 
 
 def _reference_pixels(z: np.ndarray, size: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:

@@ -128,8 +128,9 @@ def test_quicksort_layer_steps_and_intermediate_loss():
     out = layer(keys, generator=gen("cpu"))
     assert len(out.steps) == 3 and out.extras["keys"].shape == (5, 4, 8)
     target = torch.stack([x[b, keys[b].argsort()] for b in range(5)])
-    xs = layer.intermediate_inputs(out, x)
-    ts = layer.intermediate_targets(out, target)
+    assert out.intermediate
+    xs = out.intermediate_inputs(x)
+    ts = out.intermediate_targets(target)
     assert len(xs) == len(ts) == 4
     torch.testing.assert_close(ts[-1], target)
     torch.testing.assert_close(xs[-1], torch.einsum("bij,bjf->bif", out.matrix, x))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from harness import plugins
@@ -118,3 +120,134 @@ def test_list_shows_cells_and_na_reasons(capsys):
     out = capsys.readouterr().out
     assert "attention" in out and "gumbel_sinkhorn" in out
     assert "n/a" in out
+
+
+# ---- strict loading: what a plugin author gets wrong first ---------------------------------------
+
+TWO_LINE_ESTIMATOR = """
+from estimators.base import Estimator, hookimpl
+from estimators.plugins.dense import DenseEstimator
+
+
+class Mine(DenseEstimator):
+    name = "mine"
+"""
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (
+            TWO_LINE_ESTIMATOR + "@hookimpl\ndef register_estimator(register):\n    register(Mine())\n",
+            "plugin 'sb_typo' (module sb_typo) implements unknown hook 'register_estimator'; "
+            "did you mean 'register_estimators'?",
+        ),
+        (
+            TWO_LINE_ESTIMATOR + "def register_estimators(register):\n    register(Mine())\n",
+            "plugin 'sb_typo' (module sb_typo) defines register_estimators() without @hookimpl, "
+            "so it would never be called",
+        ),
+        (
+            TWO_LINE_ESTIMATOR + "def register_estimator(register):\n    register(Mine())\n",
+            "defines register_estimator() without @hookimpl, so it would never be called; decorate "
+            "it with `from estimators.base import hookimpl` (and did you mean 'register_estimators'?)",
+        ),
+    ],
+    ids=["misspelt-hook", "unmarked-hook", "unmarked-and-misspelt"],
+)
+def test_hook_mistakes_are_errors_naming_the_plugin(plugin_dir, home, capsys, source, message):
+    plugin_dir("sb_typo", source)
+    assert main(["list", "--plugin", "sb_typo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert message in err
+
+
+def test_a_helper_function_is_not_mistaken_for_a_hook(plugin_dir):
+    plugin_dir("sb_helper", TWO_LINE_ESTIMATOR + "def build_layers():\n    return []\n"
+               "@hookimpl\ndef register_estimators(register):\n    register(Mine())\n")
+    assert "mine" in plugins.load(["sb_helper"]).estimators
+
+
+def test_plugin_option_finds_modules_in_the_working_folder(tmp_path, monkeypatch, home, capsys):
+    """The console script does not put the working folder on sys.path; --plugin does."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "sb_local_estimator.py").write_text(
+        TWO_LINE_ESTIMATOR + "@hookimpl\ndef register_estimators(register):\n    register(Mine())\n"
+    )
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr("sys.path", [p for p in sys.path if p not in ("", ".", str(folder))])
+    try:
+        assert main(["plugins", "--plugin", "sb_local_estimator"]) == 0
+        assert "estimator:mine" in capsys.readouterr().out
+    finally:
+        sys.modules.pop("sb_local_estimator", None)
+
+
+def test_a_module_loaded_twice_is_one_line_and_loaded_once(installed, home, capsys):
+    assert main(["plugins", "--plugin", "sb_half"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        "sparsebench: warning: plugin 'sb_half' (module sb_half) is the module already loaded as "
+        "plugin 'half' (sb-half 1.2.3); loaded once"
+    )
+    assert captured.out.count("estimator:half") == 1
+
+
+BROKEN_INSTALLED = "raise RuntimeError('this release is broken')\n"
+
+
+@pytest.fixture
+def broken_installed(plugin_dir):
+    """An installed distribution 'sb-broken 0.3' whose entry point 'broken' fails on import."""
+    folder = plugin_dir("sb_broken_dist", BROKEN_INSTALLED)
+    info = folder / "sb_broken-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sb-broken\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text("[sparsebench]\nbroken = sb_broken_dist\n")
+    return folder
+
+
+@pytest.mark.parametrize("command", [["plugins"], ["list"], ["report"], ["check-plugin", "dense"]])
+def test_a_broken_installed_plugin_says_how_to_switch_it_off(broken_installed, home, capsys, command):
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "sparsebench: error: plugin 'broken' (sb-broken 0.3, sb_broken_dist) failed to load: "
+        "RuntimeError: this release is broken; switch it off with -p no:broken or "
+        "SPARSEBENCH_DISABLE_PLUGINS=broken"
+    )
+
+
+@pytest.mark.parametrize(
+    "how",
+    [["-p", "no:broken"], ["--plugin", "no:sb-broken"], "SPARSEBENCH_DISABLE_PLUGINS", "SPARSEBENCH_PLUGINS"],
+    ids=["-p no:name", "--plugin no:distribution", "disable-env-var", "plugins-env-var"],
+)
+def test_a_switched_off_plugin_is_never_loaded(broken_installed, home, capsys, monkeypatch, how):
+    if isinstance(how, str):
+        monkeypatch.setenv(how, "no:broken" if how == "SPARSEBENCH_PLUGINS" else "broken")
+        how = []
+    assert main(["plugins", *how]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "broken" in line)
+    assert "switched off" in row
+    assert "sb_broken_dist" not in sys.modules
+    assert main(["list", "--task", "identity", "--estimator", "dense", *how]) == 0
+
+
+def test_switching_off_an_unknown_name_is_a_warning(home, capsys):
+    assert main(["plugins", "-p", "no:nosuchplugin"]) == 0
+    assert capsys.readouterr().err.strip() == (
+        "sparsebench: warning: no plugin named 'nosuchplugin' to switch off (see `sparsebench plugins`)"
+    )
+
+
+def test_plugins_lists_the_code_each_plugin_runs(installed, third_party, capsys):
+    assert main(["plugins", "--plugin", third_party]) == 0
+    out = capsys.readouterr().out
+    half = next(line for line in out.splitlines() if "estimator:half" in line)
+    assert "sb-half 1.2.3" in half.split("│")[3]  # an installed release: its version alone
+    mine = next(line for line in out.splitlines() if "estimator:scaled" in line)
+    assert "module sb_third_party src:" in mine  # a plain module: a hash of its sources

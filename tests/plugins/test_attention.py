@@ -20,7 +20,13 @@ from estimators.plugins.reinforce import ReinforceEstimator
 from estimators.plugins.sparse import SparseEstimator
 from harness.errors import UsageError
 from harness.task import CellSetup, Task, TaskRun
-from plugins.attention import AttentionModel, AttentionTask, per_sample_loss, register_tasks
+from plugins.attention import (
+    AttentionModel,
+    AttentionTask,
+    per_sample_loss,
+    register_tasks,
+    saturated_fraction,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -182,6 +188,12 @@ def test_layers_are_trained_with_the_model(cache_dir: Path) -> None:
     names = {name for name, _ in run.model.named_parameters()}
     assert {"layer.core.values", "layer.core.sigmas_raw"} <= names
     assert isinstance(run.model.layer, SparseGlimpse)
+
+
+def test_saturated_fraction() -> None:
+    z = torch.tensor([0.0, 5.9, -6.1, 7.0, -100.0, 1.0, 2.0, 6.0])
+    assert saturated_fraction(z) == pytest.approx(3 / 8)
+    assert saturated_fraction(z, threshold=1.5) == pytest.approx(6 / 8)
 
 
 def test_collapse_is_detected_on_a_saturated_box(cache_dir: Path) -> None:

@@ -249,7 +249,7 @@ def test_intermediate_loss_sums_every_step_and_vanishes_for_correct_keys() -> No
     target, _ = sorted_targets(x, values)
     out = layer(values.float())
     loss, final = sorting_loss(layer, out, x, target, intermediate=True)
-    xs = layer.intermediate_inputs(out, x)
+    xs = out.intermediate_inputs(x)
     assert len(xs) == 4  # x_0 .. x_{log2 8}
     torch.testing.assert_close(xs[-1], target)
     torch.testing.assert_close(loss, 4 * instance_bce(target, target))

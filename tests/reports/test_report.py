@@ -16,9 +16,9 @@ import plugins.attention_figures
 import plugins.identity_figures
 import plugins.sorting_figures
 from harness import hookspecs
-from harness.errors import UsageError
 from plugins.sorting_literature import selected_cells
 from reports.build import REPORTS_EXPERIMENT, build_report
+from reports.errors import ReportError
 from reports.figure import Figure, ReportResult
 from reports.frame import display_uri, read_store
 from reports.tables import best_sweeps, matrix_summary
@@ -190,18 +190,18 @@ def test_partial_matrix_gives_no_runs_yet_entries(
 
 def test_absent_store_is_a_usage_error_naming_it(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "mlflow.db"
-    with pytest.raises(UsageError, match=f"no tracking store at sqlite:///{missing}"):
+    with pytest.raises(ReportError, match=f"no tracking store at sqlite:///{missing}"):
         build_report(f"sqlite:///{missing}", None, tmp_path / "out", registered_figures())
     assert not missing.exists() and not (tmp_path / "out").exists()
 
 
 def test_store_without_cells_is_a_usage_error(layout_store, empty_store, tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match=r"mlflow\.db holds no sparsebench cell runs "
+    with pytest.raises(ReportError, match=r"mlflow\.db holds no sparsebench cell runs "
                                          r"\(searched: sparsebench-empty\)"):
         build_report(layout_store.uri, ["sparsebench-empty"], tmp_path, registered_figures())
-    with pytest.raises(UsageError, match=r"experiment\(s\) 'nope' not in the tracking store"):
+    with pytest.raises(ReportError, match=r"experiment\(s\) 'nope' not in the tracking store"):
         build_report(layout_store.uri, ["nope"], tmp_path, registered_figures())
-    with pytest.raises(UsageError, match="holds no sparsebench cell runs"):
+    with pytest.raises(ReportError, match="holds no sparsebench cell runs"):
         build_report(empty_store.uri, None, tmp_path / "out", registered_figures())
 
 
