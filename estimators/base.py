@@ -62,8 +62,13 @@ class PermutationSpec:
     """An ``n x n`` permutation, either computed from per-item keys or learned as free parameters.
 
     Layer contract:
-    - ``source="keys"``: ``forward(keys: (b, n)) -> PermutationOutput``, the permutation that sorts
-      the keys ascending.
+    - ``source="keys"``: the task scores every item with a network and hands the scores to
+      ``forward``, which returns a ``PermutationOutput`` that sorts the items ascending. How many
+      scores per item the layer reads is the layer's ``scores_per_item`` (see ``StructureLayer``):
+      1 (the default): ``forward(keys: (b, n))``, the permutation that sorts the keys (quicksort,
+      NeuralSort, Plackett-Luce); ``n``: ``forward(scores: (b, n, n))`` with ``scores[:, j, k]``
+      item ``j``'s score for output position ``k`` (Gumbel-Sinkhorn as Mena et al. 2018). The task
+      reads the attribute from the built layer and sizes its network's head to match.
     - ``source="free"``: ``forward(batch_size: int) -> PermutationOutput``, one (noisy) permutation
       per instance from learned logits.
     In ``eval()`` mode the matrices are hard permutations.
@@ -159,10 +164,16 @@ class StructureLayer(nn.Module):
       *detached* losses: the gradient of the result with respect to ``per_sample_loss`` must stay
       the mean's (``1/b`` each), so the task's own networks train alike under every estimator.
     - ``snapshot()``: tensors worth logging as an artifact at set steps (means, sigmas, samples).
+    - ``scores_per_item`` (``permutation`` kind, ``source="keys"``): how many scores per item
+      ``forward`` reads, 1 (a scalar key, the default) or the spec's ``n`` (one score per output
+      position). Set it in ``__init__``; tasks size their scoring network's head by it, so one
+      task serves key-based and position-scoring estimators alike.
 
     Register every tensor the layer keeps as a parameter or buffer, so ``.to(device)`` moves it
     and ``state_dict()`` checkpoints it.
     """
+
+    scores_per_item: int = 1
 
     def objective(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
         return per_sample_loss.mean()

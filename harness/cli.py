@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
         "(default 5; an owner on this host whose pid has exited is gone at once)",
     )
     matrix = _Parser(add_help=False)
-    matrix.add_argument("--preset", default="quick", help="shipped preset: quick or paper")
+    matrix.add_argument("--preset", default="quick", help="shipped preset: quick, paper or neuralsort")
     matrix.add_argument("--config", type=Path, default=None, help="TOML file merged over the preset")
     matrix.add_argument(
         "--set",

@@ -6,7 +6,8 @@ result one readable line, so a plugin author learns what breaks before a matrix 
 For an estimator, on a small spec of every structure kind (and of the kinds it does not claim):
 registration fields and defaults, ``check(defaults)``, ``unsupported()`` agreeing with
 ``build()``; then for every layer it builds, on every device present: forward shapes, finite
-gradients reaching its parameters (or the keys and boxes it is fed), ``objective()`` per the
+gradients reaching its parameters (or the keys, scores and boxes it is fed; a permutation layer
+with ``scores_per_item = n`` gets ``n`` scores per item), ``objective()`` per the
 contract, a deterministic ``eval()``, registered tensors and a ``state_dict`` that rebuilds it;
 finally a few real training steps on every built-in task it can serve (``Task.smoke`` sizes).
 For a task: registration fields, ``check``, ``spec`` for each kind, and the same training steps
@@ -239,10 +240,12 @@ class _Inputs:
     """A batch of ``BATCH`` inputs for a spec's layer."""
 
     args: tuple[Any, ...]
-    differentiable: torch.Tensor | None  # keys or boxes, whose gradient must be finite and nonzero
+    differentiable: torch.Tensor | None  # keys, scores or boxes, whose gradient must be finite and nonzero
+
+    keys: torch.Tensor | None = None  # the keys a permutation must sort ascending in eval()
 
     @staticmethod
-    def make(spec: Spec, device: torch.device) -> _Inputs:
+    def make(spec: Spec, device: torch.device, scores_per_item: int = 1) -> _Inputs:
         gen = torch.Generator().manual_seed(1)
         if isinstance(spec, SparseMatrixSpec):
             x = torch.randn(BATCH, *spec.in_shape, generator=gen).to(device)
@@ -252,8 +255,17 @@ class _Inputs:
                 return _Inputs((BATCH,), None)
             # distinct keys, well apart: the hard sort in eval() is unambiguous
             keys = torch.stack([torch.randperm(spec.n, generator=gen) for _ in range(BATCH)]).float()
-            keys = (keys + 0.1 * torch.rand(keys.shape, generator=gen)).to(device).requires_grad_()
-            return _Inputs((keys,), keys)
+            keys = (keys + 0.1 * torch.rand(keys.shape, generator=gen)).to(device)
+            if scores_per_item == 1:
+                keys.requires_grad_()
+                return _Inputs((keys,), keys, keys)
+            # one score per output position, peaked at each item's rank: item j at position k
+            # scores -(rank_j - k)^2, so the best assignment sorts the keys
+            ranks = keys.argsort(-1).argsort(-1).float()  # (b, n)
+            positions = torch.arange(spec.n, device=device, dtype=torch.float32)
+            scores = -(ranks.unsqueeze(-1) - positions).pow(2)  # (b, n, n)
+            scores.requires_grad_()
+            return _Inputs((scores,), scores, keys)
         c, h, w = spec.image_shape
         images = torch.rand(BATCH, c, h, w, generator=gen).to(device)
         boxes = (0.5 * torch.randn(BATCH, spec.glimpses, 4, generator=gen)).to(device).requires_grad_()
@@ -324,7 +336,7 @@ class _LayerChecks:
     def train_pass(self) -> str:
         """Two training steps' worth of forward, ``objective`` and backward."""
         layer = self.build().train()
-        inputs = _Inputs.make(self.spec, self.device)
+        inputs = _Inputs.make(self.spec, self.device, layer.scores_per_item)
         for _ in range(2):
             with _seeded(3):
                 out = _output_tensor(self.spec, layer(*inputs.args))
@@ -377,7 +389,7 @@ class _LayerChecks:
 
     def eval_pass(self) -> str:
         layer = self.build().eval()
-        inputs = _Inputs.make(self.spec, self.device)
+        inputs = _Inputs.make(self.spec, self.device, layer.scores_per_item)
         with torch.no_grad():
             with _seeded(4):
                 first = _output_tensor(self.spec, layer(*inputs.args))
@@ -399,9 +411,9 @@ class _LayerChecks:
         ones = torch.ones(matrix.shape[:-1], device=matrix.device, dtype=matrix.dtype)
         if not (binary and torch.equal(matrix.sum(-1), ones) and torch.equal(matrix.sum(-2), ones)):
             raise _Failed("eval() matrices are not hard permutations")
-        if inputs.differentiable is None:
+        if inputs.keys is None:
             return ", hard permutations"
-        keys = inputs.differentiable.detach()
+        keys = inputs.keys.detach()
         ordered = (matrix @ keys.unsqueeze(-1)).squeeze(-1)  # (b, n)
         if not (ordered[:, 1:] >= ordered[:, :-1]).all():
             raise _Failed("eval() permutation does not sort the keys ascending")
@@ -426,7 +438,7 @@ class _LayerChecks:
 
     def state(self) -> str:
         trained = self.build(seed=0).train()
-        inputs = _Inputs.make(self.spec, self.device)
+        inputs = _Inputs.make(self.spec, self.device, trained.scores_per_item)
         with _seeded(8):  # one plain SGD step, so that parameters and buffers leave their start
             out = _output_tensor(self.spec, trained(*inputs.args))
         task_weight = torch.ones((), device=self.device, requires_grad=True)

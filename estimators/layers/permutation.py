@@ -19,7 +19,7 @@ from torch import nn
 from estimators.base import PermutationOutput, PermutationSpec, StructureLayer
 from estimators.layers.neuralsort import neuralsort, sort_matrix
 from estimators.layers.plackett_luce import perm_matrix, plackett_luce_log_prob, plackett_luce_sample
-from estimators.layers.sinkhorn import gumbel_sinkhorn, hungarian, keys_log_alpha
+from estimators.layers.sinkhorn import gumbel_sinkhorn, hungarian
 from estimators.sparse.quicksort import quicksort
 
 __all__ = ["GumbelSinkhornLayer", "NeuralSortLayer", "PlackettLuceLayer", "QuicksortLayer"]
@@ -86,11 +86,16 @@ class QuicksortLayer(StructureLayer):
 
 
 class GumbelSinkhornLayer(StructureLayer):
-    """Gumbel-Sinkhorn (Mena et al. 2018) from keys or from learned ``n x n`` logits.
+    """Gumbel-Sinkhorn (Mena et al. 2018) from per-item scores or from learned ``n x n`` logits.
 
-    ``source="keys"`` scores with ``keys_log_alpha`` (its assignment is the ascending sort);
-    ``source="free"`` learns the logits and ``forward(batch_size)`` draws one noisy matrix per
-    instance. ``eval()``: the Hungarian solution of the noiseless scores.
+    ``source="keys"``: as Mena et al.'s networks, the task's network gives every item ``n`` scores,
+    one per output position (``scores_per_item = n``); ``forward(scores: (b, n, n))`` with
+    ``scores[:, j, k]`` item ``j``'s score for position ``k``. Mena et al.'s operator runs on that
+    item-major matrix (rows first, as ``google/gumbel_sinkhorn``'s ``sinkhorn_ops.py``) and the
+    result is transposed into this package's convention ``x_sorted = P @ x`` (rows = positions);
+    Mena et al. normalise the item-major columns last, so every output row sums to 1 exactly.
+    ``source="free"`` learns the position-major logits and ``forward(batch_size)`` draws one noisy
+    matrix per instance. ``eval()``: the Hungarian solution of the noiseless scores.
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class GumbelSinkhornLayer(StructureLayer):
             iterations,
             noise,
         )
+        self.scores_per_item = spec.n if spec.source == "keys" else 1
         # small random logits break the symmetry of an all-zero start when noise is 0
         self.logits = (
             nn.Parameter(0.01 * torch.randn(spec.n, spec.n)) if spec.source == "free" else None
@@ -126,28 +132,34 @@ class GumbelSinkhornLayer(StructureLayer):
         self, inputs: torch.Tensor | int, generator: torch.Generator | None = None
     ) -> PermutationOutput:
         if self.logits is None:
-            if not isinstance(inputs, torch.Tensor):
-                raise TypeError("GumbelSinkhornLayer(source='keys') takes a (batch, n) key tensor")
-            _check_keys(inputs, self.spec.n)
-            log_alpha = keys_log_alpha(inputs)  # (b, n, n)
+            n = self.spec.n
+            if not isinstance(inputs, torch.Tensor) or inputs.dim() != 3 or inputs.shape[1:] != (n, n):
+                got = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else inputs
+                raise ValueError(
+                    f"GumbelSinkhornLayer(source='keys') takes scores of shape (batch, {n}, {n}): "
+                    f"{n} per item, one per output position; got {got!r}"
+                )
+            item_major, transpose = inputs, True  # (b, n items, n positions)
         else:
             if isinstance(inputs, torch.Tensor) or inputs < 1:
                 raise TypeError(
                     f"GumbelSinkhornLayer(source='free') takes a batch size, got {inputs!r}"
                 )
-            log_alpha = self.logits.expand(inputs, -1, -1)  # (b, n, n)
+            item_major, transpose = self.logits.expand(inputs, -1, -1), False  # position-major
         if self.training:
             matrix = gumbel_sinkhorn(
-                log_alpha,
+                item_major,
                 temperature=self.temperature,
                 iterations=self.iterations,
                 noise=self.noise,
                 generator=generator,
             )
         elif self.logits is None:
-            matrix = hungarian(log_alpha)
+            matrix = hungarian(item_major)
         else:  # one assignment serves every instance of the free permutation
             matrix = hungarian(self.logits.unsqueeze(0)).expand(inputs, -1, -1)
+        if transpose:
+            matrix = matrix.transpose(-1, -2)  # (b, positions, items)
         self._last = matrix[0].detach()
         return PermutationOutput(steps=[matrix])
 

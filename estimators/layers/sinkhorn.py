@@ -1,7 +1,9 @@
 """Gumbel-Sinkhorn relaxation of permutations and the Hungarian hard limit (Mena et al. 2018).
 
-Convention: ``x_sorted = P @ x`` with ``P`` ``(b, n, n)``; ``log_alpha[b, i, j]`` scores putting
-item ``j`` at output position ``i``.
+The functions are layout-agnostic: Sinkhorn normalises rows first, then columns, of whatever
+``(b, n, n)`` matrix it is given. ``GumbelSinkhornLayer`` feeds it Mena et al.'s item-major scores
+(row ``j``: item ``j``'s score for every position) and transposes the result into this package's
+``x_sorted = P @ x`` (rows = positions).
 
 Defaults follow the reference implementation (google/gumbel_sinkhorn, ``sinkhorn_ops.py``):
 ``gumbel_sinkhorn(temp=1.0, noise_factor=1.0, n_iters=20)``; its sorting experiment uses the same
@@ -16,9 +18,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from estimators.layers.neuralsort import neuralsort_logits
-
-__all__ = ["gumbel_noise", "gumbel_sinkhorn", "hungarian", "keys_log_alpha", "log_sinkhorn"]
+__all__ = ["gumbel_noise", "gumbel_sinkhorn", "hungarian", "log_sinkhorn"]
 
 
 def gumbel_noise(
@@ -37,9 +37,8 @@ def gumbel_noise(
 def log_sinkhorn(log_alpha: torch.Tensor, iterations: int = 20) -> torch.Tensor:
     """Alternating row and column normalisation in log space; ``(b, n, n)`` -> log of ``P``.
 
-    Rows first, as in the reference: on ``keys_log_alpha`` the first row normalisation yields
-    NeuralSort's matrix, already close to the balanced one. The returned columns sum to 1
-    exactly, the rows up to the remaining Sinkhorn error.
+    Rows first, as in the reference (``sinkhorn_ops.py``). The returned columns sum to 1 exactly,
+    the rows up to the remaining Sinkhorn error.
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
@@ -73,19 +72,6 @@ def gumbel_sinkhorn(
         )
         log_alpha = log_alpha + noise * g
     return log_sinkhorn(log_alpha / temperature, iterations).exp()
-
-
-def keys_log_alpha(keys: torch.Tensor) -> torch.Tensor:
-    """NeuralSort's ascending logits as scores: ``(2i - n - 1) key_j - sum_k |key_j - key_k|``.
-
-    By the rearrangement inequality ``sum_i (2i - n - 1) key_pi(i)`` is largest when ``pi`` lists
-    the keys in ascending order (uniquely for distinct keys), and the second term is constant per
-    column, so ``hungarian(keys_log_alpha(k))`` is the sort matrix of ``k``. The column term does
-    not move the Sinkhorn fixed point either, but it makes every row peak at its own rank
-    (Grover et al. 2019); the rank-one scores alone start every row on an extreme key, and 20
-    iterations then stay far from balanced. ``(b, n)`` -> ``(b, n, n)``.
-    """
-    return neuralsort_logits(keys)
 
 
 def hungarian(scores: torch.Tensor) -> torch.Tensor:

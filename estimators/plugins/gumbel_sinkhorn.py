@@ -2,7 +2,8 @@
 
 Log-space Sinkhorn over Gumbel-perturbed scores; the hard permutation at evaluation is the
 Hungarian solution (scipy's ``linear_sum_assignment``). On identity it learns ``n x n`` logits;
-on sorting it scores from the keys. It has no glimpse, so attention cells are n/a.
+on sorting it reads ``n`` scores per item (one per output position) from the task's network, as
+Mena et al.'s sorting networks do. It has no glimpse, so attention cells are n/a.
 """
 
 from __future__ import annotations

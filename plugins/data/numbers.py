@@ -15,7 +15,8 @@ equal to the i-th smallest. Without ties this is the paper's "exact argsort matc
 NeuralSort's per-element accuracy.
 
 Protocols: the paper sorts n = 4, 8, 16 three-digit numbers (``PAPER_PROTOCOL``); NeuralSort
-(Grover et al. 2019) sorts n = 3, 5, 7, 9, 15 four-digit numbers (``NEURALSORT_PROTOCOL``).
+(Grover et al. 2019) sorts n = 3, 5, 7, 9, 15 four-digit numbers (``NEURALSORT_PROTOCOL``) and
+tunes on a validation split of the training digits (``validation_split``).
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ from plugins.data.mnist import DataConfigError, DataError, DigitSet
 __all__ = [
     "NEURALSORT_PROTOCOL",
     "PAPER_PROTOCOL",
+    "VALIDATION_EVERY",
     "SortingProtocol",
+    "order_correct",
     "sorting_correct",
     "sorting_indices",
     "sorting_instances",
     "target_permutation",
+    "validation_split",
 ]
 
 _MAX_DIGITS = 18  # 10**18 - 1 still fits in int64
@@ -50,6 +54,7 @@ class SortingProtocol:
 
 PAPER_PROTOCOL = SortingProtocol("bloem2018", digits_per_number=3, sizes=(4, 8, 16))
 NEURALSORT_PROTOCOL = SortingProtocol("neuralsort", digits_per_number=4, sizes=(3, 5, 7, 9, 15))
+VALIDATION_EVERY = 6  # every 6th training digit is held out: 50k / 10k of MNIST's 60k
 
 
 def sorting_indices(
@@ -110,6 +115,34 @@ def sorting_correct(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Ten
         raise ValueError(
             f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must both be (count, n)"
         )
-    by_keys = values.gather(-1, torch.argsort(keys, dim=-1, stable=True))  # (count, n)
-    per_element = by_keys == values.sort(dim=-1).values  # (count, n)
+    return order_correct(torch.argsort(keys, dim=-1, stable=True), values)
+
+
+def order_correct(order: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sorting_correct`` for a predicted order: ``order[c, i]`` is the item put at position i.
+
+    For estimators that output a permutation rather than keys (Gumbel-Sinkhorn's Hungarian
+    matching). Returns ``all_correct`` (count,) and ``per_element_correct`` (count, n), bool.
+    """
+    if order.shape != values.shape or order.dim() != 2:
+        raise ValueError(
+            f"order {tuple(order.shape)} and values {tuple(values.shape)} must both be (count, n)"
+        )
+    by_order = values.gather(-1, order)  # (count, n)
+    per_element = by_order == values.sort(dim=-1).values  # (count, n)
     return per_element.all(dim=-1), per_element
+
+
+def validation_split(digits: DigitSet, every: int = VALIDATION_EVERY) -> tuple[DigitSet, DigitSet]:
+    """Hold out every ``every``-th digit of a training pool: (train, validation), disjoint.
+
+    NeuralSort's protocol tunes on a validation split of the MNIST training digits (Grover et al.
+    2019, appendix D: 50,000 / 10,000 / 10,000). Every 6th of the 60,000 training digits is
+    exactly 10,000; taking every k-th (not the last 10,000) keeps the classes balanced in pools
+    stored grouped by class, such as the embedded digits.
+    """
+    if every < 2:
+        raise DataConfigError(f"validation split every={every!r}: must be >= 2")
+    held = (torch.arange(len(digits)) % every == every - 1).to(digits.labels.device)  # (N,)
+    train = DigitSet(digits.images[~held], digits.labels[~held])
+    return train, DigitSet(digits.images[held], digits.labels[held])

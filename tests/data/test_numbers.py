@@ -9,10 +9,12 @@ from plugins.data.mnist import DataConfigError, DataError, DigitSet, MNISTSplits
 from plugins.data.numbers import (
     NEURALSORT_PROTOCOL,
     PAPER_PROTOCOL,
+    order_correct,
     sorting_correct,
     sorting_indices,
     sorting_instances,
     target_permutation,
+    validation_split,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -143,3 +145,28 @@ def test_bad_sizes_and_incomplete_pools_are_named(splits: MNISTSplits) -> None:
         sorting_indices(pool, 4, 4, 3, seed=0)
     with pytest.raises(ValueError, match="must both be"):
         sorting_correct(torch.zeros(2, 3), torch.zeros(2, 4, dtype=torch.int64))
+
+
+def test_order_correct_scores_a_predicted_order_as_sorting_correct_scores_keys() -> None:
+    g = torch.Generator().manual_seed(2)
+    values = torch.randint(0, 4, (200, 6), generator=g)  # ties
+    keys = values + torch.randn(200, 6, generator=g)
+    order = keys.argsort(dim=1, stable=True)
+    for got, want in zip(order_correct(order, values), sorting_correct(keys, values), strict=True):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="order .* must both be"):
+        order_correct(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 4, dtype=torch.int64))
+
+
+def test_validation_split_holds_out_every_sixth_digit(splits: MNISTSplits) -> None:
+    train, val = validation_split(splits.train)
+    assert (len(train), len(val)) == (4000 - 4000 // 6, 4000 // 6)
+    torch.testing.assert_close(val.images, splits.train.images[5::6])
+    torch.testing.assert_close(val.labels, splits.train.labels[5::6])
+    keep = torch.arange(4000) % 6 != 5
+    torch.testing.assert_close(train.images, splits.train.images[keep])
+    # the embedded pool is stored by class: every class is held out in proportion
+    counts = torch.bincount(val.labels, minlength=10)
+    assert counts.min() >= 400 // 6 and counts.max() <= 400 // 6 + 1
+    with pytest.raises(DataConfigError, match="every=1"):
+        validation_split(splits.train, every=1)

