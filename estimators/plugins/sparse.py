@@ -36,8 +36,12 @@ class SparseEstimator(Estimator):
         "tau": 0.1,  # floor added to sigma (footnote 2)
         "chunk": 0,  # continuous tuples per gradient-accumulation pass; 0 = all at once
         # sparse_matrix: "pooled" spreads each tuple over all k tuples' samples (Algorithm 1 as
-        # written, O(b k^2 s)); "tuple" over its own samples only (O(b k s), for very large k).
+        # written); "tuple" over its own samples only (O(b k s), for very large k).
         "normalise": "pooled",
+        # the form of pooled: "truncated" evaluates only the pairs within a cut-off, neglecting
+        # less than `tail` of each tuple's weight; "all_pairs" is the exact O(b k^2 s) reference.
+        "pooled": "truncated",
+        "tail": 1e-6,
         # sparse_matrix: values fixed at 1, only the structure learned (the original identity
         # runs); with learned values the layer finds cancelling +/- pairs that rounding breaks.
         "fix_values": True,
@@ -46,7 +50,10 @@ class SparseEstimator(Estimator):
         "samples": 0,  # quicksort: sampled half-permutations per step; 0 = n
     }
 
-    choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {"normalise": ("pooled", "tuple")}
+    choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {
+        "normalise": ("pooled", "tuple"),
+        "pooled": ("truncated", "all_pairs"),
+    }
 
     def unsupported(self, spec: Spec, params: Mapping[str, Any] | None = None) -> str | None:
         if isinstance(spec, PermutationSpec):
@@ -72,6 +79,8 @@ class SparseEstimator(Estimator):
                 region=region,
                 tau=p["tau"],
                 normalise=p["normalise"],
+                pooled=p["pooled"],
+                tail=p["tail"],
                 fix_values=p["fix_values"],
                 chunk=p["chunk"] or None,
             )

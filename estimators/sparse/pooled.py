@@ -1,0 +1,412 @@
+"""Pooled normalisation whose cost follows the pairs that matter: truncated Gaussian tails.
+
+Pooled normalisation (Algorithm 1 as written) gives every continuous tuple ``i`` of an instance a
+weight on every integer tuple ``j`` of the instance's pool (the ``P = k * s`` tuples sampled for all
+``k`` continuous tuples), ``w_ij = exp(l_ij) / Z_i`` with ``l_ij = -0.5 * sum_d (p_jd - mu_id)^2 /
+sigma_id`` and ``Z_i = sum_j exp(l_ij)`` over the distinct pool tuples. Evaluating all pairs costs
+``O(b * k * P)``; almost all of those weights are negligible once sigmas are small against the
+tensor. This module evaluates only the pairs within a cut-off of each tuple's mean.
+
+The bound. Let ``L_i`` be the largest ``l_ij`` over tuple ``i``'s *own* samples. They lie in the
+pool, so ``Z_i >= exp(L_i)``. Keep every pool tuple with ``l_ij >= L_i - T``; each neglected one has
+``exp(l_ij) < exp(L_i - T)`` and there are fewer than ``P`` of them, so the neglected share of tuple
+``i``'s weight is ``delta_i < P * exp(-T)``. Choosing ``T = ln P + ln(1 / tail)`` gives
+``delta_i < tail`` for every tuple, hence below ``tail`` of the total ``sum_i |nu_i|`` too. The kept
+weights are renormalised over the kept pairs (a softmax per tuple), which moves them by
+``sum_j |w~_ij - w_ij| = 2 delta_i``: the pooled values ``nu'`` change by at most
+``2 * tail * sum_i |nu_i|`` in L1, and ``y = W x`` by at most that times ``max |x|``.
+
+The search. ``l_ij >= L_i - T`` is an ellipsoid ``sum_d (p_jd - mu_id)^2 / sigma_id <= 2T - 2L_i``;
+the axis-aligned box ``|p_d - mu_d| <= sqrt(sigma_d * (2T - 2L_i))`` holds it, widened to hold the
+tuple's best own sample, so a neighbourhood is never empty (at worst a tuple keeps its own sample).
+Pool tuples are made unique (duplicates carry no weight in Algorithm 1 beyond their first
+occurrence) and sorted by a key in which every box is a union of contiguous key ranges: the learned
+dimensions but the last are cut into blocks of ``H_d`` indices, and the key orders by instance,
+blocks, the last learned dimension, the offsets inside the blocks, then the fixed (not learned)
+dimensions, which carry no density. For each tuple and each block its box touches, one
+``searchsorted`` pair finds the range; the pairs found (a superset of the box: extra pairs only make
+the result more exact) are evaluated one dimension at a time over contiguous arrays, and the
+per-tuple softmax runs as segment max and sum with scatter. Cost and memory are
+``O(pairs + queries)``, linear in ``k`` for fixed sigmas relative to the tensor's size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_TAIL",
+    "NeighbourPool",
+    "Tiles",
+    "log_gap",
+    "max_group",
+    "neighbour_tiles",
+    "neighbour_pool",
+    "truncated_pooled_values",
+]
+
+#: The default bound on the share of each tuple's pooled weight that truncation may neglect.
+DEFAULT_TAIL = 1e-6
+
+# Keys are int64: keep the key space of one group of instances below this.
+_MAX_KEY = 2**62
+# Costs in units of one evaluated pair, used to pick block and tile sizes (measured on CPU for the
+# identity shape; the optimum is flat around them): one range query (two binary searches and
+# its bookkeeping) and one tile (its gathers and segment bookkeeping).
+_QUERY_COST = 8.0
+_TILE_COST = 6.0
+_WIDTHS = (4, 8, 16, 32, 64, 128, 256)
+# Log weights (relative to the tuple's best own sample) are clamped here before exp: pairs in a
+# block's overhang can lie so far out that exp underflows into slow denormals; clamped, their
+# weight stays below e^-80 of the best one, far under any tail bound.
+_FLOOR = -80.0
+
+
+def log_gap(pool_size: int, tail: float) -> float:
+    """``T = ln P + ln(1 / tail)``: pairs more than ``T`` below a tuple's best own sample in log
+    weight hold, together, less than ``tail`` of that tuple's weight (see the module docstring)."""
+    if not 0 < tail < 1:
+        raise ValueError(f"tail must be in (0, 1), got {tail}")
+    return math.log(max(pool_size, 1)) - math.log(tail)
+
+
+@dataclass(frozen=True)
+class NeighbourPool:
+    """The distinct integer tuples of a batch's pool, sorted so that boxes are key ranges.
+
+    ``keys (U,)`` sorted int64 (instance first, so each instance's tuples are contiguous);
+    ``per_instance (b,)`` how many belong to each instance; ``coords (q, U)`` their learned
+    coordinates (the means' dtype); ``rows``/``cols (U,)`` their flat output/input index with the
+    instance folded in (``instance * prod(out) + row``). ``lo``/``hi (b, k, q)`` int64: the
+    inclusive box of every continuous tuple over the learned dimensions; ``best (b, k)`` float64:
+    the log weight of its best own sample. ``block`` the block size per enumerated dimension,
+    ``radix`` the key's digit sizes (instance first), ``inner`` the key span of one (blocks,
+    last-dimension) cell.
+    """
+
+    keys: Tensor
+    per_instance: Tensor
+    coords: Tensor
+    rows: Tensor
+    cols: Tensor
+    lo: Tensor
+    hi: Tensor
+    best: Tensor
+    block: tuple[int, ...]
+    radix: tuple[int, ...]
+    inner: int
+
+
+@torch.no_grad()
+def neighbour_pool(
+    indices: Tensor,
+    means: Tensor,
+    sigmas: Tensor,
+    shape: Sequence[int],
+    in_shape: Sequence[int],
+    learned: Sequence[int],
+    tail: float,
+) -> NeighbourPool:
+    """Boxes for every tuple and the sorted distinct pool, for ``neighbour_tiles``.
+
+    indices ``(b, k, s, r)`` int64 (each tuple's own samples; together the pool), means and sigmas
+    ``(b, k, r)`` in index space (sigmas are variances); ``learned`` the dimensions with a density.
+    The keys of the ``b`` instances must fit in int64 (``max_group``).
+    """
+    b, k, s, r = indices.shape
+    learned = tuple(learned)
+    fixed = tuple(d for d in range(r) if d not in learned)
+    sizes = [shape[d] for d in learned]
+    gap = log_gap(k * s, tail)
+
+    # L_i: the best own sample, in float64 so that the bound holds up to float64 rounding; one
+    # dimension at a time (a reduction over a short innermost axis is slow)
+    mu = means.detach()[..., learned].double()  # (b, k, q)
+    inv = sigmas.detach()[..., learned].double().reciprocal()  # (b, k, q)
+    dist = indices.new_zeros((b, k, s), dtype=torch.float64)  # (b, k, s)
+    for e, d in enumerate(learned):
+        diff = indices[..., d] - mu[:, :, e, None]  # (b, k, s)
+        dist.addcmul_(diff.square_(), inv[:, :, e, None])
+    best_d, best = dist.min(-1)  # (b, k)
+    best_l = best_d.mul_(-0.5)  # (b, k)
+    best_pt = torch.stack([indices[..., d].gather(2, best[..., None]).squeeze(2) for d in learned], -1)
+    radius2 = (2 * gap - 2 * best_l).clamp(min=0)  # (b, k)
+    half = (radius2[..., None] / inv).sqrt()  # (b, k, q)
+    upper = mu.new_tensor(sizes) - 1  # (q,)
+    # clamp in float64 first: huge sigmas give widths that no int64 holds
+    lo = torch.minimum((mu - half).ceil().clamp(min=0), upper).long()  # (b, k, q)
+    hi = torch.minimum((mu + half).floor().clamp(min=0), upper).long()
+    lo, hi = torch.minimum(lo, best_pt), torch.maximum(hi, best_pt)  # never empty
+
+    block = _block_sizes(lo, hi, b * k * s, sizes)
+    radix = [b, *(-(-n // h) for n, h in zip(sizes[:-1], block, strict=True)), sizes[-1], *block]
+    radix += [shape[d] for d in fixed]
+    inner = math.prod(radix[len(sizes) + 1 :])
+
+    pool = indices.reshape(b * k * s, r)
+    inst = torch.arange(b, device=indices.device).repeat_interleave(k * s)  # (b*P,)
+    keys = _keys(inst, pool, learned, fixed, block, radix)  # (b*P,)
+    keys, inverse = torch.unique(keys, sorted=True, return_inverse=True)  # (U,), (b*P,)
+    first = torch.empty(len(keys), dtype=torch.long, device=keys.device)
+    first.scatter_(0, inverse, torch.arange(len(inverse), device=keys.device))  # one occurrence
+    points = pool.index_select(0, first).T  # (r, U)
+    owner = first // (k * s)  # (U,) instance
+    split = r - len(in_shape)
+    rows = owner * math.prod(shape[:split]) + _flat(points[:split], shape[:split])
+    cols = owner * math.prod(in_shape) + _flat(points[split:], shape[split:])
+    coords = torch.stack([points[d] for d in learned]).to(means.dtype)  # (q, U)
+    per_instance = torch.bincount(owner, minlength=b)  # (b,)
+    return NeighbourPool(
+        keys, per_instance, coords, rows, cols, lo, hi, best_l, tuple(block), tuple(radix), inner
+    )
+
+
+def _flat(points: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Row-major flat index of integer tuples ``(len(sizes), U)`` -> ``(U,)``."""
+    flat = torch.zeros(points.shape[1:], dtype=torch.long, device=points.device)
+    for d, size in enumerate(sizes):
+        flat = flat.mul_(size).add_(points[d])
+    return flat
+
+
+def _block_sizes(lo: Tensor, hi: Tensor, pool: int, sizes: Sequence[int]) -> list[int]:
+    """Block size per enumerated dimension (all learned dimensions but the last).
+
+    A box of width ``w`` along a dimension cut into blocks of ``H`` touches about ``w / H + 1``
+    blocks (one query each) and scans about ``w + H`` indices (pairs). With a query costing
+    ``_QUERY_COST`` pairs and ``rho`` pool tuples per box slice of unit width, the sum is smallest at
+    ``H = sqrt(_QUERY_COST * w / rho)``; ``rho`` is taken from the mean pool density.
+    """
+    q = len(sizes)
+    if q == 1:
+        return []
+    width = (hi - lo + 1).flatten(0, 1).T.double()  # (q, b*k)
+    w = width.median(1).values.tolist()  # one host sync per call
+    density = pool / (lo.shape[0] * math.prod(sizes))  # pool tuples per cell of one instance
+    out = []
+    for d in range(q - 1):
+        rho = max(density * math.prod(w[e] for e in range(q) if e != d), 1e-12)
+        h = math.sqrt(_QUERY_COST * w[d] / rho)
+        out.append(int(min(max(1, round(h)), sizes[d])))
+    return out
+
+
+def _keys(
+    inst: Tensor, pool: Tensor, learned: Sequence[int], fixed: Sequence[int],
+    block: Sequence[int], radix: Sequence[int],
+) -> Tensor:
+    """The sort key of integer tuples ``pool (..., r)`` of instances ``inst (...)``: instance,
+    blocks, the last learned dimension, offsets inside the blocks, fixed dimensions."""
+    digits = [inst]
+    digits += [pool[..., learned[d]] // h for d, h in enumerate(block)]
+    digits.append(pool[..., learned[-1]])
+    digits += [pool[..., learned[d]] % h for d, h in enumerate(block)]
+    digits += [pool[..., d] for d in fixed]
+    key = torch.zeros_like(inst)
+    for digit, size in zip(digits, radix, strict=True):
+        key = key.mul_(size).add_(digit)
+    return key
+
+
+def max_group(shape: Sequence[int], learned: Sequence[int]) -> int:
+    """The most instances whose keys fit in int64 together (at least 1): blocks can pad every
+    learned dimension but the last to at most twice its size."""
+    return max(1, _MAX_KEY // (math.prod(shape) * 2 ** max(len(learned) - 1, 0)))
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """The (tuple, pool tuple) pairs to evaluate, as whole rows of a tiled pool.
+
+    The distinct pool is laid out as ``coords (q, G, width)``: each instance's tuples contiguous
+    and padded to whole rows (``real (U,)`` is each tuple's slot). Tile ``c`` pairs tuple
+    ``tuple[c]`` (into the flattened ``(b, k')`` tuples) with every pool tuple in row ``row[c]``;
+    a tuple's rows are distinct and cover its box. Tiles come grouped by tuple, ``per_tuple
+    (b * k',)`` of them each (at least one). ``partial`` lists the tiles whose row ends in padding
+    and ``filled`` how many of its slots are real. A dense ``(tiles, width)`` layout keeps every
+    per-pair operation contiguous, with the tuple's parameters broadcast along the row.
+    """
+
+    row: Tensor
+    tuple: Tensor
+    per_tuple: Tensor
+    coords: Tensor
+    real: Tensor
+    partial: Tensor
+    filled: Tensor
+
+    @property
+    def width(self) -> int:
+        return self.coords.shape[-1]
+
+    @property
+    def slots(self) -> int:
+        """Pairs evaluated: tiles times width (all real pool tuples but the padding)."""
+        return len(self.row) * self.width
+
+
+@torch.no_grad()
+def neighbour_tiles(pool: NeighbourPool, tuples: slice | None = None) -> Tiles:
+    """The tiles of every tuple in the slice ``tuples`` of ``k`` (all when None): the rows of the
+    tiled pool that hold the distinct pool tuples in its box (a superset of the box)."""
+    lo, hi = pool.lo, pool.hi
+    if tuples is not None:
+        lo, hi = lo[:, tuples], hi[:, tuples]
+    b, k, q = lo.shape
+    dev = lo.device
+    lo, hi = lo.reshape(b * k, q), hi.reshape(b * k, q)
+    # one range query per (tuple, block its box touches); queries grouped by tuple, keys rising
+    block = torch.tensor(pool.block, dtype=torch.long, device=dev)  # (q-1,)
+    blo, bhi = lo[:, :-1] // block, hi[:, :-1] // block  # (b*k, q-1)
+    span = bhi - blo + 1
+    count = span.prod(-1)  # (b*k,) queries per tuple
+    owner = torch.repeat_interleave(count)  # (Q,) tuple of each query
+    inst = torch.div(owner, k, rounding_mode="floor")  # (Q,)
+    base = inst
+    if q > 1:
+        offset = torch.arange(len(owner), device=dev) - (count.cumsum(0) - count)[owner]
+        digits = []
+        for d in range(q - 2, -1, -1):  # mixed radix over the span; the last one varies fastest
+            sp = span[owner, d]
+            digits.append(blo[owner, d] + offset % sp)
+            offset = torch.div(offset, sp, rounding_mode="floor")
+        for d, digit in enumerate(reversed(digits)):
+            base = base * pool.radix[1 + d] + digit
+    base = base * pool.radix[q]
+    first = torch.searchsorted(pool.keys, (base + lo[owner, -1]) * pool.inner)  # (Q,)
+    found = torch.searchsorted(pool.keys, (base + hi[owner, -1] + 1) * pool.inner) - first
+
+    # tile the pool: each instance's tuples padded to whole rows of ``width``
+    width = _tile_width(first, found)
+    per_row = -(-pool.per_instance // width)  # (b,) rows per instance
+    shift = (per_row.cumsum(0) - per_row) * width - (pool.per_instance.cumsum(0) - pool.per_instance)
+    real = torch.arange(len(pool.keys), device=dev) + torch.repeat_interleave(
+        shift, pool.per_instance, output_size=len(pool.keys)
+    )  # (U,) slot of every pool tuple
+    rows = int(per_row.sum())
+    coords = pool.coords.new_zeros(pool.coords.shape[0], rows * width)
+    coords.index_copy_(1, real, pool.coords)
+    coords = coords.view(-1, rows, width)  # (q, G, width)
+
+    # the rows each query's range covers, then each tuple's distinct rows
+    start = first + shift[inst]
+    row0 = torch.div(start, width, rounding_mode="floor")
+    nrows = torch.where(found > 0, torch.div(start + found - 1, width, rounding_mode="floor") - row0 + 1, 0)
+    query = torch.repeat_interleave(nrows)  # (C,)
+    row = row0[query] + torch.arange(len(query), device=dev) - (nrows.cumsum(0) - nrows)[query]
+    tup = owner[query]
+    keep = torch.ones_like(row, dtype=torch.bool)
+    keep[1:] = (row[1:] != row[:-1]) | (tup[1:] != tup[:-1])  # rows rise within a tuple
+    row, tup = row[keep], tup[keep]
+    per_tuple = torch.bincount(tup, minlength=b * k)
+
+    # the last row of an instance may end in padding
+    filled_rows = torch.full((rows,), width, dtype=torch.long, device=dev)
+    last = per_row.cumsum(0) - 1
+    filled_rows[last] = pool.per_instance - (per_row - 1) * width
+    filled = filled_rows[row]
+    partial = (filled < width).nonzero().squeeze(1)
+    return Tiles(row, tup, per_tuple, coords, real, partial, filled[partial])
+
+
+def _tile_width(first: Tensor, found: Tensor, sample: int = 4096) -> int:
+    """The row width that minimises evaluated slots plus a fixed cost per tile, estimated on an
+    evenly spread sample of the queries (one host sync)."""
+    if not len(found):
+        return _WIDTHS[0]
+    if len(found) > sample:
+        pick = torch.linspace(0, len(found) - 1, sample, device=found.device).long()
+        first, found = first[pick], found[pick]
+    widths = torch.tensor(_WIDTHS, device=found.device)  # (W,)
+    lead = first[:, None] % widths  # (Q, W): where the range starts inside its first row
+    tiles = torch.where(found[:, None] > 0, (lead + found[:, None] - 1) // widths + 1, 0)
+    cost = (tiles * (widths + _TILE_COST)).sum(0)
+    return _WIDTHS[int(cost.argmin())]
+
+
+class _TruncatedPooled(torch.autograd.Function):
+    """``nu'_u = sum_i nu_i w_iu`` over the pairs in ``tiles``, with ``w`` a softmax per tuple.
+
+    Works on dense ``(tiles, width)`` arrays: pool coordinates are whole rows of the tiled pool,
+    tuple parameters broadcast along rows, sums per tuple are row sums then segment sums over the
+    tiles (grouped by tuple), and values go back with one row-wise ``index_add_``. Every step works
+    in place on a few buffers (two in forward, three more in backward): a fresh large tensor costs
+    more in page faults than the arithmetic on it. Backward recomputes the coordinate
+    differences. ``shift (T,)`` is the log weight of each tuple's best own sample, so every
+    normaliser is at least 1.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, tiles: Tiles, shift: Tensor, means: Tensor, sigmas: Tensor, values: Tensor,
+    ) -> Tensor:
+        # shift (T,); means, sigmas (T, q); values (T,) -> (U,)
+        coords, row, tup = tiles.coords, tiles.row, tiles.tuple
+        inv = sigmas.reciprocal()
+        mu, inv_t = means[tup], inv[tup]  # (C, q)
+        dist = coords[0].index_select(0, row).sub_(mu[:, :1]).square_().mul_(inv_t[:, :1])
+        buf = torch.empty_like(dist)  # (C, width)
+        for d in range(1, coords.shape[0]):  # dist = sum_d (p_d - mu_d)^2 / sigma_d
+            torch.index_select(coords[d], 0, row, out=buf).sub_(mu[:, d, None]).square_()
+            dist.addcmul_(buf, inv_t[:, d, None])
+        w = dist.mul_(-0.5).sub_(shift[tup, None])  # log weight over the best own sample
+        if w.numel() and w.max() > -_FLOOR:  # a pool tuple far better than the own samples
+            w.sub_(torch.segment_reduce(w.amax(1), "max", lengths=tiles.per_tuple)[tup, None])
+        w.clamp_(min=_FLOOR).exp_()
+        if len(tiles.partial):  # padding at the end of an instance: no weight
+            slots = torch.arange(tiles.width, device=w.device)
+            w[tiles.partial] = w[tiles.partial].masked_fill_(slots >= tiles.filled[:, None], 0.0)
+        norm = torch.segment_reduce(w.sum(1), "sum", lengths=tiles.per_tuple)  # (T,)
+        w.div_(norm[tup, None])
+        ctx.save_for_backward(means, inv, values, w)
+        ctx.tiles, ctx.buf = tiles, buf
+        nu = torch.zeros_like(coords[0]).index_add_(0, row, torch.mul(w, values[tup, None], out=buf))
+        return nu.view(-1)[tiles.real]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        means, inv, values, w = ctx.saved_tensors
+        tiles, term = ctx.tiles, ctx.buf  # term: the forward's scratch buffer
+        coords, row, tup, per_tuple = tiles.coords, tiles.row, tiles.tuple, tiles.per_tuple
+        spread = torch.zeros_like(coords[0])  # (G, width)
+        spread.view(-1)[tiles.real] = grad
+        g = spread.index_select(0, row)  # (C, width)
+        # d nu'/d nu_i = sum_u w_iu g_u; softmax: dl_iu = w_iu nu_i (g_u - sum_u' w_iu' g_u')
+        mean_g = torch.segment_reduce(torch.mul(w, g, out=term).sum(1), "sum", lengths=per_tuple)
+        grad_values = mean_g if ctx.needs_input_grad[4] else None
+        dl = g.sub_(mean_g[tup, None]).mul_(w).mul_(values[tup, None])  # (C, width)
+        grad_means = torch.empty_like(means) if ctx.needs_input_grad[2] else None
+        grad_sigmas = torch.empty_like(means) if ctx.needs_input_grad[3] else None
+        diff = torch.empty_like(w)
+        mu = means[tup]  # (C, q)
+        for d in range(coords.shape[0]):
+            torch.index_select(coords[d], 0, row, out=diff).sub_(mu[:, d, None])  # p - mu
+            torch.mul(dl, diff, out=term)  # dl * (p - mu)
+            if grad_means is not None:  # dl/dmu = (p - mu) / sigma
+                grad_means[:, d] = torch.segment_reduce(term.sum(1), "sum", lengths=per_tuple)
+                grad_means[:, d] *= inv[:, d]
+            if grad_sigmas is not None:  # dl/dsigma = (p - mu)^2 / (2 sigma^2)
+                term.mul_(diff)
+                grad_sigmas[:, d] = torch.segment_reduce(term.sum(1), "sum", lengths=per_tuple)
+                grad_sigmas[:, d] *= 0.5 * inv[:, d].square()
+        return None, None, grad_means, grad_sigmas, grad_values
+
+
+def truncated_pooled_values(
+    pool: NeighbourPool, tiles: Tiles, tuples: slice, means: Tensor, sigmas: Tensor,
+    values: Tensor, learned: Sequence[int],
+) -> Tensor:
+    """Pooled values ``(U,)`` over ``pool``'s distinct tuples from the tuples ``tuples`` of ``k``
+    that ``tiles`` were found for: means, sigmas ``(b, k', r)``, values ``(b, k')``."""
+    b, k, r = means.shape
+    learned = list(learned)
+    mu = means[..., learned].reshape(b * k, len(learned))  # (T, q)
+    sig = sigmas[..., learned].reshape(b * k, len(learned))  # (T, q)
+    shift = pool.best[:, tuples].reshape(b * k).to(means.dtype)  # (T,)
+    return _TruncatedPooled.apply(tiles, shift, mu, sig, values.reshape(b * k))
