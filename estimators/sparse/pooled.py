@@ -33,6 +33,8 @@ per-tuple softmax runs as segment max and sum with scatter. Cost and memory are
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,6 +49,7 @@ __all__ = [
     "max_group",
     "neighbour_tiles",
     "neighbour_pool",
+    "release_workspace",
     "truncated_pooled_values",
 ]
 
@@ -58,9 +61,12 @@ _MAX_KEY = 2**62
 # Costs in units of one evaluated pair, used to pick block and tile sizes (measured on CPU for the
 # identity shape; the optimum is flat around them): one range query (two binary searches and
 # its bookkeeping) and one tile (its gathers and segment bookkeeping).
-_QUERY_COST = 8.0
-_TILE_COST = 6.0
+_QUERY_COST = 24.0
+_TILE_COST = 16.0
 _WIDTHS = (4, 8, 16, 32, 64, 128, 256)
+# Range queries look up a table of cumulative counts while it has at most this many cells per
+# distinct pool tuple (a table costs a pass over its cells; a binary search ~100 ns per query).
+_TABLE_PER_KEY = 16
 # Log weights (relative to the tuple's best own sample) are clamped here before exp: pairs in a
 # block's overhang can lie so far out that exp underflows into slow denormals; clamped, their
 # weight stays below e^-80 of the best one, far under any tail bound.
@@ -84,9 +90,12 @@ class NeighbourPool:
     coordinates (the means' dtype); ``rows``/``cols (U,)`` their flat output/input index with the
     instance folded in (``instance * prod(out) + row``). ``lo``/``hi (b, k, q)`` int64: the
     inclusive box of every continuous tuple over the learned dimensions; ``best (b, k)`` float64:
-    the log weight of its best own sample. ``block`` the block size per enumerated dimension,
-    ``radix`` the key's digit sizes (instance first), ``inner`` the key span of one (blocks,
-    last-dimension) cell.
+    the log weight of its best own sample; ``mu``, ``inv (b, k, q)`` and ``radius2 (b, k)``
+    (float64) its mean, inverse variances and the squared radius of its ellipsoid. ``block`` the
+    block size per enumerated dimension, ``radix`` the key's digit sizes (instance first),
+    ``inner`` the key span of one (blocks, last-dimension) cell. ``peaked``: every best own sample
+    is the tuple's nearest integer tuple. ``table``: where small enough, the number of keys before
+    each cell (``locate``).
     """
 
     keys: Tensor
@@ -97,9 +106,21 @@ class NeighbourPool:
     lo: Tensor
     hi: Tensor
     best: Tensor
+    mu: Tensor
+    inv: Tensor
+    radius2: Tensor
+    peaked: bool
     block: tuple[int, ...]
     radix: tuple[int, ...]
     inner: int
+    table: Tensor | None
+
+    def locate(self, cells: Tensor) -> Tensor:
+        """The position in ``keys`` of the first key at or after each cell ``(Q,)``: a lookup in
+        the cumulative count of keys per cell where that table is small, else a binary search."""
+        if self.table is not None:
+            return _at(self.table, cells.clamp(max=len(self.table) - 1))
+        return torch.searchsorted(self.keys, cells * self.inner)
 
 
 @torch.no_grad()
@@ -133,7 +154,7 @@ def neighbour_pool(
         diff = indices[..., d] - mu[:, :, e, None]  # (b, k, s)
         dist.addcmul_(diff.square_(), inv[:, :, e, None])
     best_d, best = dist.min(-1)  # (b, k)
-    best_l = best_d.mul_(-0.5)  # (b, k)
+    best_l = best_d * -0.5  # (b, k)
     best_pt = torch.stack([indices[..., d].gather(2, best[..., None]).squeeze(2) for d in learned], -1)
     radius2 = (2 * gap - 2 * best_l).clamp(min=0)  # (b, k)
     half = (radius2[..., None] / inv).sqrt()  # (b, k, q)
@@ -149,7 +170,7 @@ def neighbour_pool(
     inner = math.prod(radix[len(sizes) + 1 :])
 
     pool = indices.reshape(b * k * s, r)
-    inst = torch.arange(b, device=indices.device).repeat_interleave(k * s)  # (b*P,)
+    inst = torch.arange(b, device=indices.device)[:, None].expand(b, k * s).flatten()  # (b*P,)
     keys = _keys(inst, pool, learned, fixed, block, radix)  # (b*P,)
     keys, inverse = torch.unique(keys, sorted=True, return_inverse=True)  # (U,), (b*P,)
     first = torch.empty(len(keys), dtype=torch.long, device=keys.device)
@@ -161,8 +182,21 @@ def neighbour_pool(
     cols = owner * math.prod(in_shape) + _flat(points[split:], shape[split:])
     coords = torch.stack([points[d] for d in learned]).to(means.dtype)  # (q, U)
     per_instance = torch.bincount(owner, minlength=b)  # (b,)
+    # the nearest integer tuple has the largest weight of all; when it is the best own sample
+    # (always, for samples from ``sample_indices``) no pool tuple outweighs the own samples
+    nearest = torch.minimum(mu.round().clamp(min=0), upper)  # (b, k, q)
+    peak = (nearest - mu).square_().mul_(inv).sum(-1)  # (b, k)
+    peaked = bool((best_d <= peak).all())
+    # the cumulative count of keys per (instance, blocks, last-dimension index) cell turns each
+    # range query into two lookups; worth it while the table is not much larger than the pool
+    cells = math.prod(radix[: len(sizes) + 1])
+    table = None
+    if cells <= _TABLE_PER_KEY * len(keys):
+        table = keys.new_zeros(cells + 1)
+        table[1:] = torch.bincount(keys // inner, minlength=cells).cumsum(0)
     return NeighbourPool(
-        keys, per_instance, coords, rows, cols, lo, hi, best_l, tuple(block), tuple(radix), inner
+        keys, per_instance, coords, rows, cols, lo, hi, best_l, mu, inv, radius2, peaked,
+        tuple(block), tuple(radix), inner, table,
     )
 
 
@@ -226,19 +260,24 @@ class Tiles:
     The distinct pool is laid out as ``coords (q, G, width)``: each instance's tuples contiguous
     and padded to whole rows (``real (U,)`` is each tuple's slot). Tile ``c`` pairs tuple
     ``tuple[c]`` (into the flattened ``(b, k')`` tuples) with every pool tuple in row ``row[c]``;
-    a tuple's rows are distinct and cover its box. Tiles come grouped by tuple, ``per_tuple
-    (b * k',)`` of them each (at least one). ``partial`` lists the tiles whose row ends in padding
-    and ``filled`` how many of its slots are real. A dense ``(tiles, width)`` layout keeps every
-    per-pair operation contiguous, with the tuple's parameters broadcast along the row.
+    a tuple's rows are distinct and cover its box; every tuple has at least one. Tiles come sorted
+    by row, ``row_start (G + 1,)`` marks where each row's tiles begin (a CSR structure), so pool
+    rows are read in order and the tiles sum into the pool with one sparse product; sums per tuple
+    are scatter-adds of row sums. ``partial`` lists the tiles whose row ends in padding and
+    ``filled`` how many of its slots are real. ``peaked``: every tuple's best own sample is its
+    nearest integer tuple, so no pool tuple outweighs it. A dense ``(tiles, width)`` layout keeps
+    every per-pair operation contiguous, with the tuple's parameters broadcast along the row.
     """
 
     row: Tensor
     tuple: Tensor
-    per_tuple: Tensor
+    tuples: int
     coords: Tensor
     real: Tensor
     partial: Tensor
     filled: Tensor
+    row_start: Tensor
+    peaked: bool
 
     @property
     def width(self) -> int:
@@ -249,17 +288,33 @@ class Tiles:
         """Pairs evaluated: tiles times width (all real pool tuples but the padding)."""
         return len(self.row) * self.width
 
+    def per_tuple(self, tiles: Tensor) -> Tensor:
+        """Sum per tuple: ``(C,)`` -> ``(T,)``."""
+        return tiles.new_zeros(self.tuples).index_add_(0, self.tuple, tiles)
+
+    def into_rows(self, scale: Tensor, tiles: Tensor) -> Tensor:
+        """``out[g] = sum over tiles c in row g of scale[c] * tiles[c]``: ``(C,), (C, width) ->
+        (G, width)``, one sparse-dense product."""
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product is not
+            warnings.simplefilter("ignore", UserWarning)
+            rows = torch.sparse_csr_tensor(
+                self.row_start, torch.arange(len(self.row), dtype=torch.int, device=scale.device),
+                scale,
+                size=(self.coords.shape[1], len(self.row)), check_invariants=False,
+            )
+            return rows @ tiles
+
 
 @torch.no_grad()
 def neighbour_tiles(pool: NeighbourPool, tuples: slice | None = None) -> Tiles:
     """The tiles of every tuple in the slice ``tuples`` of ``k`` (all when None): the rows of the
     tiled pool that hold the distinct pool tuples in its box (a superset of the box)."""
-    lo, hi = pool.lo, pool.hi
-    if tuples is not None:
-        lo, hi = lo[:, tuples], hi[:, tuples]
-    b, k, q = lo.shape
+    part = slice(None) if tuples is None else tuples
+    lo, hi, mu, inv = (t[:, part].flatten(0, 1) for t in (pool.lo, pool.hi, pool.mu, pool.inv))
+    radius2 = pool.radius2[:, part].flatten()  # (b*k,)
+    b, k = pool.lo.shape[0], len(radius2) // pool.lo.shape[0]
+    q = lo.shape[1]
     dev = lo.device
-    lo, hi = lo.reshape(b * k, q), hi.reshape(b * k, q)
     # one range query per (tuple, block its box touches); queries grouped by tuple, keys rising
     block = torch.tensor(pool.block, dtype=torch.long, device=dev)  # (q-1,)
     blo, bhi = lo[:, :-1] // block, hi[:, :-1] // block  # (b*k, q-1)
@@ -268,50 +323,74 @@ def neighbour_tiles(pool: NeighbourPool, tuples: slice | None = None) -> Tiles:
     owner = torch.repeat_interleave(count)  # (Q,) tuple of each query
     inst = torch.div(owner, k, rounding_mode="floor")  # (Q,)
     base = inst
+    low, high = _at(lo[:, -1], owner), _at(hi[:, -1], owner)  # (Q,) range in the last dimension
     if q > 1:
-        offset = torch.arange(len(owner), device=dev) - (count.cumsum(0) - count)[owner]
-        digits = []
+        offset = torch.arange(len(owner), device=dev) - _at(count.cumsum(0) - count, owner)
+        digits = [offset] * (q - 1)
         for d in range(q - 2, -1, -1):  # mixed radix over the span; the last one varies fastest
-            sp = span[owner, d]
-            digits.append(blo[owner, d] + offset % sp)
+            sp = _at(span[:, d], owner)
+            digits[d] = _at(blo[:, d], owner) + offset % sp
             offset = torch.div(offset, sp, rounding_mode="floor")
-        for d, digit in enumerate(reversed(digits)):
+        # the ellipsoid's slice through the block: its extent along the last dimension, from the
+        # block's point nearest the mean in the other dimensions
+        rest = _at(radius2, owner)  # (Q,)
+        for d, digit in enumerate(digits):
             base = base * pool.radix[1 + d] + digit
-    base = base * pool.radix[q]
-    first = torch.searchsorted(pool.keys, (base + lo[owner, -1]) * pool.inner)  # (Q,)
-    found = torch.searchsorted(pool.keys, (base + hi[owner, -1] + 1) * pool.inner) - first
+            m = _at(mu[:, d], owner)
+            near = torch.minimum(torch.maximum(m, digit * pool.block[d]), digit * pool.block[d]
+                                 + pool.block[d] - 1)
+            rest = rest - (near - m).square_().mul_(_at(inv[:, d], owner))
+        m = _at(mu[:, -1], owner)
+        half = (rest.clamp(min=0) / _at(inv[:, -1], owner)).sqrt_()
+        low = torch.maximum(low, (m - half).ceil().clamp(min=-1).long())
+        high = torch.minimum(high, (m + half).floor().clamp(max=pool.radix[q]).long())
+        high = torch.where(rest >= 0, high, low - 1)  # a block outside the ellipsoid: no range
+    base = base * pool.radix[q]  # (Q,) the key's cell (key // inner) at last-dimension index 0
+    first, stop = pool.locate(base + low), pool.locate(base + high + 1)  # (Q,) pool positions
+    found = (stop - first).clamp_(min=0)
 
     # tile the pool: each instance's tuples padded to whole rows of ``width``
     width = _tile_width(first, found)
     per_row = -(-pool.per_instance // width)  # (b,) rows per instance
-    shift = (per_row.cumsum(0) - per_row) * width - (pool.per_instance.cumsum(0) - pool.per_instance)
-    real = torch.arange(len(pool.keys), device=dev) + torch.repeat_interleave(
-        shift, pool.per_instance, output_size=len(pool.keys)
-    )  # (U,) slot of every pool tuple
+    pad = (per_row.cumsum(0) - per_row) * width - (pool.per_instance.cumsum(0) - pool.per_instance)
+    owner_u = torch.repeat_interleave(pool.per_instance, output_size=len(pool.keys))  # (U,)
+    real = torch.arange(len(pool.keys), device=dev) + _at(pad, owner_u)  # (U,) slot of each
     rows = int(per_row.sum())
     coords = pool.coords.new_zeros(pool.coords.shape[0], rows * width)
     coords.index_copy_(1, real, pool.coords)
     coords = coords.view(-1, rows, width)  # (q, G, width)
 
-    # the rows each query's range covers, then each tuple's distinct rows
-    start = first + shift[inst]
+    # the rows each query's range covers; a tuple's ranges rise, so a row it shares with the
+    # tuple's previous range is dropped from the later one and each (tuple, row) comes once
+    start = first + _at(pad, inst)
     row0 = torch.div(start, width, rounding_mode="floor")
-    nrows = torch.where(found > 0, torch.div(start + found - 1, width, rounding_mode="floor") - row0 + 1, 0)
+    row1 = torch.div(start + found - 1, width, rounding_mode="floor")
+    last = torch.where(found > 0, owner * rows + row1, -1).cummax(0).values  # (Q,) tuple-major
+    before = torch.cat([last.new_full((1,), -1), last[:-1]]) - owner * rows  # the tuple's last row
+    row0 = torch.maximum(row0, before + 1)
+    nrows = torch.where(found > 0, (row1 - row0 + 1).clamp_(min=0), 0)
     query = torch.repeat_interleave(nrows)  # (C,)
-    row = row0[query] + torch.arange(len(query), device=dev) - (nrows.cumsum(0) - nrows)[query]
-    tup = owner[query]
-    keep = torch.ones_like(row, dtype=torch.bool)
-    keep[1:] = (row[1:] != row[:-1]) | (tup[1:] != tup[:-1])  # rows rise within a tuple
-    row, tup = row[keep], tup[keep]
-    per_tuple = torch.bincount(tup, minlength=b * k)
+    row = _at(row0 - (nrows.cumsum(0) - nrows), query) + torch.arange(len(query), device=dev)
+    # by row (int32 indices: half the memory traffic of int64)
+    row, order = torch.sort(row.int())
+    tup = _at(owner, _at(query, order)).int()
 
     # the last row of an instance may end in padding
-    filled_rows = torch.full((rows,), width, dtype=torch.long, device=dev)
-    last = per_row.cumsum(0) - 1
-    filled_rows[last] = pool.per_instance - (per_row - 1) * width
-    filled = filled_rows[row]
+    filled_rows = torch.full((rows,), width, dtype=torch.int, device=dev)
+    ends = per_row.cumsum(0) - 1
+    filled_rows[ends] = (pool.per_instance - (per_row - 1) * width).int()
+    filled = _at(filled_rows, row)
     partial = (filled < width).nonzero().squeeze(1)
-    return Tiles(row, tup, per_tuple, coords, real, partial, filled[partial])
+    row_start = torch.zeros(rows + 1, dtype=torch.int, device=dev)
+    row_start[1:] = torch.bincount(row, minlength=rows).cumsum(0)
+    return Tiles(
+        row, tup, b * k, coords, real, partial, filled[partial], row_start, pool.peaked
+    )
+
+
+def _at(t: Tensor, index: Tensor) -> Tensor:
+    """``t[index]`` along the first dimension (``index_select``: much faster than indexing)."""
+    return t.index_select(0, index)
 
 
 def _tile_width(first: Tensor, found: Tensor, sample: int = 4096) -> int:
@@ -333,12 +412,13 @@ class _TruncatedPooled(torch.autograd.Function):
     """``nu'_u = sum_i nu_i w_iu`` over the pairs in ``tiles``, with ``w`` a softmax per tuple.
 
     Works on dense ``(tiles, width)`` arrays: pool coordinates are whole rows of the tiled pool,
-    tuple parameters broadcast along rows, sums per tuple are row sums then segment sums over the
-    tiles (grouped by tuple), and values go back with one row-wise ``index_add_``. Every step works
-    in place on a few buffers (two in forward, three more in backward): a fresh large tensor costs
-    more in page faults than the arithmetic on it. Backward recomputes the coordinate
-    differences. ``shift (T,)`` is the log weight of each tuple's best own sample, so every
-    normaliser is at least 1.
+    tuple parameters broadcast along rows, sums per tuple are row sums then scatter-adds over the
+    tiles. The weights stay unnormalised (``e (C, width)``, saved for backward,
+    with the normalisers ``norm (T,)``); normalisation and values are one scale per tile, applied
+    by a sparse ``(rows, tiles)`` matrix that also sums the tiles into the pool's rows. Scratch
+    buffers come from a per-thread workspace (``_Workspace``): a fresh large tensor costs more in
+    page faults than the arithmetic on it. ``shift (T,)`` is the log weight of each tuple's best
+    own sample, so every normaliser is at least 1.
     """
 
     @staticmethod
@@ -347,55 +427,89 @@ class _TruncatedPooled(torch.autograd.Function):
     ) -> Tensor:
         # shift (T,); means, sigmas (T, q); values (T,) -> (U,)
         coords, row, tup = tiles.coords, tiles.row, tiles.tuple
-        inv = sigmas.reciprocal()
-        mu, inv_t = means[tup], inv[tup]  # (C, q)
-        dist = coords[0].index_select(0, row).sub_(mu[:, :1]).square_().mul_(inv_t[:, :1])
-        buf = torch.empty_like(dist)  # (C, width)
-        for d in range(1, coords.shape[0]):  # dist = sum_d (p_d - mu_d)^2 / sigma_d
-            torch.index_select(coords[d], 0, row, out=buf).sub_(mu[:, d, None]).square_()
-            dist.addcmul_(buf, inv_t[:, d, None])
-        w = dist.mul_(-0.5).sub_(shift[tup, None])  # log weight over the best own sample
-        if w.numel() and w.max() > -_FLOOR:  # a pool tuple far better than the own samples
-            w.sub_(torch.segment_reduce(w.amax(1), "max", lengths=tiles.per_tuple)[tup, None])
-        w.clamp_(min=_FLOOR).exp_()
+        inv = sigmas.reciprocal()  # (T, q)
+        mu, half = _at(means, tup), _at(inv, tup).mul_(-0.5)  # (C, q): means and -1 / (2 sigma)
+        e = coords[0].index_select(0, row).sub_(mu[:, :1]).square_().mul_(half[:, :1])  # (C, w)
+        if coords.shape[0] > 1:
+            buf = _WORKSPACE.get("forward", e)
+            for d in range(1, coords.shape[0]):  # e = log weight: -sum_d (p_d - mu_d)^2 / 2 sigma_d
+                torch.index_select(coords[d], 0, row, out=buf).sub_(mu[:, d, None]).square_()
+                e.addcmul_(buf, half[:, d, None])
+        e.sub_(_at(shift, tup)[:, None])  # over the best own sample
+        if not tiles.peaked and e.numel() and e.max() > -_FLOOR:  # a pool tuple far better
+            peak = e.new_full((tiles.tuples,), -math.inf).scatter_reduce_(0, tup, e.amax(1), "amax")
+            e.sub_(_at(peak, tup)[:, None])
+        e.clamp_(min=_FLOOR).exp_()
         if len(tiles.partial):  # padding at the end of an instance: no weight
-            slots = torch.arange(tiles.width, device=w.device)
-            w[tiles.partial] = w[tiles.partial].masked_fill_(slots >= tiles.filled[:, None], 0.0)
-        norm = torch.segment_reduce(w.sum(1), "sum", lengths=tiles.per_tuple)  # (T,)
-        w.div_(norm[tup, None])
-        ctx.save_for_backward(means, inv, values, w)
-        ctx.tiles, ctx.buf = tiles, buf
-        nu = torch.zeros_like(coords[0]).index_add_(0, row, torch.mul(w, values[tup, None], out=buf))
-        return nu.view(-1)[tiles.real]
+            slots = torch.arange(tiles.width, device=e.device)
+            e[tiles.partial] = e[tiles.partial].masked_fill_(slots >= tiles.filled[:, None], 0.0)
+        norm = tiles.per_tuple(e.sum(1))  # (T,)
+        ctx.save_for_backward(means, inv, values, norm, e)
+        ctx.tiles = tiles
+        nu = tiles.into_rows(_at(values / norm, tup), e)  # (G, width)
+        return nu.view(-1).index_select(0, tiles.real)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        means, inv, values, w = ctx.saved_tensors
-        tiles, term = ctx.tiles, ctx.buf  # term: the forward's scratch buffer
-        coords, row, tup, per_tuple = tiles.coords, tiles.row, tiles.tuple, tiles.per_tuple
-        spread = torch.zeros_like(coords[0])  # (G, width)
-        spread.view(-1)[tiles.real] = grad
-        g = spread.index_select(0, row)  # (C, width)
-        # d nu'/d nu_i = sum_u w_iu g_u; softmax: dl_iu = w_iu nu_i (g_u - sum_u' w_iu' g_u')
-        mean_g = torch.segment_reduce(torch.mul(w, g, out=term).sum(1), "sum", lengths=per_tuple)
-        grad_values = mean_g if ctx.needs_input_grad[4] else None
-        dl = g.sub_(mean_g[tup, None]).mul_(w).mul_(values[tup, None])  # (C, width)
+        means, inv, values, norm, e = ctx.saved_tensors
+        tiles = ctx.tiles
+        coords, row, tup = tiles.coords, tiles.row, tiles.tuple
+        spread = grad.new_zeros(coords.shape[1] * tiles.width).index_copy_(0, tiles.real, grad)
+        g = torch.index_select(spread.view(-1, tiles.width), 0, row, out=_WORKSPACE.get("g", e))
+        term = _WORKSPACE.get("term", e)
+        # w = e / norm. d nu'/d nu_i = sum_u w_iu g_u =: mean_i; the softmax gives
+        # dl_iu = w_iu nu_i (g_u - mean_i) = scale_c * e_iu (g_u - mean_i), scale = nu / norm
+        mean = tiles.per_tuple(torch.mul(e, g, out=term).sum(1)).div_(norm)  # (T,)
+        grad_values = mean if ctx.needs_input_grad[4] else None
+        dl = g.sub_(_at(mean, tup)[:, None]).mul_(e)  # (C, width), without the tile's scale
+        scale = values / norm  # (T,)
         grad_means = torch.empty_like(means) if ctx.needs_input_grad[2] else None
         grad_sigmas = torch.empty_like(means) if ctx.needs_input_grad[3] else None
-        diff = torch.empty_like(w)
-        mu = means[tup]  # (C, q)
+        diff = _WORKSPACE.get("diff", e)
+        mu = _at(means, tup)  # (C, q)
         for d in range(coords.shape[0]):
             torch.index_select(coords[d], 0, row, out=diff).sub_(mu[:, d, None])  # p - mu
             torch.mul(dl, diff, out=term)  # dl * (p - mu)
             if grad_means is not None:  # dl/dmu = (p - mu) / sigma
-                grad_means[:, d] = torch.segment_reduce(term.sum(1), "sum", lengths=per_tuple)
-                grad_means[:, d] *= inv[:, d]
+                grad_means[:, d] = tiles.per_tuple(term.sum(1)) * scale * inv[:, d]
             if grad_sigmas is not None:  # dl/dsigma = (p - mu)^2 / (2 sigma^2)
                 term.mul_(diff)
-                grad_sigmas[:, d] = torch.segment_reduce(term.sum(1), "sum", lengths=per_tuple)
-                grad_sigmas[:, d] *= 0.5 * inv[:, d].square()
+                grad_sigmas[:, d] = tiles.per_tuple(term.sum(1)) * scale * 0.5 * inv[:, d].square()
         return None, None, grad_means, grad_sigmas, grad_values
+
+
+class _Workspace(threading.local):
+    """Grow-only scratch buffers per thread, name, device and dtype (CPU only).
+
+    The truncated form's temporaries are as large as its pair arrays (up to hundreds of MiB);
+    allocated afresh every step, each costs a page fault per 4 KiB, often more than the arithmetic
+    done on it. Buffers hold no state between uses (every use writes before it reads). CUDA's
+    caching allocator already reuses memory, so there a fresh tensor is returned.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, Tensor] = {}
+
+    def get(self, name: str, like: Tensor) -> Tensor:
+        if like.device.type != "cpu":
+            return torch.empty_like(like)
+        key = (name, like.dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < like.numel():
+            buf = self.buffers[key] = torch.empty(like.numel(), dtype=like.dtype)
+        return buf[: like.numel()].view(like.shape)
+
+    def clear(self) -> None:
+        self.buffers.clear()
+
+
+_WORKSPACE = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free this thread's scratch buffers (they are reused, not freed, between steps)."""
+    _WORKSPACE.clear()
 
 
 def truncated_pooled_values(
