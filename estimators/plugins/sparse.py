@@ -38,10 +38,9 @@ class SparseEstimator(Estimator):
         # sparse_matrix: "pooled" spreads each tuple over all k tuples' samples (Algorithm 1 as
         # written); "tuple" over its own samples only (O(b k s), for very large k).
         "normalise": "pooled",
-        # the form of pooled: "truncated" evaluates only the pairs within a cut-off, neglecting
-        # less than `tail` of each tuple's weight; "all_pairs" is the exact O(b k^2 s) reference.
+        # how pooled is computed: "truncated" evaluates only the pairs within a cut-off (each
+        # tuple neglects < 1e-6 of its weight); "all_pairs" is the exact O(b k^2 s) reference.
         "pooled": "truncated",
-        "tail": 1e-6,
         # sparse_matrix: values fixed at 1, only the structure learned (the original identity
         # runs); with learned values the layer finds cancelling +/- pairs that rounding breaks.
         "fix_values": True,
@@ -80,7 +79,6 @@ class SparseEstimator(Estimator):
                 tau=p["tau"],
                 normalise=p["normalise"],
                 pooled=p["pooled"],
-                tail=p["tail"],
                 fix_values=p["fix_values"],
                 chunk=p["chunk"] or None,
             )
