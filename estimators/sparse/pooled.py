@@ -448,23 +448,27 @@ class _TruncatedPooled(torch.autograd.Function):
             slots = torch.arange(tiles.width, device=e.device)
             e[tiles.partial] = e[tiles.partial].masked_fill_(slots >= tiles.filled[:, None], 0.0)
         norm = tiles.per_tuple(e.sum(1))  # (T,)
-        ctx.save_for_backward(means, inv, values, norm, e)
-        ctx.tiles = tiles
+        # tensors only (not the Tiles): under checkpointing they are dropped until backward
+        ctx.save_for_backward(means, inv, values, norm, e, coords, row, tup, tiles.real)
+        ctx.tuples = tiles.tuples
         nu = tiles.into_rows(_at(values / norm, tup), e)  # (G, width)
         return nu.view(-1).index_select(0, tiles.real)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        means, inv, values, norm, e = ctx.saved_tensors
-        tiles = ctx.tiles
-        coords, row, tup = tiles.coords, tiles.row, tiles.tuple
-        spread = grad.new_zeros(coords.shape[1] * tiles.width).index_copy_(0, tiles.real, grad)
-        g = torch.index_select(spread.view(-1, tiles.width), 0, row, out=_WORKSPACE.get("g", e))
+        means, inv, values, norm, e, coords, row, tup, real = ctx.saved_tensors
+        width = coords.shape[-1]
+
+        def per_tuple(t: Tensor) -> Tensor:  # (C,) -> (T,)
+            return t.new_zeros(ctx.tuples).index_add_(0, tup, t)
+
+        spread = grad.new_zeros(coords.shape[1] * width).index_copy_(0, real, grad)
+        g = torch.index_select(spread.view(-1, width), 0, row, out=_WORKSPACE.get("g", e))
         term = _WORKSPACE.get("term", e)
         # w = e / norm. d nu'/d nu_i = sum_u w_iu g_u =: mean_i; the softmax gives
         # dl_iu = w_iu nu_i (g_u - mean_i) = scale_c * e_iu (g_u - mean_i), scale = nu / norm
-        mean = tiles.per_tuple(torch.mul(e, g, out=term).sum(1)).div_(norm)  # (T,)
+        mean = per_tuple(torch.mul(e, g, out=term).sum(1)).div_(norm)  # (T,)
         grad_values = mean if ctx.needs_input_grad[4] else None
         dl = g.sub_(_at(mean, tup)[:, None]).mul_(e)  # (C, width), without the tile's scale
         scale = values / norm  # (T,)
@@ -476,10 +480,10 @@ class _TruncatedPooled(torch.autograd.Function):
             torch.index_select(coords[d], 0, row, out=diff).sub_(mu[:, d, None])  # p - mu
             torch.mul(dl, diff, out=term)  # dl * (p - mu)
             if grad_means is not None:  # dl/dmu = (p - mu) / sigma
-                grad_means[:, d] = tiles.per_tuple(term.sum(1)) * scale * inv[:, d]
+                grad_means[:, d] = per_tuple(term.sum(1)) * scale * inv[:, d]
             if grad_sigmas is not None:  # dl/dsigma = (p - mu)^2 / (2 sigma^2)
                 term.mul_(diff)
-                grad_sigmas[:, d] = tiles.per_tuple(term.sum(1)) * scale * 0.5 * inv[:, d].square()
+                grad_sigmas[:, d] = per_tuple(term.sum(1)) * scale * 0.5 * inv[:, d].square()
         return None, None, grad_means, grad_sigmas, grad_values
 
 
