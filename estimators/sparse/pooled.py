@@ -165,26 +165,41 @@ def neighbour_pool(
     lo, hi = torch.minimum(lo, best_pt), torch.maximum(hi, best_pt)  # never empty
 
     block = _block_sizes(lo, hi, b * k * s, sizes)
-    radix = [b, *(-(-n // h) for n, h in zip(sizes[:-1], block, strict=True)), sizes[-1], *block]
-    radix += [shape[d] for d in fixed]
+    # key digits, most significant first, each a bit field (every radix a power of two: keys
+    # are built and read back with shifts): instance, blocks, last learned dimension, offsets in
+    # the blocks, fixed dimensions
+    sizes_of = [b, *(-(-n // h) for n, h in zip(sizes[:-1], block, strict=True)), sizes[-1], *block]
+    sizes_of += [shape[d] for d in fixed]
+    bits = [max(n - 1, 0).bit_length() for n in sizes_of]
+    radix = [1 << n for n in bits]
     inner = math.prod(radix[len(sizes) + 1 :])
 
-    pool = indices.reshape(b * k * s, r)
-    inst = torch.arange(b, device=indices.device)[:, None].expand(b, k * s).flatten()  # (b*P,)
-    keys = _keys(inst, pool, learned, fixed, block, radix)  # (b*P,)
-    if math.prod(radix) < 2**31:  # int32 keys sort about three times faster
+    digits = [torch.arange(b, device=indices.device)[:, None, None].expand(b, k, s)]
+    digits += [indices[..., learned[d]] >> (h.bit_length() - 1) for d, h in enumerate(block)]
+    digits.append(indices[..., learned[-1]])
+    digits += [indices[..., learned[d]] & (h - 1) for d, h in enumerate(block)]
+    digits += [indices[..., d] for d in fixed]
+    keys = torch.zeros((b, k, s), dtype=torch.long, device=indices.device)
+    for digit, n in zip(digits, bits, strict=True):
+        keys = keys.bitwise_left_shift_(n).bitwise_or_(digit)
+    if math.prod(radix) <= 2**31:  # int32 keys sort about three times faster
         keys = keys.int()
-    keys, order = torch.sort(keys)
-    new = torch.ones_like(keys, dtype=torch.bool)
-    new[1:] = keys[1:] != keys[:-1]
-    new = new.nonzero().squeeze(1)  # (U,) the first of each run of equal keys
-    keys, first = _at(keys, new), _at(order, new)  # distinct keys, one occurrence of each
-    points = pool.index_select(0, first).T  # (r, U)
-    owner = first // (k * s)  # (U,) instance
+    keys = torch.unique(keys.flatten(), sorted=True)  # (U,) the distinct pool tuples, in order
+    # read the digits back: instance and coordinates of every distinct tuple
+    shifts = [sum(bits[i + 1 :]) for i in range(len(bits))]
+    digit = [(keys >> shift) & (size - 1) for shift, size in zip(shifts, radix, strict=True)]
+    owner = digit[0].long()  # (U,) instance
+    q = len(learned)
+    point: list[Tensor] = [digit[0]] * r
+    for e, d in enumerate(learned[:-1]):
+        point[d] = digit[1 + e] * block[e] + digit[q + 1 + e]
+    point[learned[-1]] = digit[q]
+    for f, d in enumerate(fixed):
+        point[d] = digit[2 * q + f]
     split = r - len(in_shape)
-    rows = owner * math.prod(shape[:split]) + _flat(points[:split], shape[:split])
-    cols = owner * math.prod(in_shape) + _flat(points[split:], shape[split:])
-    coords = torch.stack([points[d] for d in learned]).to(means.dtype)  # (q, U)
+    rows = owner * math.prod(shape[:split]) + _flat(point[:split], shape[:split])
+    cols = owner * math.prod(in_shape) + _flat(point[split:], shape[split:])
+    coords = torch.stack([point[d] for d in learned]).to(means.dtype)  # (q, U)
     per_instance = torch.bincount(owner, minlength=b)  # (b,)
     # the nearest integer tuple has the largest weight of all; when it is the best own sample
     # (always, for samples from ``sample_indices``) no pool tuple outweighs the own samples
@@ -197,18 +212,18 @@ def neighbour_pool(
     table = None
     if cells <= _TABLE_PER_KEY * len(keys):
         table = torch.zeros(cells + 1, dtype=torch.long, device=keys.device)
-        table[1:] = torch.bincount(torch.div(keys, inner, rounding_mode="floor"), minlength=cells).cumsum(0)
+        table[1:] = torch.bincount(keys >> (inner.bit_length() - 1), minlength=cells).cumsum(0)
     return NeighbourPool(
         keys, per_instance, coords, rows, cols, lo, hi, best_l, mu, inv, radius2, peaked,
         tuple(block), tuple(radix), inner, table,
     )
 
 
-def _flat(points: Tensor, sizes: Sequence[int]) -> Tensor:
-    """Row-major flat index of integer tuples ``(len(sizes), U)`` -> ``(U,)``."""
-    flat = torch.zeros(points.shape[1:], dtype=torch.long, device=points.device)
-    for d, size in enumerate(sizes):
-        flat = flat.mul_(size).add_(points[d])
+def _flat(points: Sequence[Tensor], sizes: Sequence[int]) -> Tensor | int:
+    """Row-major flat index (int64) of integer tuples given one ``(U,)`` tensor per dimension."""
+    flat: Tensor | int = 0
+    for point, size in zip(points, sizes, strict=True):
+        flat = flat * size + point.long()
     return flat
 
 
@@ -229,32 +244,17 @@ def _block_sizes(lo: Tensor, hi: Tensor, pool: int, sizes: Sequence[int]) -> lis
     out = []
     for d in range(q - 1):
         rho = max(density * math.prod(w[e] for e in range(q) if e != d), 1e-12)
-        h = math.sqrt(_QUERY_COST * w[d] / rho)
-        out.append(int(min(max(1, round(h)), sizes[d])))
+        h = min(max(1.0, math.sqrt(_QUERY_COST * w[d] / rho)), sizes[d])
+        out.append(1 << round(math.log2(h)))  # a power of two: block and offset are bit fields
     return out
 
 
-def _keys(
-    inst: Tensor, pool: Tensor, learned: Sequence[int], fixed: Sequence[int],
-    block: Sequence[int], radix: Sequence[int],
-) -> Tensor:
-    """The sort key of integer tuples ``pool (..., r)`` of instances ``inst (...)``: instance,
-    blocks, the last learned dimension, offsets inside the blocks, fixed dimensions."""
-    digits = [inst]
-    digits += [pool[..., learned[d]] // h for d, h in enumerate(block)]
-    digits.append(pool[..., learned[-1]])
-    digits += [pool[..., learned[d]] % h for d, h in enumerate(block)]
-    digits += [pool[..., d] for d in fixed]
-    key = torch.zeros_like(inst)
-    for digit, size in zip(digits, radix, strict=True):
-        key = key.mul_(size).add_(digit)
-    return key
-
-
 def max_group(shape: Sequence[int], learned: Sequence[int]) -> int:
-    """The most instances whose keys fit in int64 together (at least 1): blocks can pad every
-    learned dimension but the last to at most twice its size."""
-    return max(1, _MAX_KEY // (math.prod(shape) * 2 ** max(len(learned) - 1, 0)))
+    """The most instances whose keys fit in int64 together (at least 1). Rounding each digit to a
+    power of two at most doubles it, and blocks pad a dimension by less than its size: a
+    dimension cut into blocks takes at most 4 times its size, any other (and the instance) 2."""
+    per_instance = 2 * math.prod(shape) * 2 ** len(shape) * 2 ** max(len(learned) - 1, 0)
+    return max(1, _MAX_KEY // per_instance)
 
 
 @dataclass(frozen=True)
