@@ -16,18 +16,21 @@ weights are renormalised over the kept pairs (a softmax per tuple), which moves 
 ``sum_j |w~_ij - w_ij| = 2 delta_i``: the pooled values ``nu'`` change by at most
 ``2 * tail * sum_i |nu_i|`` in L1, and ``y = W x`` by at most that times ``max |x|``.
 
-The search. ``l_ij >= L_i - T`` is an ellipsoid ``sum_d (p_jd - mu_id)^2 / sigma_id <= 2T - 2L_i``;
-the axis-aligned box ``|p_d - mu_d| <= sqrt(sigma_d * (2T - 2L_i))`` holds it, widened to hold the
-tuple's best own sample, so a neighbourhood is never empty (at worst a tuple keeps its own sample).
-Pool tuples are made unique (duplicates carry no weight in Algorithm 1 beyond their first
-occurrence) and sorted by a key in which every box is a union of contiguous key ranges: the learned
-dimensions but the last are cut into blocks of ``H_d`` indices, and the key orders by instance,
-blocks, the last learned dimension, the offsets inside the blocks, then the fixed (not learned)
-dimensions, which carry no density. For each tuple and each block its box touches, one
-``searchsorted`` pair finds the range; the pairs found (a superset of the box: extra pairs only make
-the result more exact) are evaluated one dimension at a time over contiguous arrays, and the
-per-tuple softmax runs as segment max and sum with scatter. Cost and memory are
-``O(pairs + queries)``, linear in ``k`` for fixed sigmas relative to the tensor's size.
+The search. ``l_ij >= L_i - T`` is the ellipsoid ``sum_d (p_jd - mu_id)^2 / sigma_id <= 2T - 2L_i``,
+which holds the tuple's best own sample with a margin of ``2T``, so no neighbourhood is empty (at
+worst a tuple keeps its own sample). Pool tuples are made unique (a duplicate carries no weight in
+Algorithm 1 beyond its first occurrence) and sorted by a bit-field key: instance, the learned
+dimensions but the last cut into blocks of ``H_d`` (a power of two), the last learned dimension,
+the offsets inside the blocks, then the fixed (not learned) dimensions, which carry no density.
+Each block a tuple's bounding box touches is then one key range, narrowed to the ellipsoid's
+extent through the block's point nearest the mean; ranges are found with a table of cumulative
+counts per cell (or a binary search where that table would be large). The pool is laid out in
+rows of ``width`` tuples and each range becomes the whole rows that hold it (a superset: extra
+pairs are evaluated exactly and only make the result closer to the reference). The pairs are
+evaluated as dense ``(tiles, width)`` arrays, one dimension at a time, with the softmax per tuple
+as scatter-added row sums and the values summed back into the pool by one sparse product. Cost
+and memory are ``O(pairs + queries)``: linear in ``k`` for sigmas fixed relative to the tensor's
+size, against ``O(k^2)`` for all pairs. ``bench_pooled.py`` measures both.
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ DEFAULT_TAIL = 1e-6
 # Keys are int64: keep the key space of one group of instances below this.
 _MAX_KEY = 2**62
 # Costs in units of one evaluated pair, used to pick block and tile sizes (measured on CPU for the
-# identity shape; the optimum is flat around them): one range query (two binary searches and
-# its bookkeeping) and one tile (its gathers and segment bookkeeping).
+# identity shape; the optimum is flat around them): one range query (two lookups or binary searches
+# and its bookkeeping) and one tile (its gathers and scatter bookkeeping).
 _QUERY_COST = 24.0
 _TILE_COST = 16.0
 _WIDTHS = (4, 8, 16, 32, 64, 128, 256)
