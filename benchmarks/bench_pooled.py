@@ -17,7 +17,10 @@ rounds run every configuration once each, in a rotated order, and the tables hol
 rounds, so a burst of load from other processes hits one sample, not a whole row. A child that
 fails (out of memory under ``--mem-limit-gib``, or killed) shows as such; larger n of that
 form are skipped. The last table is the large-n per-tuple row: ``n = k = 2^20``, batch 8, forward
-+ backward (and the Adam step), wall time and peak memory.
++ backward (and the Adam step), wall time and peak memory. ``--chunk`` runs every layer in
+checkpointed chunks of tuples (appendix A.2's gradient accumulation): a second forward per step
+for memory that no longer grows with ``k``, which is how far the truncated form goes at the
+initial sigmas.
 
     .venv/bin/python benchmarks/bench_pooled.py                  # the full tables (about an hour)
     .venv/bin/python benchmarks/bench_pooled.py --max-log2 9 --rounds 1 --threads 1
@@ -50,12 +53,12 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def build(form: str, state: str, n: int, k: int | None = None) -> SparseLayer:
+def build(form: str, state: str, n: int, chunk: int = 0) -> SparseLayer:
     """The layer of one configuration, its parameters set to the state."""
     kwargs: dict[str, Any] = {"normalise": "tuple"}
     if form != "tuple":
         kwargs = {"normalise": "pooled", "pooled": "all_pairs" if form == "reference" else "truncated"}
-    layer = SparseLayer((n,), (n,), k or n, **kwargs)
+    layer = SparseLayer((n,), (n,), n, chunk=chunk or None, **kwargs)
     if state == "trained":
         with torch.no_grad():
             k = layer.k
@@ -67,7 +70,7 @@ def build(form: str, state: str, n: int, k: int | None = None) -> SparseLayer:
 
 
 def measure(form: str, state: str, log2n: int, threads: int, batch: int = BATCH,
-            adam: bool = True) -> dict[str, Any]:
+            adam: bool = True, chunk: int = 0) -> dict[str, Any]:
     """One configuration in this process: median step time (wall and CPU) and peak memory."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -79,7 +82,7 @@ def measure(form: str, state: str, log2n: int, threads: int, batch: int = BATCH,
     tiny(torch.randn(2, 8)).sum().backward()
     base = _peak_mib()
     try:
-        layer = build(form, state, n)
+        layer = build(form, state, n, chunk)
         opt = torch.optim.Adam(layer.parameters(), lr=1e-3)
         x = torch.randn(batch, n)
 
@@ -179,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="address-space limit per child (0: none)")
     parser.add_argument("--large-log2", type=int, default=20,
                         help="n = k of the large per-tuple row, batch 8 (0: skip it)")
+    parser.add_argument("--chunk", type=int, default=0,
+                        help="tuples per gradient-accumulation pass (checkpointed), 0: all at once")
     args = parser.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
     states = args.states.split(",")
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             form, state, log2n, t = config
             if log2n > failed.get((form, state, t), log2n):
                 continue  # a smaller n of this form already ran out of memory
-            record = run_child(*config, mem_limit_gib=args.mem_limit_gib)
+            record = run_child(*config, BATCH, True, args.chunk, mem_limit_gib=args.mem_limit_gib)
             samples[config].append(record)
             if "error" in record:
                 failed[form, state, t] = min(log2n, failed.get((form, state, t), log2n))
@@ -211,8 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     for t in threads:
         for state in states:
             table = Table(title=f"one step (forward + backward + Adam), identity shape, k = n, batch "
-                                f"{BATCH}, {state} sigmas, {t} thread(s): median ms, wall (CPU), "
-                                f"and peak MiB (RSS over baseline)")
+                                f"{BATCH}, {state} sigmas, {t} thread(s)"
+                                + (f", chunks of {args.chunk} tuples" if args.chunk else "")
+                                + ": median ms, wall (CPU), and peak MiB (RSS over baseline)")
             for col in ("n", *(f"{f} ms" for f in forms), *(f"{f} MiB" for f in forms),
                         "reference / truncated", "truncated / tuple"):
                 table.add_column(col, justify="right")
