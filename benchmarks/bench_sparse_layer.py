@@ -6,8 +6,9 @@ CPU, after ``import torch``, so no child pays for the import), so the peak resid
 (``ru_maxrss``) belongs to that measurement alone; the table reports it above the child's RSS at
 its start. On CUDA the peak is ``torch.cuda.max_memory_allocated``.
 The dense layer is skipped once its ``n*n*4``-byte weight exceeds ``--dense-limit-gib`` (or when
-allocating it fails); the pooled-normalisation variant (``O(b k^2 s)``) runs up to
-``--pooled-max-log2``.
+allocating it fails); pooled normalisation (its default, truncated form) runs up to
+``--pooled-max-log2``. ``bench_pooled.py`` sets the pooled forms and per-tuple normalisation side
+by side, with the optimiser step and trained-like sigmas.
 
     .venv/bin/python benchmarks/bench_sparse_layer.py --max-log2 20
 """
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     parser.add_argument("--dense-limit-gib", type=float, default=1.0,
                         help="skip the dense layer once its n*n*4-byte weight exceeds this")
-    parser.add_argument("--pooled-max-log2", type=int, default=7,
-                        help="largest n for the O(b k^2 s) pooled normalisation")
+    parser.add_argument("--pooled-max-log2", type=int, default=10,
+                        help="largest n for pooled normalisation (truncated form)")
     args = parser.parse_args(argv)
 
     device = args.device

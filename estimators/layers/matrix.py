@@ -24,7 +24,13 @@ from estimators.sparse import (
     sparse_mv,
     weight_shape,
 )
-from estimators.sparse.functional import Normalise, transform_means, transform_sigmas
+from estimators.sparse.functional import (
+    DEFAULT_TAIL,
+    Normalise,
+    PooledForm,
+    transform_means,
+    transform_sigmas,
+)
 
 __all__ = [
     "BASELINES",
@@ -54,6 +60,9 @@ class SparseMatrixLayer(StructureLayer):
     tuple feels the loss at entries that only other tuples sampled. With ``"tuple"`` (cheaper,
     linear in ``k``) a tuple sees only its own few samples, and two tuples stuck on one entry never
     find the empty one: on the identity (n = 8, 16) the rounded-means loss stalls at 0.25-0.5.
+    ``pooled`` picks how pooled is computed: ``"truncated"`` (default) evaluates only the pairs
+    within a cut-off, neglecting less than ``tail`` of each tuple's weight (cost linear in ``k``
+    for fixed relative sigmas); ``"all_pairs"`` is the exact ``O(b k^2 s)`` reference.
     ``fix_values=True`` (default False; see ``SparseLayer``) fixes every value at 1, as the
     reference identity experiment's ``fix_values`` flag; with learned values the identity
     converges to overlapping tuples of opposite-sign values whose rounded structure is wrong.
@@ -68,13 +77,15 @@ class SparseMatrixLayer(StructureLayer):
         region: Sequence[int] | None = None,
         tau: float = 0.1,
         normalise: Normalise = "pooled",
+        pooled: PooledForm = "truncated",
+        tail: float = DEFAULT_TAIL,
         fix_values: bool = False,
         chunk: int | None = None,
     ) -> None:
         super().__init__()
         self.sparse = SparseLayer(
             spec.in_shape, spec.out_shape, spec.k, a_l=a_l, a_g=a_g, region=region, tau=tau,
-            normalise=normalise, chunk=chunk, fix_values=fix_values,
+            normalise=normalise, pooled=pooled, tail=tail, chunk=chunk, fix_values=fix_values,
         )
         self._last_sample: Tensor | None = None
 

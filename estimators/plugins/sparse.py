@@ -36,8 +36,13 @@ class SparseEstimator(Estimator):
         "tau": 0.1,  # floor added to sigma (footnote 2)
         "chunk": 0,  # continuous tuples per gradient-accumulation pass; 0 = all at once
         # sparse_matrix: "pooled" spreads each tuple over all k tuples' samples (Algorithm 1 as
-        # written, O(b k^2 s)); "tuple" over its own samples only (O(b k s), for very large k).
+        # written); "tuple" over its own samples only (O(b k s), for very large k).
         "normalise": "pooled",
+        # how pooled is computed: "truncated" evaluates only the pairs within a cut-off (each
+        # tuple neglects less than ``tail`` of its weight); "all_pairs" is the exact O(b k^2 s)
+        # reference (estimators/sparse/pooled.py derives the bound).
+        "pooled": "truncated",
+        "tail": 1e-6,
         # sparse_matrix: values fixed at 1, only the structure learned (the original identity
         # runs); with learned values the layer finds cancelling +/- pairs that rounding breaks.
         "fix_values": True,
@@ -46,11 +51,16 @@ class SparseEstimator(Estimator):
         "samples": 0,  # quicksort: sampled half-permutations per step; 0 = n
     }
 
-    choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {"normalise": ("pooled", "tuple")}
-    positive: ClassVar[tuple[str, ...]] = ("tau", "box_offset", "C")
+    choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {
+        "normalise": ("pooled", "tuple"),
+        "pooled": ("truncated", "all_pairs"),
+    }
+    positive: ClassVar[tuple[str, ...]] = ("tau", "box_offset", "C", "tail")
     non_negative: ClassVar[tuple[str, ...]] = ("a_l", "a_g", "chunk", "samples")
 
     def check(self, params: Mapping[str, Any]) -> None:
+        if not params["tail"] < 1:
+            raise ValueError(f"tail = {params['tail']!r} must be below 1 (the weight a tuple may neglect)")
         if params["a_l"] + params["a_g"] < 1:
             raise ValueError(
                 "a_l = a_g = 0 samples nothing beyond each tuple's nearest integer points, so no "
@@ -84,6 +94,8 @@ class SparseEstimator(Estimator):
                 region=region,
                 tau=p["tau"],
                 normalise=p["normalise"],
+                pooled=p["pooled"],
+                tail=p["tail"],
                 fix_values=p["fix_values"],
                 chunk=p["chunk"] or None,
             )

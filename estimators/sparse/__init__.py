@@ -3,11 +3,14 @@
 ``SparseLayer`` is the free-parameter layer; ``AdaptiveSparseLayer`` takes its parameters from a
 source network per instance; ``SparseGlimpse`` reads glimpses; ``sparse_product`` is the
 functional core (``estimators.sparse.functional`` states the conventions: index space, variances,
-flattening, normalisation).
+flattening, normalisation); ``estimators.sparse.pooled`` computes pooled normalisation over the
+pairs within a cut-off, with the bound on what it neglects.
 """
 
 from estimators.sparse.functional import (
+    DEFAULT_TAIL,
     Normalise,
+    PooledForm,
     SparseLayerError,
     default_region,
     duplicate_mask,
@@ -27,8 +30,10 @@ from estimators.sparse.glimpse import SparseGlimpse, glimpse_means
 from estimators.sparse.layer import AdaptiveSparseLayer, SparseLayer
 
 __all__ = [
+    "DEFAULT_TAIL",
     "AdaptiveSparseLayer",
     "Normalise",
+    "PooledForm",
     "SparseGlimpse",
     "SparseLayer",
     "SparseLayerError",

@@ -21,13 +21,16 @@ Conventions used throughout:
 Normalisation. ``normalise="tuple"`` (the default) normalises each continuous tuple's proportions
 over *its own* ``s`` samples, which costs ``O(b * k * s)``. ``normalise="pooled"`` is the literal
 Algorithm 1: every continuous tuple spreads its value over the samples of *all* ``k`` tuples of
-its instance, which costs ``O(b * k^2 * s)`` and dominated the reference code's run time. It is
-also the form that learns free structures such as the identity (§3.1): a tuple feels the loss at
-entries sampled by any tuple, so tuples stuck on one entry find the empty ones, which per-tuple
-normalisation, seeing only a tuple's own few samples, rarely does. In both forms duplicate
-integer tuples (found exactly on flat indices, per continuous tuple or per pool) get proportion
-zero *before* normalising, and normalising happens in log space (a softmax), so tiny densities
-never divide by zero.
+its instance. It is the form that learns free structures such as the identity (§3.1): a tuple
+feels the loss at entries sampled by any tuple, so tuples stuck on one entry find the empty ones,
+which per-tuple normalisation, seeing only a tuple's own few samples, rarely does. Pooled comes in
+two forms (``pooled=``): ``"all_pairs"``, the reference, evaluates every (tuple, pool tuple) pair,
+``O(b * k^2 * s)``, which dominated the reference code's run time; ``"truncated"`` (the default,
+``estimators.sparse.pooled``) evaluates only the pairs within a cut-off of each tuple's mean and
+neglects less than ``tail`` (default 1e-6) of every tuple's weight, at a cost that follows the
+pairs kept. In all forms duplicate integer tuples (found exactly on flat indices, per continuous
+tuple or per pool) get proportion zero *before* normalising, and normalising happens in log space
+(a softmax), so tiny densities never divide by zero.
 """
 
 from __future__ import annotations
@@ -41,8 +44,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from estimators.sparse import pooled as _pooled
+from estimators.sparse.pooled import DEFAULT_TAIL
+
 __all__ = [
+    "DEFAULT_TAIL",
     "Normalise",
+    "PooledForm",
     "SparseLayerError",
     "default_region",
     "duplicate_mask",
@@ -60,6 +68,7 @@ __all__ = [
 ]
 
 Normalise = Literal["tuple", "pooled"]
+PooledForm = Literal["truncated", "all_pairs"]
 
 # Flat indices are int64; keep the product of all sizes well clear of overflow.
 _MAX_ELEMENTS = 2**62
@@ -113,6 +122,13 @@ def _region(region: Sequence[int] | None, shape: tuple[int, ...]) -> tuple[int, 
             f"{tuple(region)}"
         )
     return tuple(min(n, h) for n, h in zip(reg, shape, strict=True))
+
+
+def _pooled_form(pooled: str, tail: float) -> None:
+    if pooled not in ("truncated", "all_pairs"):
+        raise SparseLayerError(f"pooled must be 'truncated' or 'all_pairs', got {pooled!r}")
+    if not 0 < tail < 1:
+        raise SparseLayerError(f"tail must be in (0, 1), got {tail}")
 
 
 def _counts(a_l: int, a_g: int) -> None:
@@ -401,6 +417,45 @@ def _pooled_chunk(
     return sparse_mv(x, pool, pooled, in_shape, out_shape)
 
 
+def _truncated_chunk(
+    x: Tensor, means: Tensor, sigmas: Tensor, values: Tensor, pool: _pooled.NeighbourPool,
+    part: slice, out_shape: tuple[int, ...], learned: tuple[int, ...],
+) -> Tensor:
+    tiles = _pooled.neighbour_tiles(pool, part)  # the pairs that matter, as rows of the pool
+    pooled = _pooled.truncated_pooled_values(pool, tiles, part, means, sigmas, values, learned)
+    src = pooled * x.reshape(-1).index_select(0, pool.cols)  # (U,)
+    b = x.shape[0]
+    y = src.new_zeros(b * math.prod(out_shape)).index_add_(0, pool.rows, src)
+    return y.view(b, *out_shape)
+
+
+def _truncated_product(
+    x: Tensor, means: Tensor, sigmas: Tensor, values: Tensor, indices: Tensor,
+    shape: tuple[int, ...], in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+    learned: tuple[int, ...], tail: float, step: int,
+) -> Tensor:
+    """Pooled ``y = W x`` over the pairs within the cut-off (``estimators.sparse.pooled``)."""
+    b, k, _ = means.shape
+    group = _pooled.max_group(shape, learned)  # instances whose int64 keys fit together
+    ys = []
+    for g in range(0, b, group):
+        inst = slice(g, min(g + group, b))
+        pool = _pooled.neighbour_pool(
+            indices[inst], means[inst], sigmas[inst], shape, in_shape, learned, tail
+        )
+        y = None
+        for start in range(0, k, step):
+            part = slice(start, min(start + step, k))
+            args = (x[inst], means[inst, part], sigmas[inst, part], values[inst, part], pool, part,
+                    out_shape, learned)
+            # checkpoint: keep no float intermediates now, re-run this chunk alone in backward
+            y_part = (checkpoint(_truncated_chunk, *args, use_reentrant=False) if step < k
+                      else _truncated_chunk(*args))
+            y = y_part if y is None else y + y_part
+        ys.append(y)
+    return ys[0] if len(ys) == 1 else torch.cat(ys)
+
+
 def sparse_product(
     x: Tensor,
     means: Tensor,
@@ -415,6 +470,8 @@ def sparse_product(
     learn_dims: Sequence[int] | None = None,
     indices: Tensor | None = None,
     normalise: Normalise = "tuple",
+    pooled: PooledForm = "truncated",
+    tail: float = DEFAULT_TAIL,
     chunk: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
@@ -428,7 +485,13 @@ def sparse_product(
     ``chunk`` bounds memory for very large ``k`` (appendix A.2): the output is summed over chunks of
     ``chunk`` continuous tuples, each checkpointed, so backward re-runs one chunk's forward and
     backward at a time over the same integer sample and accumulates the gradients; peak memory for
-    the float intermediates is then ``O(b * chunk * s)`` (pooled: ``O(b * chunk * k * s)``).
+    the float intermediates is then ``O(b * chunk * s)`` (pooled all-pairs: ``O(b * chunk * k * s)``).
+
+    ``pooled`` picks the form of ``normalise="pooled"``: ``"truncated"`` (default) keeps, for every
+    tuple, the pool tuples whose log weight is within ``T = ln(k s) + ln(1 / tail)`` of its best
+    own sample, so the weight it neglects is below ``tail`` of its total and ``y`` moves by at
+    most ``2 * tail * sum_i |values_i| * max |x|`` from the exact (``"all_pairs"``) result. Proof
+    and search: ``estimators.sparse.pooled``.
     """
     in_shape, out_shape = _shape("in_shape", in_shape), _shape("out_shape", out_shape)
     shape = weight_shape(in_shape, out_shape)
@@ -438,6 +501,7 @@ def sparse_product(
     dims = None if len(learned) == rank else learned
     if normalise not in ("tuple", "pooled"):
         raise SparseLayerError(f"normalise must be 'tuple' or 'pooled', got {normalise!r}")
+    _pooled_form(pooled, tail)
     if chunk is not None and chunk < 1:
         raise SparseLayerError(f"chunk must be a positive number of tuples, got {chunk}")
     b, k, _ = means.shape
@@ -448,13 +512,17 @@ def sparse_product(
     elif indices.dim() != 4 or tuple(indices.shape[:2]) != (b, k) or indices.shape[3] != rank:
         raise SparseLayerError(f"indices must be (b={b}, k={k}, s, {rank}), got {indices.shape}")
 
+    step = k if chunk is None or not torch.is_grad_enabled() else chunk
+    if normalise == "pooled" and pooled == "truncated" and k > 0:
+        return _truncated_product(
+            x, means, sigmas, values, indices, shape, in_shape, out_shape, learned, tail, step
+        )
     if normalise == "pooled":
         pool = indices.flatten(1, 2)  # (b, k*s, r)
         repeats = duplicate_mask(flat_index(pool, shape))  # (b, k*s)
         fn, fixed = _pooled_chunk, (pool, repeats)
     else:
         fn, fixed = _tuple_chunk, ()
-    step = k if chunk is None or not torch.is_grad_enabled() else chunk
     y = x.new_zeros(b, *out_shape) if k == 0 else None
     for start in range(0, k, step):
         part = slice(start, min(start + step, k))

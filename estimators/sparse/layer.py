@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from estimators.sparse import functional as SF
-from estimators.sparse.functional import Normalise, SparseLayerError
+from estimators.sparse.functional import DEFAULT_TAIL, Normalise, PooledForm, SparseLayerError
 
 __all__ = ["AdaptiveSparseLayer", "SparseLayer"]
 
@@ -31,6 +31,8 @@ class _Sampling(nn.Module):
         region: Sequence[int] | None,
         tau: float,
         normalise: Normalise,
+        pooled: PooledForm,
+        tail: float,
         chunk: int | None,
         learn_dims: Sequence[int] | None,
     ) -> None:
@@ -46,8 +48,11 @@ class _Sampling(nn.Module):
             raise SparseLayerError(f"tau must be >= 0, got {tau}")
         if normalise not in ("tuple", "pooled"):
             raise SparseLayerError(f"normalise must be 'tuple' or 'pooled', got {normalise!r}")
+        SF._pooled_form(pooled, tail)
         self.a_l, self.a_g, self.tau = a_l, a_g, tau
         self.normalise: Normalise = normalise
+        self.pooled: PooledForm = pooled
+        self.tail = tail
         self.chunk = chunk
 
     @property
@@ -71,13 +76,15 @@ class _Sampling(nn.Module):
         return SF.sparse_product(
             x, means, sigmas, values, self.in_shape, self.out_shape, a_l=self.a_l, a_g=self.a_g,
             region=self.region, learn_dims=self.learn_dims, indices=indices,
-            normalise=self.normalise, chunk=self.chunk, generator=generator,
+            normalise=self.normalise, pooled=self.pooled, tail=self.tail, chunk=self.chunk,
+            generator=generator,
         )
 
     def extra_repr(self) -> str:
         return (
             f"in_shape={self.in_shape}, out_shape={self.out_shape}, a_l={self.a_l}, "
             f"a_g={self.a_g}, region={self.region}, tau={self.tau}, normalise={self.normalise!r}"
+            + (f", pooled={self.pooled!r}, tail={self.tail}" if self.normalise == "pooled" else "")
         )
 
 
@@ -106,13 +113,15 @@ class SparseLayer(_Sampling):
         region: Sequence[int] | None = None,
         tau: float = 0.1,
         normalise: Normalise = "tuple",
+        pooled: PooledForm = "truncated",
+        tail: float = DEFAULT_TAIL,
         chunk: int | None = None,
         learn_dims: Sequence[int] | None = None,
         fix_values: bool = False,
     ) -> None:
         super().__init__(
             in_shape, out_shape, a_l=a_l, a_g=a_g, region=region, tau=tau, normalise=normalise,
-            chunk=chunk, learn_dims=learn_dims,
+            pooled=pooled, tail=tail, chunk=chunk, learn_dims=learn_dims,
         )
         if k < 1:
             raise SparseLayerError(f"k (number of index tuples) must be >= 1, got {k}")
@@ -169,12 +178,14 @@ class AdaptiveSparseLayer(_Sampling):
         region: Sequence[int] | None = None,
         tau: float = 0.1,
         normalise: Normalise = "tuple",
+        pooled: PooledForm = "truncated",
+        tail: float = DEFAULT_TAIL,
         chunk: int | None = None,
         learn_dims: Sequence[int] | None = None,
     ) -> None:
         super().__init__(
             in_shape, out_shape, a_l=a_l, a_g=a_g, region=region, tau=tau, normalise=normalise,
-            chunk=chunk, learn_dims=learn_dims,
+            pooled=pooled, tail=tail, chunk=chunk, learn_dims=learn_dims,
         )
 
     def forward(
