@@ -20,13 +20,23 @@ import time
 from collections.abc import Callable, Sequence
 
 import pytest
+import torch
 
 from estimators.base import Estimator
 from harness import conformance, plugins
 from harness.task import Task
 from harness.versions import code_version
 
-__all__ = ["assert_conforms", "sparsebench_check"]
+__all__ = ["DEVICES", "assert_conforms", "sparsebench_check"]
+
+# What numerical tests parametrise over: the CPU always, CUDA where a GPU is present (a visible
+# skip otherwise, so a CPU-only run says what it did not check).
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+    ),
+]
 
 
 def assert_conforms(

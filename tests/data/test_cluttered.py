@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from harness.testing import DEVICES
 from plugins.data.cluttered import (
     VARIANTS,
     ClutterConfig,
@@ -20,8 +21,6 @@ from plugins.data.cluttered import (
     save_sample_grid,
 )
 from plugins.data.mnist import DataConfigError, DigitSet, MNISTSplits, load_mnist
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness.testing import DEVICES
 from plugins.data.mnist import DataConfigError, DataError, DigitSet, MNISTSplits, load_mnist
 from plugins.data.numbers import (
     NEURALSORT_PROTOCOL,
@@ -17,7 +18,6 @@ from plugins.data.numbers import (
     validation_split,
 )
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PROTOCOL_CASES = [
     pytest.param(p.digits_per_number, n, id=f"{p.name}-n{n}")
     for p in (PAPER_PROTOCOL, NEURALSORT_PROTOCOL)

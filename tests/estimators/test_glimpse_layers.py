@@ -18,8 +18,8 @@ from estimators.layers.glimpse import (
 )
 from estimators.plugins.bilinear import BilinearEstimator, register_estimators
 from estimators.sparse import glimpse_means, sample_indices
+from harness.testing import DEVICES
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LAYERS = [SparseGlimpse, BilinearGlimpse, ReinforceGlimpse]
 
 

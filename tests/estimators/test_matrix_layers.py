@@ -14,13 +14,8 @@ from estimators.layers.matrix import (
     discretised_log_prob,
 )
 from estimators.sparse import SparseLayerError
+from harness.testing import DEVICES
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-    ),
-]
 SPEC = SparseMatrixSpec(in_shape=(6,), out_shape=(5,), k=6)
 
 

@@ -17,11 +17,8 @@ from estimators.layers.permutation import (
 )
 from estimators.layers.plackett_luce import perm_matrix, plackett_luce_log_prob, plackett_luce_sample
 from estimators.layers.sinkhorn import gumbel_sinkhorn, hungarian, log_sinkhorn
+from harness.testing import DEVICES
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
-]
 KEY_LAYERS = {
     "quicksort": QuicksortLayer,
     "neuralsort": NeuralSortLayer,

@@ -16,13 +16,7 @@ from estimators.sparse import (
     sparse_product,
 )
 from estimators.sparse import pooled as P
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-    ),
-]
+from harness.testing import DEVICES
 
 
 def _gen(device: str, seed: int = 0) -> torch.Generator:

@@ -21,11 +21,8 @@ from estimators.sparse.quicksort import (
     sample_half_vectors,
     soft_half_permutation,
 )
+from harness.testing import DEVICES
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
-]
 ORDERS = [(n, d) for n in (2, 4, 8, 16) for d in range(1, num_steps(n) + 1)]
 
 

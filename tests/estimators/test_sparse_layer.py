@@ -25,13 +25,7 @@ from estimators.sparse import (
     transform_sigmas,
     tuple_proportions,
 )
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-    ),
-]
+from harness.testing import DEVICES
 
 
 def _gen(device: str, seed: int = 0) -> torch.Generator:

@@ -20,6 +20,7 @@ from estimators.plugins.reinforce import ReinforceEstimator
 from estimators.plugins.sparse import SparseEstimator
 from harness.errors import UsageError
 from harness.task import CellSetup, Task, TaskRun
+from harness.testing import DEVICES
 from plugins.attention import (
     AttentionModel,
     AttentionTask,
@@ -27,8 +28,6 @@ from plugins.attention import (
     register_tasks,
     saturated_fraction,
 )
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # A canvas and data small enough for CPU tests; "deepmind" clutter fits a digit on a 32 px canvas.
 TINY: dict[str, Any] = {

@@ -29,6 +29,7 @@ from estimators.layers.permutation import (
 )
 from harness.errors import UsageError
 from harness.task import CellSetup, TaskRun
+from harness.testing import DEVICES
 from plugins.data.mnist import load_mnist
 from plugins.data.numbers import validation_split
 from plugins.sorting import (
@@ -48,7 +49,6 @@ from plugins.sorting import (
 )
 from plugins.sorting_networks import KeyNetwork, LargeMnistCNN
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LAYERS = {
     "quicksort": QuicksortLayer,
     "gumbel_sinkhorn": GumbelSinkhornLayer,
