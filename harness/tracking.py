@@ -15,7 +15,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.claims import CLAIM_TAG, HEARTBEAT_TAG, OWNER_TAG, STATUS_TAG, Claim, Owner
+from harness.claims import CLAIM_TAG, HEARTBEAT_TAG, LOST_TAG, OWNER_TAG, STATUS_TAG, Claim, Owner
 from harness.store import open_client, sqlite_path
 
 if TYPE_CHECKING:
@@ -85,11 +85,15 @@ class Tracker:
     """The store a matrix run writes into; opened (and checked) only after the config has been
     validated, so a bad config never touches it."""
 
-    def __init__(self, uri: str, *, create: bool = True) -> None:
+    def __init__(self, uri: str, *, create: bool = True, artifact_root: str | None = None) -> None:
+        """``artifact_root``: where a local store keeps artifacts, for a tracker that reaches that
+        store through a server (``harness.server``); by default found beside a sqlite file."""
         self.client: MlflowClient = open_client(uri, create=create, write=True)
         self.uri = uri
         db = sqlite_path(uri)
-        self.artifact_root = (db.resolve().parent / "artifacts").as_uri() if db is not None else None
+        if artifact_root is None and db is not None:
+            artifact_root = (db.resolve().parent / "artifacts").as_uri()
+        self.artifact_root = artifact_root
 
     def experiment(self, preset: str) -> str:
         """The experiment for a preset, created as a model-training experiment on first use."""
@@ -192,6 +196,8 @@ class Tracker:
                 "sparsebench.resumes": str(resumes),
             },
         )
+        if LOST_TAG in run.data.tags:  # resumed: a later failure is the cell's own again
+            self.client.delete_tag(run_id, LOST_TAG)
         self.client.update_run(run_id, status="RUNNING")
         return run_id
 
