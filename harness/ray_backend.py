@@ -104,16 +104,24 @@ def _run_cell(job: CellJob, events: Any, threads: int) -> Event:
         return run_in_worker(job, guard, lambda event: events.put.remote(event), worker=worker)
 
 
-def _worker_env(local: bool) -> dict[str, str]:
-    """What workers need from this process's environment: the data root and plugin settings,
-    and, for an instance on this machine, this interpreter's import path (local plugin modules)."""
+def _worker_env() -> dict[str, str]:
+    """What workers need from this process's environment: the data root, the plugin settings,
+    and this process's own source folders (a checkout, local plugin modules), minus installed
+    packages. Every node must have sparsebench and the plugins' packages installed; a folder a
+    node lacks is skipped by its Python."""
     from harness import plugins
     from harness.task import DATA_ROOT_ENV
 
     keys = (DATA_ROOT_ENV, plugins.ENV_VAR, plugins.DISABLE_ENV_VAR)
     env = {k: os.environ[k] for k in keys if os.environ.get(k)}
-    if local:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+    installed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}
+    own = [
+        p
+        for p in sys.path
+        if p and os.path.isdir(p) and not any(os.path.realpath(p).startswith(i) for i in installed)
+    ]
+    if own:
+        env["PYTHONPATH"] = os.pathsep.join(own)
     return env
 
 
@@ -150,7 +158,7 @@ class RayBackend:
             ray.init(
                 address=address,
                 include_dashboard=False if local else None,
-                runtime_env={"env_vars": _worker_env(local)},
+                runtime_env={"env_vars": _worker_env()},
                 logging_level=logging.WARNING,
             )
         except (ConnectionError, RuntimeError, ValueError) as e:
