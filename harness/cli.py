@@ -494,12 +494,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from harness.tracking import Tracker, resolve_tracking_uri, ui_url
+    from harness.dashboard import ui_url
+    from harness.tracking import Tracker, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     tracker = Tracker(uri)
     experiments = [e for e in tracker.client.search_experiments() if e.name.startswith("sparsebench-")]
     for exp in experiments:
+        tracker.offer_cells_view(exp)
         print(f"{exp.name}: {ui_url(args.port, exp.experiment_id, args.host)}")
     if not experiments:
         print(f"no sparsebench experiments in {uri} yet: run `sparsebench run` first")
