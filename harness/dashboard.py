@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from urllib.parse import urlencode
 
-__all__ = ["CELLS_VIEW_TAG", "cells_view_tag", "ui_url"]
+__all__ = ["CELLS_VIEW_TAG", "cells_view_tag", "experiment_url", "ui_url"]
 
 CELLS_FILTER = "tags.`sparsebench.role` = 'cell'"
 CELLS_ORDER = "tags.`mlflow.runName`"  # MLflow's key for "Sort: Run Name"
@@ -21,14 +21,17 @@ _FACETS = {"searchFilter": CELLS_FILTER, "orderByKey": CELLS_ORDER, "orderByAsc"
 
 
 def ui_url(port: int, experiment_id: str | None = None, host: str = "127.0.0.1") -> str:
-    """The dashboard URL; for an experiment, its cells in the chart view. ``workflowType``: MLflow 3's
-    UI opens on GenAI views unless told ``machine_learning``."""
+    """The URL of ``sparsebench ui`` (its own ``mlflow server``); see ``experiment_url``."""
     base = f"http://{host}:{port}/"
-    if experiment_id is None:
-        return base
+    return base if experiment_id is None else experiment_url(base, experiment_id)
+
+
+def experiment_url(server: str, experiment_id: str) -> str:
+    """An experiment's cells in the chart view of the dashboard at ``server``. ``workflowType``:
+    MLflow 3's UI opens on GenAI views unless told ``machine_learning``."""
     query = urlencode({"workflowType": "machine_learning", "searchFilter": CELLS_FILTER,
                        "orderByKey": CELLS_ORDER, "orderByAsc": "true", "compareRunsMode": "CHART"})
-    return f"{base}#/experiments/{experiment_id}/runs?{query}"
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
 def cells_view_tag(created_ms: int) -> str:

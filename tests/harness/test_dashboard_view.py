@@ -47,3 +47,17 @@ def test_run_stores_a_saved_view_that_lists_the_cells_by_name(store_home, store,
     assert main(RUN) == 0  # a second run keeps the one view (resumed cells: nothing new to run)
     tags = store.client.get_experiment_by_name(store.experiment).tags
     assert [k for k in tags if k.startswith("mlflow.sharedViewState.")] == [CELLS_VIEW_TAG]
+
+
+def test_a_tracking_server_is_its_own_dashboard():
+    from rich.console import Console
+
+    from harness.dashboard import experiment_url
+    from harness.summary import print_where
+
+    console = Console(record=True, width=80)
+    print_where(console, "http://10.0.0.5:5000", "3")
+    out = console.export_text()
+    assert experiment_url("http://10.0.0.5:5000", "3") in out.splitlines()  # whole, on one line
+    assert experiment_url("http://10.0.0.5:5000", "3").startswith("http://10.0.0.5:5000/#/experiments/3/runs?")
+    assert "sparsebench ui" not in out
