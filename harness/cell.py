@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import resource
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -88,11 +90,14 @@ class Superseded(Exception):
 
 
 class CellProgressLike(Protocol):
-    """What ``execute`` needs from a progress display (``harness.runner.CellProgress``)."""
+    """What ``execute`` tells a progress display (``harness.progress``), in this process or, through
+    a worker's channel, in the launcher's."""
 
     def start(self, name: str, steps: int, completed: int = 0) -> None: ...
 
     def advance(self, loss: float) -> None: ...
+
+    def evaluated(self, step: int, metrics: dict[str, float]) -> None: ...
 
 
 def seed_everything(seed: int) -> None:
@@ -274,7 +279,13 @@ class _Training:
         if run.steps < 1 or run.eval_every < 1:
             raise ValueError(f"task {task.name} set up {run.steps} steps evaluated every {run.eval_every}")
         self.tracker.set_tags(
-            self.run_id, {**run.provenance, "sparsebench.primary_metric": task.primary_metric}
+            self.run_id,
+            {
+                **run.provenance,
+                "sparsebench.primary_metric": task.primary_metric,
+                "sparsebench.threads": str(torch.get_num_threads()),
+                "sparsebench.worker": f"{socket.gethostname()}:{os.getpid()}",
+            },
         )
         if not self.job.resume:  # a resumed run already records its dataset
             self.tracker.log_dataset(self.run_id, run.provenance)
@@ -377,6 +388,8 @@ class _Training:
         self.pending.append((step, {**metrics, "time/elapsed_s": self.elapsed()}))
         self.sink.log(self.pending)  # each evaluation makes the dashboard current
         self.pending.clear()
+        if self.progress:
+            self.progress.evaluated(step, metrics)
 
     def _snapshot(self, step: int) -> None:
         if self.task_run.write_artifacts is None:

@@ -9,6 +9,9 @@ do not list it, and its name stays taken. Generations only grow: taking a cell o
 owner means winning generation ``g + 1``, which also fences the old owner (its heartbeat sees the
 newer generation and it stops without writing).
 
+A run whose worker died under it (a killed process, a lost node: ``LOST_TAG``) ends FAILED, yet
+unlike a failure of the cell's own code it is resumed from its checkpoint by the next launcher.
+
 A claim is *released* when the cell's run carries the claim's generation (tag
 ``sparsebench.claim``) and has ended. While it is held, its owner is *gone* when it ran on this
 host and its pid has exited, or when its heartbeat (tag ``sparsebench.heartbeat`` on the run,
@@ -33,6 +36,7 @@ __all__ = [
     "CLAIM_PREFIX",
     "CLAIM_TAG",
     "HEARTBEAT_TAG",
+    "LOST_TAG",
     "OWNER_TAG",
     "STATUS_TAG",
     "Claim",
@@ -45,6 +49,7 @@ __all__ = [
     "latest_run",
     "reconcile",
     "released",
+    "resumable",
     "try_claim",
 ]
 
@@ -53,6 +58,7 @@ OWNER_TAG = "sparsebench.owner"
 CLAIM_TAG = "sparsebench.claim"
 HEARTBEAT_TAG = "sparsebench.heartbeat"
 STATUS_TAG = "sparsebench.status"
+LOST_TAG = "sparsebench.worker_lost"  # set on a run whose worker died: failed, but resumable
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 HEARTBEAT_S = 30.0
 DEFAULT_STALE_S = 300.0  # five minutes without a heartbeat: the owner is gone
@@ -269,12 +275,18 @@ def acquire(
         winner = current_claim(client, experiment_id, cell_id)
         who = Owner.parse(winner.owner) if winner else "another process"
         return Decision("busy", run=run, reason=f"claimed by {who} a moment ago")
-    if run is not None and run.info.status in ("RUNNING", "KILLED"):
+    if run is not None and resumable(run):
         mismatch = _environment_change(run, env_tags)
         if mismatch is None:
             return Decision("resume", won, run)
         return Decision("run", won, run, reason=f"not resumed: {mismatch}")
     return Decision("run", won, run)
+
+
+def resumable(run: Run) -> bool:
+    """Interrupted, left running by a process that is gone, or failed because its worker died."""
+    status = run.info.status
+    return status in ("RUNNING", "KILLED") or (status == "FAILED" and bool(run.data.tags.get(LOST_TAG)))
 
 
 RESUME_KEYS = ("sparsebench.git_sha", "sparsebench.torch", "sparsebench.device")

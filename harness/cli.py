@@ -78,6 +78,19 @@ def _number(kind: type, minimum: float, strict: bool = False) -> Callable[[str],
 RETRY = ("diverged", "failed", "n/a")
 
 
+def _jobs(text: str) -> int:
+    """``--jobs``: a positive integer, or ``auto`` (0: one per core, or per GPU on CUDA)."""
+    if text == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of jobs; give N >= 1 or auto") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1 (or auto)")
+    return value
+
+
 def _statuses(text: str) -> list[str]:
     statuses = _csv(text)
     bad = [s for s in statuses if s not in RETRY]
@@ -166,12 +179,39 @@ def _parser() -> argparse.ArgumentParser:
         "(failed and interrupted cells are always rerun)",
     )
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    run.add_argument("--no-progress", action="store_true", help="no live progress bars")
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress at all (default: live bars on a terminal, a line per cell start, evaluation "
+        "and end otherwise)",
+    )
     run.add_argument(
         "--threads",
         type=_number(int, 0),
         default=0,
-        help="CPU threads for torch (default: torch's choice; 1 helps on a busy machine)",
+        help="CPU threads for torch per cell (default: torch's choice; with --jobs N, cores / N; "
+        "with Ray, the cell's num_cpus; 1 helps on a busy machine)",
+    )
+    run.add_argument(
+        "--jobs",
+        type=_jobs,
+        default=None,
+        metavar="N|auto",
+        help="run N cells at once in worker processes on this machine (auto: one per core, or one "
+        "per GPU on CUDA); with --backend ray, at most N cells in flight",
+    )
+    run.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this machine (in this process, or --jobs workers); ray: each cell a Ray task "
+        "(pip install 'sparsebench[ray]')",
+    )
+    run.add_argument(
+        "--address",
+        default=None,
+        help="--backend ray: the cluster to join (auto, HOST:PORT, or ray://HOST:10001 through Ray "
+        "Client); default: a Ray instance on this machine for the run",
     )
     run.add_argument(
         "--checkpoint-minutes",
@@ -321,7 +361,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.tracking import Tracker, resolve_tracking_uri
 
     registry, cells = _load(args)
-    device = runner.pick_device(args.device)
+    if args.address and args.backend != "ray":
+        raise UsageError("--address names a Ray cluster: add --backend ray")
+    device = runner.pick_device(args.device) if args.backend == "local" else None
     if args.threads:
         import torch
 
@@ -335,25 +377,59 @@ def cmd_run(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     tracker = Tracker(uri)  # unreachable, unreadable or read-only store: a usage error before any training
     cache = _cache_dir()
-    experiment_id = tracker.experiment(args.preset)
-    _reconcile(tracker, [experiment_id], args.stale_after)
-    options = runner.MatrixOptions(
-        device=device,
-        cache_dir=cache,
-        checkpoints=CheckpointPolicy.for_store(uri, args.checkpoint_steps, args.checkpoint_minutes),
-        force=args.force,
-        retry=tuple(args.retry),
-        stale_s=args.stale_after * 60,
-        show_progress=not args.no_progress,
-        plugins=tuple(args.plugin),
-    )
-    console.print(f"[bold]sparsebench[/] {len(cells)} cells on {device} -> {uri}")
-    results = runner.run_matrix(
-        cells, registry, tracker, args.preset, options, args.guard, notify=console.print
-    )
+    backend, device, where = _backend(args, uri, cells, device)  # Ray: connect; do its nodes reach the store?
+    try:
+        experiment_id = tracker.experiment(args.preset)
+        _reconcile(tracker, [experiment_id], args.stale_after)
+        options = runner.MatrixOptions(
+            device=device,
+            cache_dir=cache,
+            checkpoints=CheckpointPolicy.for_store(uri, args.checkpoint_steps, args.checkpoint_minutes),
+            force=args.force,
+            retry=tuple(args.retry),
+            stale_s=args.stale_after * 60,
+            show_progress=not args.no_progress,
+            plugins=tuple(args.plugin),
+        )
+        console.print(f"[bold]sparsebench[/] {len(cells)} cells on {device}{where} -> {uri}")
+        results = runner.run_matrix(
+            cells, registry, tracker, args.preset, options, args.guard, notify=console.print, backend=backend
+        )
+    finally:
+        if backend is not None:
+            backend.close()
     summary.print_results(console, results)
     summary.print_where(console, uri, experiment_id)
     return EXIT_FAILED_CELLS if any(r.status == "failed" for r in results) else 0
+
+
+def _backend(args: argparse.Namespace, uri: str, cells, device):  # -> (Backend | None, torch.device, str)
+    """The backend ``--jobs``/``--backend`` ask for (``None``: in this process), the device its cells
+    use, and a few words for the header line."""
+    import torch
+
+    if args.backend == "ray":
+        from harness.ray_backend import RayBackend
+
+        ray = RayBackend(args.address, uri, args.device, cells, jobs=args.jobs or 0, threads=args.threads)
+        nodes = f"{ray.nodes} node{'s' * (ray.nodes > 1)}"
+        return ray, torch.device(ray.device), f" with Ray ({nodes}, up to {ray.slots} cells at once)"
+    cores = len(os.sched_getaffinity(0))
+    gpus: list[str] = []
+    if device.type == "cuda":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    jobs = args.jobs if args.jobs is not None else 1
+    if jobs == 0:  # auto
+        jobs = len(gpus) or cores
+    if jobs == 1:
+        return None, device, ""
+    from harness.pool import PoolBackend
+
+    threads = args.threads or max(1, cores // jobs)
+    spread = f", GPUs {','.join(gpus)}" if gpus else ""
+    where = f" with {jobs} worker processes x {threads} threads{spread}"
+    return PoolBackend(jobs, threads, gpus), device, where
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -418,12 +494,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from harness.tracking import Tracker, resolve_tracking_uri, ui_url
+    from harness.dashboard import ui_url
+    from harness.tracking import Tracker, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     tracker = Tracker(uri)
     experiments = [e for e in tracker.client.search_experiments() if e.name.startswith("sparsebench-")]
     for exp in experiments:
+        tracker.offer_cells_view(exp)
         print(f"{exp.name}: {ui_url(args.port, exp.experiment_id, args.host)}")
     if not experiments:
         print(f"no sparsebench experiments in {uri} yet: run `sparsebench run` first")

@@ -5,6 +5,9 @@ touches the tracking store, so a typo costs one line and exit code 2, never a ha
 types against the defaults, choices, finite floats, the signs a plugin declares (``positive``,
 ``non_negative``), then each plugin's own ``check``. Values given with ``--set`` (``forced``) win
 over variants and ``[[overrides]]``: they are applied last.
+
+A task table or a variant may also hold ``resources`` (what one cell asks of a Ray node): kept
+on the ``Cell`` apart from its parameters, so it never changes a cell's id.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = ["ALL", "Cell", "Selection", "check_data", "choose_kind", "resolve_cel
 
 MATRIX_KEYS = ("tasks", "estimators", "seeds")
 OVERRIDE_KEYS = ("match", "task", "estimator", "sweep")
+RESOURCE_KEYS = ("num_cpus", "num_gpus")
 # What the runner itself reads, whatever a task declares.
 POSITIVE = ("batch_size", "lr")
 NON_NEGATIVE = ("steps", "eval_every")  # 0: the task derives it (e.g. from epochs)
@@ -59,6 +63,8 @@ class Cell:
     kind: str | None = None
     na_reason: str | None = None
     spec: Spec | None = field(default=None, compare=False)
+    # what the cell asks of a Ray node; where it runs, not what it computes: not in ``resolved()``
+    resources: dict[str, float] = field(default_factory=dict, compare=False)
 
     @property
     def name(self) -> str:
@@ -173,6 +179,26 @@ def _matches(match: Mapping[str, Any], task: str, estimator: str, params: Mappin
 def _numbers(value: Any) -> list[int | float]:
     items = value if isinstance(value, list) else [value]
     return [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _resources(where: str, base: Mapping[str, float], extra: Any) -> dict[str, float]:
+    """``base`` updated with a ``resources`` table, checked: a positive ``num_cpus``, and a
+    ``num_gpus`` that is a fraction of one GPU or a whole number of them (as Ray takes it)."""
+    merged = dict(base)
+    for key, value in _table(f"{where} resources", extra).items():
+        if key not in RESOURCE_KEYS:
+            raise ConfigError(f"{where} resources: unknown key {key!r}; known: {', '.join(RESOURCE_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where} resources: {key} = {value!r} must be a finite number")
+        if key == "num_cpus" and value <= 0:
+            raise ConfigError(f"{where} resources: num_cpus = {value!r} must be positive")
+        if key == "num_gpus" and (value < 0 or (value > 1 and value != int(value))):
+            raise ConfigError(
+                f"{where} resources: num_gpus = {value!r} must be a fraction of one GPU (0 to 1) "
+                "or a whole number of GPUs"
+            )
+        merged[key] = float(value)
+    return merged
 
 
 def _check_numbers(where: str, params: Mapping[str, Any], owner: Task | Estimator) -> None:
@@ -291,16 +317,17 @@ def resolve_cells(
     cells: dict[str, Cell] = {}  # by id: identical cells are listed once
     for task_name in task_names:
         size_key = registry.task(task_name).size_key
-        for variant, vparams in variants_of[task_name]:
+        for variant, vparams, resources in variants_of[task_name]:
             if selection.sizes and vparams[size_key] not in selection.sizes:
                 continue
             label = _variant_label(variant, vparams, size_key)
+            forced_task = {k: v for k, v in forced_tasks.get(task_name, {}).items() if k != "resources"}
             for est_name in est_names:
                 for cell in _expand(
                     task_name, label, vparams, est_name, est_base[est_name], seeds, registry, overrides,
-                    forced_tasks.get(task_name, {}), forced_ests.get(est_name, {}),
+                    forced_task, forced_ests.get(est_name, {}),
                 ):
-                    cells.setdefault(cell.cell_id, cell)
+                    cells.setdefault(cell.cell_id, dataclasses.replace(cell, resources=resources))
     if not cells:
         raise ConfigError("the selection matches no cell: check --task, --estimator and --size")
     return list(cells.values())
@@ -315,9 +342,15 @@ def _resolved(where: str, extra: Mapping[str, Any], owner: Task | Estimator) -> 
 
 def _task_variants(
     name: str, section: Mapping[str, Any], forced: Mapping[str, Any], task: Task
-) -> list[tuple[Mapping[str, Any], dict[str, Any]]]:
-    """(variant table, resolved task params) for each variant of a ``[tasks.<name>]`` section."""
-    base = _resolved(f"[tasks.{name}]", {k: v for k, v in section.items() if k != "variants"}, task)
+) -> list[tuple[Mapping[str, Any], dict[str, Any], dict[str, float]]]:
+    """(variant table, resolved task params, resources) for each variant of a ``[tasks.<name>]``
+    section. ``resources`` is taken out of the section and each variant before the parameters
+    are checked; a ``--set`` of it has already been merged into ``section``, and wins."""
+    where = f"[tasks.{name}]"
+    base = _resolved(where, {k: v for k, v in section.items() if k not in ("variants", "resources")}, task)
+    base_resources = _resources(where, task.resources, section.get("resources", {}))
+    forced_resources = forced.get("resources", {})
+    forced = {k: v for k, v in forced.items() if k != "resources"}
     variants = _list_of_tables(f"[tasks.{name}] variants", section.get("variants", [{}]))
     if not variants:
         raise ConfigError(f"[tasks.{name}] variants is empty; give at least one ([{{}}]: the defaults)")
@@ -325,10 +358,13 @@ def _task_variants(
     for variant in variants:
         params = dict(base)
         where = f"[tasks.{name}] variant {variant!r}"
+        resources = _resources(where, base_resources, variant.get("resources", {}))
+        resources = _resources(f"--set tasks.{name}", resources, forced_resources)
+        variant = {k: v for k, v in variant.items() if k != "resources"}
         _update(where, params, variant, task)
         _update(f"--set tasks.{name}", params, forced, task)
         _check_numbers(where, params, task)
-        out.append((variant, params))
+        out.append((variant, params, resources))
     return out
 
 

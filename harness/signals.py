@@ -5,6 +5,11 @@ recorded; the training loop acts on it at its next step boundary (checkpoint, th
 other deferred sections raise on leaving through ``guard.atomic()``. Anywhere else the handler
 raises ``Interrupted`` at once. A second signal while one is pending raises at once too: a user
 who presses Ctrl-C twice does not want to wait for the step to end.
+
+A worker process (``harness.pool``, ``harness.ray_backend``) enters its guard with
+``escalate=False``: its launcher forwards the user's signal once, and Slurm or a shell may deliver
+the same one to the worker as well; two copies of one request must not cut the step short. The
+launcher escalates instead (a second Ctrl-C there kills its workers at once).
 """
 
 from __future__ import annotations
@@ -46,14 +51,16 @@ class SignalGuard:
     A guard that was never entered works as a no-op, so library code can take one always.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[int, ...] = HANDLED, escalate: bool = True) -> None:
         self.signum: int | None = None
+        self.signals = signals
+        self.escalate = escalate
         self._defer = 0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> SignalGuard:
         if threading.current_thread() is threading.main_thread():
-            for sig in HANDLED:
+            for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -64,9 +71,10 @@ class SignalGuard:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         first = self.signum is None
-        self.signum = signum
-        if self._defer == 0 or not first:
-            raise Interrupted(signum)
+        if first or self.escalate:
+            self.signum = signum
+        if self._defer == 0 or (self.escalate and not first):
+            raise Interrupted(self.signum)
 
     @property
     def pending(self) -> int | None:

@@ -41,7 +41,10 @@ def sqlite_path(uri: str) -> Path | None:
 
 def quiet_mlflow() -> None:
     """MLflow and alembic announce schema creation and migrations at INFO on stderr; the CLI's
-    output is its own, so only their warnings get through."""
+    output is its own, so only their warnings get through (and no run URLs on stdout)."""
+    # Over HTTP, MLflow prints a "View run ... at: URL" line on stdout as each run ends; the
+    # summary says where the runs are.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow  # noqa: F401  (its import configures its loggers; ours must come after)
 
     for name in ("mlflow", "alembic"):

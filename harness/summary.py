@@ -8,9 +8,9 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.cell import CellResult
+from harness.dashboard import experiment_url, ui_url
 from harness.matrix import Cell
 from harness.plugins import Registry
-from harness.tracking import ui_url
 
 __all__ = ["print_cells", "print_plugins", "print_registry", "print_results", "print_where"]
 
@@ -76,7 +76,11 @@ def print_results(console: Console, results: Sequence[CellResult]) -> None:
 
 def print_where(console: Console, uri: str, experiment_id: str) -> None:
     console.print(f"store: [bold]{uri}[/]")
-    console.print(
-        f"dashboard: [bold]sparsebench ui --tracking-uri {uri}[/] then open {ui_url(5000, experiment_id)}"
-    )
+    if uri.startswith(("http://", "https://")):  # a tracking server is a dashboard too
+        console.print("dashboard: open")
+        url = experiment_url(uri, experiment_id)
+    else:
+        console.print(f"dashboard: [bold]sparsebench ui --tracking-uri {uri}[/] then open")
+        url = ui_url(5000, experiment_id)
+    console.print(url, soft_wrap=True)  # one line, so that a terminal can open it
     console.print("report: [bold]sparsebench report[/]")

@@ -105,6 +105,13 @@ class Task:
       that is missing; the changed params change the cell's id, so its record says so.
     - ``smoke``: parameter overrides that make one cell take seconds (tiny sizes and data, a few
       steps); ``sparsebench check-plugin`` trains every estimator it checks on them.
+    - ``resources``: what one cell asks of a Ray node (``num_cpus``; ``num_gpus`` when it runs on
+      CUDA, fractional so that small cells share a GPU). A config overrides it per task or variant
+      (``resources = {num_gpus = 0.25}``); it never changes a cell's id or its results.
+    - ``expected_seconds(params)``: a rough figure for one cell's training time on one CPU thread
+      (the default: ``steps`` x 0.1 s). Parallel backends start the longest cells first, so that
+      a matrix does not end on one straggler; once the same cell has finished in the store (any
+      seed), its measured time is used instead. Only the order depends on it.
 
     How the kind is chosen: for a cell, the harness walks ``kinds`` in order, asks ``spec(kind,
     params)`` for each, and takes the first whose spec the estimator's ``unsupported`` accepts; if
@@ -122,6 +129,10 @@ class Task:
     smoke: ClassVar[Mapping[str, Any]] = {}
     positive: ClassVar[tuple[str, ...]] = ()
     non_negative: ClassVar[tuple[str, ...]] = ()
+    resources: ClassVar[Mapping[str, float]] = {"num_cpus": 1, "num_gpus": 1}
+
+    def expected_seconds(self, params: Mapping[str, Any]) -> float:
+        return params["steps"] * 0.1
 
     def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
         raise NotImplementedError

@@ -15,16 +15,17 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.claims import CLAIM_TAG, HEARTBEAT_TAG, OWNER_TAG, STATUS_TAG, Claim, Owner
+from harness.claims import CLAIM_TAG, HEARTBEAT_TAG, LOST_TAG, OWNER_TAG, STATUS_TAG, Claim, Owner
+from harness.dashboard import CELLS_VIEW_TAG, cells_view_tag
 from harness.store import open_client, sqlite_path
 
 if TYPE_CHECKING:
-    from mlflow.entities import Run
+    from mlflow.entities import Experiment, Run
     from mlflow.tracking import MlflowClient
 
     from harness.matrix import Cell
 
-__all__ = ["Tracker", "default_home", "resolve_tracking_uri", "ui_url"]
+__all__ = ["Tracker", "default_home", "resolve_tracking_uri"]
 
 HOME_ENV = "SPARSEBENCH_HOME"
 EXPERIMENT_PREFIX = "sparsebench-"
@@ -40,14 +41,6 @@ def resolve_tracking_uri(cli_uri: str | None) -> str:
     if uri:
         return uri
     return f"sqlite:///{default_home() / 'mlflow.db'}"
-
-
-def ui_url(port: int, experiment_id: str | None = None, host: str = "127.0.0.1") -> str:
-    """The dashboard URL; MLflow 3's UI opens on GenAI views unless told ``machine_learning``."""
-    base = f"http://{host}:{port}/"
-    if experiment_id is None:
-        return base
-    return f"{base}#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def _git_sha() -> str:
@@ -77,6 +70,10 @@ def environment_tags(device: str) -> dict[str, str]:
     }
 
 
+def _cells_view() -> str:
+    return cells_view_tag(int(time.time() * 1000))
+
+
 def _lease_tags(owner: Owner) -> dict[str, str]:
     return {OWNER_TAG: owner.token, HEARTBEAT_TAG: f"{time.time():.3f}"}
 
@@ -85,11 +82,15 @@ class Tracker:
     """The store a matrix run writes into; opened (and checked) only after the config has been
     validated, so a bad config never touches it."""
 
-    def __init__(self, uri: str, *, create: bool = True) -> None:
+    def __init__(self, uri: str, *, create: bool = True, artifact_root: str | None = None) -> None:
+        """``artifact_root``: where a local store keeps artifacts, for a tracker that reaches that
+        store through a server (``harness.server``); by default found beside a sqlite file."""
         self.client: MlflowClient = open_client(uri, create=create, write=True)
         self.uri = uri
         db = sqlite_path(uri)
-        self.artifact_root = (db.resolve().parent / "artifacts").as_uri() if db is not None else None
+        if artifact_root is None and db is not None:
+            artifact_root = (db.resolve().parent / "artifacts").as_uri()
+        self.artifact_root = artifact_root
 
     def experiment(self, preset: str) -> str:
         """The experiment for a preset, created as a model-training experiment on first use."""
@@ -98,18 +99,28 @@ class Tracker:
         name = EXPERIMENT_PREFIX + preset
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            self.offer_cells_view(found)
             return found.experiment_id
         try:
             return self.client.create_experiment(
                 name,
                 artifact_location=f"{self.artifact_root}/{name}" if self.artifact_root else None,
-                tags={"mlflow.experimentKind": "custom_model_development", "sparsebench.preset": preset},
+                tags={
+                    "mlflow.experimentKind": "custom_model_development",
+                    "sparsebench.preset": preset,
+                    CELLS_VIEW_TAG: _cells_view(),  # the dashboard's "Views" menu offers the cells
+                },
             )
         except MlflowException:  # another launcher created it a moment ago
             found = self.client.get_experiment_by_name(name)
             if found is None:
                 raise
             return found.experiment_id
+
+    def offer_cells_view(self, experiment: Experiment) -> None:
+        """Add the saved view of the cells to an experiment from before it (``harness.dashboard``)."""
+        if CELLS_VIEW_TAG not in experiment.tags:
+            self.client.set_experiment_tag(experiment.experiment_id, CELLS_VIEW_TAG, _cells_view())
 
     def start_parent(self, experiment_id: str, preset: str, n_cells: int, owner: Owner) -> str:
         run = self.client.create_run(
@@ -192,6 +203,8 @@ class Tracker:
                 "sparsebench.resumes": str(resumes),
             },
         )
+        if LOST_TAG in run.data.tags:  # resumed: a later failure is the cell's own again
+            self.client.delete_tag(run_id, LOST_TAG)
         self.client.update_run(run_id, status="RUNNING")
         return run_id
 

@@ -122,6 +122,16 @@ def test_cuda_requested_without_gpu(home, capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
+def test_backend_ray_without_ray_installed_names_the_extra(recorded, home, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as on an install without the extra
+    assert main(["run", *GOOD, "--backend", "ray"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "sparsebench: error: --backend ray needs Ray: pip install 'sparsebench[ray]' (or pip install ray)"
+    ]
+    assert _store_state(home) == recorded
+
+
 def test_argparse_errors_are_one_line(capsys):
     assert main(["run", "--seeds"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

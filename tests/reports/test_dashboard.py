@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.tracking import ui_url
+from harness.dashboard import CELLS_VIEW_NAME, ui_url
 
 pytestmark = pytest.mark.browser
 
@@ -46,8 +46,8 @@ def _answers(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(dashboard_store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """``mlflow server`` on the dashboard store; the port. Stopped (its whole process group,
+def server(dashboard_store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """``sparsebench ui`` on the dashboard store; its port and its output. Stopped (its whole process group,
     which holds its workers) when the module's tests are done."""
     if not CHROMIUM.exists():
         message = f"{CHROMIUM} is absent: install it with `apt-get install -y chromium`"
@@ -55,7 +55,8 @@ def server(dashboard_store, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             pytest.fail(message)
         pytest.skip(message)
     port = _free_port()
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log = log_path.open("w")
     # `sparsebench ui` itself, so the command users run is the one under test.
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness.cli", "ui", "--tracking-uri", dashboard_store.uri,
@@ -68,7 +69,7 @@ def server(dashboard_store, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"mlflow server did not answer on port {port}; see {log.name}")
             time.sleep(0.5)
-        yield port
+        yield port, log_path
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -79,36 +80,79 @@ def server(dashboard_store, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         log.close()
 
 
-def test_dashboard_shows_experiment_child_runs_and_metric(
-    server: int, dashboard_store, artifact_dir: Path
-) -> None:
+def _printed_url(log: Path, experiment: str) -> str:
+    """The URL ``sparsebench ui`` printed for an experiment."""
+    prefix = f"{experiment}: "
+    (line,) = [line for line in log.read_text().splitlines() if line.startswith(prefix)]
+    return line.removeprefix(prefix)
+
+
+def _close_assistant(page) -> None:
+    assistant = page.get_by_role("button", name="Close")  # MLflow's side panel, if open
+    if assistant.count() == 1:
+        assistant.click()
+
+
+def _chart(page, metric: str):
+    """A metric's card in the chart view."""
+    return page.get_by_test_id("experiment-view-compare-runs-card").filter(
+        has=page.get_by_text(metric, exact=True))
+
+
+def test_printed_url_opens_the_cells_in_the_chart_view(server, dashboard_store, artifact_dir: Path) -> None:
+    """The bug this guards: MLflow folds child runs under their parent and charts only the rows on
+    show, so a matrix's chart view opened empty until the parent row was expanded."""
     from playwright.sync_api import expect, sync_playwright
 
+    port, log = server
     experiment = "sparsebench-quick"
-    url = ui_url(server, dashboard_store.experiments[experiment])
+    url = _printed_url(log, experiment)
+    assert url == ui_url(port, dashboard_store.experiments[experiment])
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.set_default_timeout(UI_TIMEOUT_MS)
-            page.goto(url)
-            expect(page.get_by_text("matching runs")).to_be_visible()
-            expect(page.get_by_role("link", name=experiment).first).to_be_visible()
-            assistant = page.get_by_role("button", name="Close")  # MLflow's side panel, if open
-            if assistant.count() == 1:
-                assistant.click()
-            parent = page.get_by_role("gridcell").filter(
-                has=page.get_by_role("link", name=PARENT, exact=True))
-            parent.get_by_role("button").click()  # child runs are folded under their parent
-            for child in CHILDREN:
+            page.goto(url)  # no clicks: the charts show every cell at once
+            expect(page.get_by_text(f"{len(CHILDREN)} matching runs")).to_be_visible()
+            _close_assistant(page)
+            chart = _chart(page, METRIC)
+            expect(chart.locator(".js-plotly-plot .scatterlayer .trace").first).to_be_visible()  # lines
+            for child in CHILDREN:  # each cell in the chart's legend and in the runs list
+                expect(chart.get_by_text(f"{child} ({METRIC})", exact=True)).to_be_visible()
                 expect(page.get_by_role("link", name=child, exact=True)).to_be_visible()
+            expect(page.get_by_role("link", name=PARENT, exact=True)).to_have_count(0)
             page.screenshot(path=str(artifact_dir / "dashboard.png"))
 
             page.get_by_role("link", name=CHILDREN[0], exact=True).click()
-            page.get_by_role("link", name=METRIC, exact=True).click()  # the metric's chart
+            page.get_by_role("link", name=METRIC, exact=True).click()  # the metric's own chart
             expect(page.get_by_text(f"{CHILDREN[0]} ({METRIC})")).to_be_visible()
             page.screenshot(path=str(artifact_dir / "dashboard_metric.png"))
         finally:
             browser.close()
     for name in ("dashboard.png", "dashboard_metric.png"):
         assert (artifact_dir / name).stat().st_size > 10_000
+
+
+def test_views_menu_offers_the_cells_to_a_user_who_browsed_in(server, dashboard_store) -> None:
+    """A store written before the saved view gets it from ``sparsebench ui``; a user who reached the
+    experiment from MLflow's own pages (folded rows) picks it from "Views" and sees the cells."""
+    from playwright.sync_api import expect, sync_playwright
+
+    port, _ = server
+    experiment_id = dashboard_store.experiments["sparsebench-quick"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+            expect(page.get_by_role("link", name=PARENT, exact=True)).to_be_visible()  # MLflow's default
+            _close_assistant(page)
+            page.get_by_test_id("saved-views-trigger").click()
+            page.get_by_text(CELLS_VIEW_NAME, exact=True).click()
+            for child in CHILDREN:
+                expect(page.get_by_role("link", name=child, exact=True)).to_be_visible()
+            expect(page.get_by_role("link", name=PARENT, exact=True)).to_have_count(0)
+        finally:
+            browser.close()
