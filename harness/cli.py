@@ -126,8 +126,12 @@ def _parser() -> argparse.ArgumentParser:
         help="a RUNNING run whose owner (on another host) has not beaten for this long is marked KILLED "
         "(default 5; an owner on this host whose pid has exited is gone at once)",
     )
+    from harness.config import preset_names  # light: tomllib and the presets folder
+
     matrix = _Parser(add_help=False)
-    matrix.add_argument("--preset", default="quick", help="shipped preset: quick, paper or neuralsort")
+    matrix.add_argument(
+        "--preset", default="quick", help=f"shipped preset: {', '.join(preset_names())}"
+    )
     matrix.add_argument("--config", type=Path, default=None, help="TOML file merged over the preset")
     matrix.add_argument(
         "--set",
