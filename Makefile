@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)  ## the quick comparison matrix on the embedded MNIST digits, then the report
-	$(BIN)/sparsebench run --preset quick
+	$(BIN)/sparsebench run --preset quick --jobs auto
 	$(BIN)/sparsebench report --preset quick
 
 test: $(STAMP) $(CHROMIUM)  ## the whole test suite (CPU; CUDA variants run where a GPU is present)
