@@ -27,19 +27,21 @@ from pathlib import Path
 
 from harness.errors import TrackingError
 
-__all__ = ["TrackingServer"]
+__all__ = ["TrackingServer", "answers", "free_port"]
 
 START_S = 180.0  # the server imports MLflow's whole app: seconds when idle, a minute on a busy box
 STOP_S = 20.0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
+    """Whether ``url`` answers 200 within 2 s (a server's ``/health``)."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
@@ -66,7 +68,7 @@ class TrackingServer:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> TrackingServer:
-        self.port = _free_port()
+        self.port = free_port()
         command = [
             sys.executable, "-m", "mlflow", "server",
             "--backend-store-uri", self.store_uri,
@@ -98,7 +100,7 @@ class TrackingServer:
     def _wait(self) -> None:
         assert self.process is not None
         deadline = time.monotonic() + START_S
-        while not _answers(f"{self.uri}/health"):
+        while not answers(f"{self.uri}/health"):
             if self.process.poll() is not None:
                 tail = " ".join(self.log_path.read_text(errors="replace").split()[-30:])
                 raise TrackingError(

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -20,6 +17,7 @@ import pytest
 
 from harness.claims import Owner, current_claim, try_claim
 from harness.cli import main
+from harness.server import answers, free_port
 
 SERVER_START_S = 180  # the server imports MLflow's whole app; slow on a loaded 2-core machine
 CELL = [
@@ -46,25 +44,12 @@ CELL = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``mlflow server`` on a fresh sqlite store, serving artifacts; its URI."""
     folder = tmp_path_factory.mktemp("server")
-    port = _free_port()
+    port = free_port()
     log = (folder / "server.log").open("w")
     proc = subprocess.Popen(
         [
@@ -92,7 +77,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_START_S
-        while not _answers(f"{uri}/health"):
+        while not answers(f"{uri}/health"):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"mlflow server did not answer on port {port}; see {log.name}")
             time.sleep(0.5)

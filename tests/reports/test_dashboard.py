@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from harness.dashboard import CELLS_VIEW_NAME, ui_url
+from harness.server import answers, free_port
 
 pytestmark = pytest.mark.browser
 
@@ -31,19 +29,6 @@ PARENT, CHILDREN, METRIC = "quick run", ("identity/n=8/sparse/seed=0",
                                          "identity/n=8/reinforce/seed=0"), "eval/mse"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
 
 @pytest.fixture(scope="module")
 def server(dashboard_store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
@@ -54,7 +39,7 @@ def server(dashboard_store, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         if os.environ.get("SPARSEBENCH_REQUIRE_BROWSER"):  # `make test`: never skip in silence
             pytest.fail(message)
         pytest.skip(message)
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     log = log_path.open("w")
     # `sparsebench ui` itself, so the command users run is the one under test.
@@ -65,7 +50,7 @@ def server(dashboard_store, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     )
     try:
         deadline = time.monotonic() + SERVER_START_S
-        while not _answers(f"http://127.0.0.1:{port}/health"):
+        while not answers(f"http://127.0.0.1:{port}/health"):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"mlflow server did not answer on port {port}; see {log.name}")
             time.sleep(0.5)
