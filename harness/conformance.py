@@ -198,12 +198,18 @@ def _params_problems(owner: Task | Estimator) -> list[str]:
     return problems
 
 
-def _estimator_registration(est: Estimator) -> str:
-    problems = _params_problems(est)
-    if not NAME.match(getattr(est, "name", "") or ""):
-        problems.insert(0, f"name {getattr(est, 'name', None)!r} must be a lower-case identifier")
-    if not est.description:
+def _registration_problems(plugin: Estimator | Task) -> list[str]:
+    """What estimators and tasks share: a usable name, a description, parameters that check."""
+    problems = _params_problems(plugin)
+    if not NAME.match(getattr(plugin, "name", "") or ""):
+        problems.insert(0, f"name {getattr(plugin, 'name', None)!r} must be a lower-case identifier")
+    if not plugin.description:
         problems.append("description is empty (it is the line `sparsebench list` shows)")
+    return problems
+
+
+def _estimator_registration(est: Estimator) -> str:
+    problems = _registration_problems(est)
     if not est.kinds or not set(est.kinds) <= set(KINDS):
         problems.append(f"kinds {set(est.kinds)} must be a non-empty subset of {KINDS}")
     if problems:
@@ -212,11 +218,7 @@ def _estimator_registration(est: Estimator) -> str:
 
 
 def _task_registration(task: Task) -> str:
-    problems = _params_problems(task)
-    if not NAME.match(getattr(task, "name", "") or ""):
-        problems.insert(0, f"name {getattr(task, 'name', None)!r} must be a lower-case identifier")
-    if not task.description:
-        problems.append("description is empty (it is the line `sparsebench list` shows)")
+    problems = _registration_problems(task)
     if not task.kinds or not set(task.kinds) <= set(KINDS):
         problems.append(f"kinds {task.kinds!r} must be a non-empty tuple drawn from {KINDS}")
     missing = [k for k in (*REQUIRED_TASK_PARAMS, task.size_key) if k not in task.defaults]
