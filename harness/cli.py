@@ -342,14 +342,14 @@ def _load(args: argparse.Namespace):  # -> tuple[Registry, list[Cell]]
 
 def _reconcile(tracker, experiment_ids: list[str], stale_minutes: float) -> None:
     """Mark runs left RUNNING by a process that is gone as KILLED, and say so."""
-    from harness.claims import reconcile
+    from harness.store.claims import reconcile
 
     for note in reconcile(tracker.client, experiment_ids, stale_minutes * 60, tracker.artifact_root):
         print(f"sparsebench: marked KILLED, its owner is gone: {note}", file=sys.stderr)
 
 
 def _cache_dir() -> Path:
-    from harness.tracking import default_home
+    from harness.store.tracking import default_home
 
     cache = default_home() / "cache"
     try:
@@ -360,9 +360,9 @@ def _cache_dir() -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness import runner, summary
-    from harness.checkpoint import CheckpointPolicy
-    from harness.tracking import Tracker, resolve_tracking_uri
+    from harness.run import runner, summary
+    from harness.store.checkpoint import CheckpointPolicy
+    from harness.store.tracking import Tracker, resolve_tracking_uri
 
     registry, cells = _load(args)
     if args.address and args.backend != "ray":
@@ -413,7 +413,7 @@ def _backend(args: argparse.Namespace, uri: str, cells, device):  # -> (Backend 
     import torch
 
     if args.backend == "ray":
-        from harness.ray_backend import RayBackend
+        from harness.backends.ray_backend import RayBackend
 
         ray = RayBackend(args.address, uri, args.device, cells, jobs=args.jobs or 0, threads=args.threads)
         nodes = f"{ray.nodes} node{'s' * (ray.nodes > 1)}"
@@ -428,7 +428,7 @@ def _backend(args: argparse.Namespace, uri: str, cells, device):  # -> (Backend 
         jobs = len(gpus) or cores
     if jobs == 1:
         return None, device, ""
-    from harness.pool import PoolBackend
+    from harness.backends.pool import PoolBackend
 
     threads = args.threads or max(1, cores // jobs)
     spread = f", GPUs {','.join(gpus)}" if gpus else ""
@@ -437,7 +437,7 @@ def _backend(args: argparse.Namespace, uri: str, cells, device):  # -> (Backend 
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from harness import summary
+    from harness.run import summary
 
     registry, cells = _load(args)
     console = _console()
@@ -447,14 +447,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from harness import summary
+    from harness.run import summary
 
     summary.print_plugins(_console(), _registry(args))
     return 0
 
 
 def cmd_check_plugin(args: argparse.Namespace) -> int:
-    from harness import conformance
+    from harness.plugins import conformance
 
     registry = _registry(args)
     name = args.name
@@ -472,7 +472,7 @@ def cmd_check_plugin(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.errors import TrackingError
-    from harness.tracking import EXPERIMENT_PREFIX, Tracker, default_home, resolve_tracking_uri
+    from harness.store.tracking import EXPERIMENT_PREFIX, Tracker, default_home, resolve_tracking_uri
     from reports.build import build_report
     from reports.errors import ReportError, StoreReadError
 
@@ -498,8 +498,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from harness.dashboard import ui_url
-    from harness.tracking import Tracker, resolve_tracking_uri
+    from harness.store.dashboard import ui_url
+    from harness.store.tracking import Tracker, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     tracker = Tracker(uri)

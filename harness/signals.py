@@ -6,7 +6,7 @@ other deferred sections raise on leaving through ``guard.atomic()``. Anywhere el
 raises ``Interrupted`` at once. A second signal while one is pending raises at once too: a user
 who presses Ctrl-C twice does not want to wait for the step to end.
 
-A worker process (``harness.pool``, ``harness.ray_backend``) enters its guard with
+A worker process (``harness.backends.pool``, ``harness.backends.ray_backend``) enters its guard with
 ``escalate=False``: its launcher forwards the user's signal once, and Slurm or a shell may deliver
 the same one to the worker as well; two copies of one request must not cut the step short. The
 launcher escalates instead (a second Ctrl-C there kills its workers at once).

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.checkpoint import (
+from harness.store.checkpoint import (
     FORMAT,
     ArtifactCheckpoints,
     CheckpointPolicy,
@@ -17,7 +17,7 @@ from harness.checkpoint import (
     capture_rng,
     restore_rng,
 )
-from harness.tracking import Tracker
+from harness.store.tracking import Tracker
 
 CPU = torch.device("cpu")
 

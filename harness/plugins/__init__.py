@@ -27,8 +27,8 @@ import pluggy
 from estimators.base import KINDS, Estimator
 from harness import hookspecs
 from harness.errors import PluginError
+from harness.plugins.versions import code_version
 from harness.task import Task
-from harness.versions import code_version
 
 __all__ = [
     "DEFAULT_PLUGINS",
@@ -105,7 +105,7 @@ class Registry:
         return found
 
     def version(self, plugin: str) -> str:
-        """The code a plugin runs (``harness.versions.code_version``); part of every cell id."""
+        """The code a plugin runs (``harness.plugins.versions.code_version``); part of every cell id."""
         if plugin not in self._versions:
             self._versions[plugin] = code_version(self.objects[plugin], self.dists.get(plugin))
         return self._versions[plugin]

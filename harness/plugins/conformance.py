@@ -136,7 +136,7 @@ def _where(exc: BaseException) -> str:
     """``file:line`` of the innermost frame outside torch and the harness, to point at the bug."""
     frames = traceback.extract_tb(exc.__traceback__)
     for frame in reversed(frames):
-        if "/torch/" not in frame.filename and "/harness/conformance.py" not in frame.filename:
+        if "/torch/" not in frame.filename and "/harness/plugins/conformance.py" not in frame.filename:
             return f" (at {Path(frame.filename).name}:{frame.lineno})"
     return ""
 

@@ -3,7 +3,7 @@
 ``execute(job)`` is what every backend calls. A ``CellJob`` is plain data (the resolved cell, the
 tracking URI, the claimed run, the device, where checkpoints go), so the in-process loop, a
 process pool or a Ray task can all run a cell the same way; the launcher has already claimed the
-cell (``harness.claims``) and opened or adopted its run. The worker owns that run from then on:
+cell (``harness.store.claims``) and opened or adopted its run. The worker owns that run from then on:
 it keeps its heartbeat, writes its metrics and checkpoints, and sets its final status.
 
 A resumed cell continues from its checkpoint in the same MLflow run and trains exactly as an
@@ -32,15 +32,21 @@ import numpy as np
 import torch
 
 from estimators.base import Unsupported
-from harness.checkpoint import CheckpointPolicy, Checkpoints, checkpoints_for, restore_rng, training_state
-from harness.claims import STATUS_TAG, Claim
 from harness.errors import UsageError
-from harness.lease import Heartbeat
 from harness.matrix import Cell
 from harness.plugins import Registry
 from harness.signals import Interrupted, SignalGuard
+from harness.store.checkpoint import (
+    CheckpointPolicy,
+    Checkpoints,
+    checkpoints_for,
+    restore_rng,
+    training_state,
+)
+from harness.store.claims import STATUS_TAG, Claim
+from harness.store.lease import Heartbeat
+from harness.store.tracking import Tracker
 from harness.task import CellSetup, TaskRun
-from harness.tracking import Tracker
 
 __all__ = [
     "CellJob",
@@ -90,7 +96,7 @@ class Superseded(Exception):
 
 
 class CellProgressLike(Protocol):
-    """What ``execute`` tells a progress display (``harness.progress``), in this process or, through
+    """What ``execute`` tells a progress display (``harness.run.progress``), in this process or, through
     a worker's channel, in the launcher's."""
 
     def start(self, name: str, steps: int, completed: int = 0) -> None: ...

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from harness.store import sqlite_path
+from harness.store.client import sqlite_path
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient

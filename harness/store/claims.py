@@ -15,7 +15,7 @@ unlike a failure of the cell's own code it is resumed from its checkpoint by the
 A claim is *released* when the cell's run carries the claim's generation (tag
 ``sparsebench.claim``) and has ended. While it is held, its owner is *gone* when it ran on this
 host and its pid has exited, or when its heartbeat (tag ``sparsebench.heartbeat`` on the run,
-stamped every ``HEARTBEAT_S`` by ``harness.lease``) is older than the stale limit.
+stamped every ``HEARTBEAT_S`` by ``harness.store.lease``) is older than the stale limit.
 """
 
 from __future__ import annotations

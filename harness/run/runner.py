@@ -1,14 +1,14 @@
 """The launcher: claim each cell, open or adopt its run, hand it to a backend, record how it ended.
 
-What a backend (``harness.backend``) decides is only *where* a claimed cell runs: this process,
-a local worker process, a Ray task. Claims (``harness.claims``), the heartbeat
-(``harness.lease``), checkpoints (``harness.checkpoint``) and the cell's life
-(``harness.cell.execute``) are shared machinery, so several ``sparsebench run`` processes on one
+What a backend (``harness.backends.base``) decides is only *where* a claimed cell runs: this process,
+a local worker process, a Ray task. Claims (``harness.store.claims``), the heartbeat
+(``harness.store.lease``), checkpoints (``harness.store.checkpoint``) and the cell's life
+(``harness.run.cell.execute``) are shared machinery, so several ``sparsebench run`` processes on one
 store share the matrix out between them and each cell runs exactly once, on any backend.
 
 The launcher owns the experiment, the parent run and the claims; workers own their cell runs.
 With workers in other processes on a sqlite store, the launcher serves the store through an
-MLflow server on 127.0.0.1 for the run (``harness.server``). A worker that dies ends its cell as
+MLflow server on 127.0.0.1 for the run (``harness.store.server``). A worker that dies ends its cell as
 failed with the reason, resumable; the matrix goes on. An interruption (Ctrl-C, SIGTERM, SIGHUP)
 asks every running cell to checkpoint and end KILLED (a second one stops them at once), marks the
 parent run KILLED and propagates; the next ``sparsebench run`` resumes every cell that did not
@@ -25,20 +25,21 @@ from pathlib import Path
 
 import torch
 
-from harness import claims, schedule
-from harness.backend import Backend, Event, LocalBackend
-from harness.cell import CellJob, CellResult
-from harness.checkpoint import CheckpointPolicy, checkpoints_for
-from harness.claims import LOST_TAG, STATUS_TAG, TERMINAL, Decision, Owner
+from harness.backends import schedule
+from harness.backends.base import Backend, Event, LocalBackend
 from harness.errors import UsageError
-from harness.lease import Heartbeat
 from harness.matrix import Cell
 from harness.plugins import Registry
-from harness.progress import MatrixView, make_view
-from harness.server import TrackingServer
+from harness.run.cell import CellJob, CellResult
+from harness.run.progress import MatrixView, make_view
 from harness.signals import Interrupted, SignalGuard
-from harness.store import sqlite_path
-from harness.tracking import Tracker, environment_tags
+from harness.store import claims
+from harness.store.checkpoint import CheckpointPolicy, checkpoints_for
+from harness.store.claims import LOST_TAG, STATUS_TAG, TERMINAL, Decision, Owner
+from harness.store.client import sqlite_path
+from harness.store.lease import Heartbeat
+from harness.store.server import TrackingServer
+from harness.store.tracking import Tracker, environment_tags
 
 __all__ = ["MatrixOptions", "open_cell_run", "pick_device", "run_matrix"]
 

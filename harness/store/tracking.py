@@ -15,9 +15,9 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.claims import CLAIM_TAG, HEARTBEAT_TAG, LOST_TAG, OWNER_TAG, STATUS_TAG, Claim, Owner
-from harness.dashboard import CELLS_VIEW_TAG, cells_view_tag
-from harness.store import open_client, sqlite_path
+from harness.store.claims import CLAIM_TAG, HEARTBEAT_TAG, LOST_TAG, OWNER_TAG, STATUS_TAG, Claim, Owner
+from harness.store.client import open_client, sqlite_path
+from harness.store.dashboard import CELLS_VIEW_TAG, cells_view_tag
 
 if TYPE_CHECKING:
     from mlflow.entities import Experiment, Run
@@ -84,7 +84,7 @@ class Tracker:
 
     def __init__(self, uri: str, *, create: bool = True, artifact_root: str | None = None) -> None:
         """``artifact_root``: where a local store keeps artifacts, for a tracker that reaches that
-        store through a server (``harness.server``); by default found beside a sqlite file."""
+        store through a server (``harness.store.server``); by default found beside a sqlite file."""
         self.client: MlflowClient = open_client(uri, create=create, write=True)
         self.uri = uri
         db = sqlite_path(uri)
@@ -118,7 +118,7 @@ class Tracker:
             return found.experiment_id
 
     def offer_cells_view(self, experiment: Experiment) -> None:
-        """Add the saved view of the cells to an experiment from before it (``harness.dashboard``)."""
+        """Add the saved view of the cells to an experiment from before it (``harness.store.dashboard``)."""
         if CELLS_VIEW_TAG not in experiment.tags:
             self.client.set_experiment_tag(experiment.experiment_id, CELLS_VIEW_TAG, _cells_view())
 

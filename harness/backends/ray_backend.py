@@ -31,10 +31,10 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from harness.backend import Deliver, Event, run_in_worker
-from harness.cell import CellJob
+from harness.backends.base import Deliver, Event, run_in_worker
 from harness.errors import UsageError
 from harness.matrix import Cell
+from harness.run.cell import CellJob
 
 __all__ = ["RETRIES", "RayBackend", "resources_for"]
 
@@ -89,8 +89,8 @@ def _run_cell(job: CellJob, events: Any, threads: int) -> Event:
     import torch
 
     from harness.signals import SignalGuard
-    from harness.store import quiet_mlflow
-    from harness.tracking import Tracker
+    from harness.store.client import quiet_mlflow
+    from harness.store.tracking import Tracker
 
     torch.set_num_threads(threads)
     quiet_mlflow()

@@ -25,8 +25,8 @@ import socket
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-from harness.backend import Deliver, Event, run_in_worker
-from harness.cell import CellJob
+from harness.backends.base import Deliver, Event, run_in_worker
+from harness.run.cell import CellJob
 
 __all__ = ["PoolBackend", "die_with_parent"]
 
@@ -51,7 +51,7 @@ def _serve(conn: Connection, threads: int, env: dict[str, str]) -> None:
     import torch
 
     from harness.signals import SignalGuard
-    from harness.store import quiet_mlflow
+    from harness.store.client import quiet_mlflow
 
     torch.set_num_threads(threads)
     quiet_mlflow()

@@ -50,7 +50,7 @@ def answers(url: str) -> bool:
 
 
 def _die_with_parent() -> None:
-    from harness.pool import die_with_parent
+    from harness.backends.pool import die_with_parent
 
     die_with_parent()
 

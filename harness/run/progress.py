@@ -4,7 +4,7 @@ On a terminal, the matrix bar and one bar per running cell (name, step, ETA, it/
 however many cells run at once and wherever they run. When stdout is not a terminal (CI, ``nohup``,
 a Slurm log), one line per cell start, per evaluation and per end, each with the time of day, so
 that a log of a long matrix says what is going on. The runner feeds either view from the events
-of whatever backend runs the cells (``harness.backend.Event``).
+of whatever backend runs the cells (``harness.backends.base.Event``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from harness.cell import CellResult
+from harness.run.cell import CellResult
 
 __all__ = ["LineView", "LiveView", "MatrixView", "NullView", "make_view"]
 
