@@ -360,6 +360,7 @@ def _cache_dir() -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from harness.backends.choice import choose_backend, pick_device, use_threads
     from harness.run import runner, summary
     from harness.store.checkpoint import CheckpointPolicy
     from harness.store.tracking import Tracker, resolve_tracking_uri
@@ -367,11 +368,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     registry, cells = _load(args)
     if args.address and args.backend != "ray":
         raise UsageError("--address names a Ray cluster: add --backend ray")
-    device = runner.pick_device(args.device) if args.backend == "local" else None
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    device = pick_device(args.device) if args.backend == "local" else None
+    use_threads(args.threads)
     console = _console()
     if args.dry_run:
         summary.print_cells(console, cells)
@@ -381,7 +379,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     tracker = Tracker(uri)  # unreachable, unreadable or read-only store: a usage error before any training
     cache = _cache_dir()
-    backend, device, where = _backend(args, uri, cells, device)  # Ray: connect; do its nodes reach the store?
+    placement = choose_backend(  # Ray: connect; do its nodes reach the store?
+        args.backend, uri, cells, device_choice=args.device, device=device, jobs=args.jobs,
+        threads=args.threads, address=args.address,
+    )
+    backend, device = placement.backend, placement.device
     try:
         experiment_id = tracker.experiment(args.preset)
         _reconcile(tracker, [experiment_id], args.stale_after)
@@ -395,7 +397,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             show_progress=not args.no_progress,
             plugins=tuple(args.plugin),
         )
-        console.print(f"[bold]sparsebench[/] {len(cells)} cells on {device}{where} -> {uri}")
+        console.print(f"[bold]sparsebench[/] {len(cells)} cells on {device}{placement.where} -> {uri}")
         results = runner.run_matrix(
             cells, registry, tracker, args.preset, options, args.guard, notify=console.print, backend=backend
         )
@@ -405,35 +407,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary.print_results(console, results)
     summary.print_where(console, uri, experiment_id)
     return EXIT_FAILED_CELLS if any(r.status == "failed" for r in results) else 0
-
-
-def _backend(args: argparse.Namespace, uri: str, cells, device):  # -> (Backend | None, torch.device, str)
-    """The backend ``--jobs``/``--backend`` ask for (``None``: in this process), the device its cells
-    use, and a few words for the header line."""
-    import torch
-
-    if args.backend == "ray":
-        from harness.backends.ray_backend import RayBackend
-
-        ray = RayBackend(args.address, uri, args.device, cells, jobs=args.jobs or 0, threads=args.threads)
-        nodes = f"{ray.nodes} node{'s' * (ray.nodes > 1)}"
-        return ray, torch.device(ray.device), f" with Ray ({nodes}, up to {ray.slots} cells at once)"
-    cores = len(os.sched_getaffinity(0))
-    gpus: list[str] = []
-    if device.type == "cuda":
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    jobs = args.jobs if args.jobs is not None else 1
-    if jobs == 0:  # auto
-        jobs = len(gpus) or cores
-    if jobs == 1:
-        return None, device, ""
-    from harness.backends.pool import PoolBackend
-
-    threads = args.threads or max(1, cores // jobs)
-    spread = f", GPUs {','.join(gpus)}" if gpus else ""
-    where = f" with {jobs} worker processes x {threads} threads{spread}"
-    return PoolBackend(jobs, threads, gpus), device, where
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -41,20 +41,9 @@ from harness.store.lease import Heartbeat
 from harness.store.server import TrackingServer
 from harness.store.tracking import Tracker, environment_tags
 
-__all__ = ["MatrixOptions", "open_cell_run", "pick_device", "run_matrix"]
+__all__ = ["MatrixOptions", "open_cell_run", "run_matrix"]
 
 POLL_S = 0.5  # how long the launcher waits on its workers between looks at its own signals
-
-
-def pick_device(choice: str) -> torch.device:
-    """``auto`` takes CUDA when present; asking for CUDA without one is a usage error."""
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-    if choice not in ("cpu", "cuda"):
-        raise UsageError(f"--device {choice!r}: choose auto, cpu or cuda")
-    return torch.device(choice)
 
 
 @dataclass(frozen=True)
