@@ -7,8 +7,9 @@ that a comparison must hold fixed.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,7 +19,7 @@ from torch import nn
 
 from estimators.base import Spec, StructureLayer
 
-__all__ = ["DATA_ROOT_ENV", "CellSetup", "Task", "TaskRun", "data_root"]
+__all__ = ["DATA_ROOT_ENV", "CellSetup", "Task", "TaskRun", "data_root", "evaluating"]
 
 #: Where datasets live on this machine (``sparsebench run --data-root`` sets it for the run).
 DATA_ROOT_ENV = "SPARSEBENCH_DATA_ROOT"
@@ -32,6 +33,20 @@ def data_root() -> Path | None:
     """
     value = os.environ.get(DATA_ROOT_ENV, "")
     return Path(value).expanduser() if value else None
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode without gradients, then back in the mode it was in: how the runner
+    calls ``TaskRun.evaluate``, and how a task reads its model's deterministic answers elsewhere
+    (a snapshot of predictions) without repeating the toggle."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 @dataclass(frozen=True)
@@ -52,10 +67,12 @@ class TaskRun:
 
     - ``train_step(step)`` returns ``(objective, metrics)``: the scalar to backpropagate (already
       passed through ``layer.objective``) and floats to log at that step (``train/...``).
-    - ``evaluate()`` runs under ``torch.no_grad()`` and ``model.eval()`` and returns floats
+    - ``evaluate()`` runs under ``evaluating(model)`` (``torch.no_grad()``, ``model.eval()``; the
+      runner enters it, the task need not) and returns floats
       (``eval/...``); the first key listed in ``Task.primary_metric`` is the summary metric.
     - ``write_artifacts(step, out_dir)`` may write files (snapshots, figures' data) that the
-      runner logs under ``artifacts/step=<step>/``; it is called at ``Task``'s snapshot steps.
+      runner logs under ``artifacts/step=<step>/``; it is called at ``Task``'s snapshot steps,
+      in training mode (``evaluating(model)`` for eval-mode answers).
     - ``state_dict()`` / ``load_state_dict(state)``: the task's own state beyond the model's
       parameters and buffers and the global random generators (which the runner saves itself),
       e.g. a data stream's generator, epoch and order. The runner puts it in every checkpoint

@@ -48,7 +48,7 @@ from torch import nn
 from estimators.base import FullImageReadout, GlimpseLayer, GlimpseSpec, Spec, StructureLayer
 from harness.errors import UsageError
 from harness.hookspecs import hookimpl
-from harness.task import CellSetup, Task, TaskRun, data_root
+from harness.task import CellSetup, Task, TaskRun, data_root, evaluating
 from plugins.data.cluttered import VARIANTS, ClutterConfig, ClutteredSet, cluttered_mnist, save_sample_grid
 from plugins.data.mnist import MNISTSplits
 from plugins.data.sources import DATASETS, load_digits, resolve_dataset
@@ -333,11 +333,8 @@ class _Artifacts:
             )  # fmt: skip
             self.grid_written = True
         model = self.model
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):  # snapshots come in training mode; predictions are eval mode's
             out = model(_to_float(self.images))
-        model.train(was_training)
         n, (_, h, w) = len(self.images), model.spec.image_shape
         record: dict[str, Any] = {
             "step": step,

@@ -378,14 +378,8 @@ class SortingTask(Task):
             metrics = {"train/loss": loss.mean().item(), "train/final_bce": final.mean().item()}
             return model.layer.objective(loss), metrics
 
-        def evaluate() -> dict[str, float]:
-            was_training = model.training
-            model.eval()  # the runner does this too; evaluation must never use batch statistics
-            try:
-                with torch.no_grad():
-                    scored = {name: _score(model, ev) for name, ev in evaluation.items()}
-            finally:
-                model.train(was_training)
+        def evaluate() -> dict[str, float]:  # in eval mode (the runner's): never batch statistics
+            scored = {name: _score(model, ev) for name, ev in evaluation.items()}
             whole, item = scored["test"]
             metrics = {"eval/error_pct": 100.0 * (1.0 - whole), "eval/per_element_acc": item}
             if protocol == "neuralsort":

@@ -48,6 +48,7 @@ from estimators.base import (
 from harness.errors import UsageError
 from harness.matrix import choose_kind
 from harness.plugins import DEFAULT_PLUGINS, REQUIRED_TASK_PARAMS, Registry
+from harness.run.loop import BadObjective, Diverged, Loop
 from harness.task import CellSetup, Task
 
 __all__ = ["PROBES", "Check", "Report", "check_estimator", "check_plugin", "check_task"]
@@ -569,27 +570,20 @@ def _train(task: Task, est: Estimator, cache: Path) -> str:
             run = task.setup(CellSetup(params, layer, kind, device, 0, cache))
         except Unsupported as e:
             raise _Skipped(f"n/a at setup: {e}") from e
-        model = run.model.to(device)
-        optimiser = torch.optim.Adam(model.parameters(), lr=params["lr"])
-        model.train()
+        run.model.to(device)
+        loop = Loop(run, params["lr"])  # the runner's loop, with none of the runner's hooks
         steps = min(run.steps, SMOKE_STEPS) if run.steps else SMOKE_STEPS
-        for step in range(steps):
-            objective, metrics = run.train_step(step)
-            if not isinstance(objective, torch.Tensor) or objective.dim() != 0:
-                raise _Failed(f"train_step returned objective {objective!r}, not a 0-dim tensor")
-            bad = {k: v for k, v in {"objective": float(objective.detach()), **metrics}.items()
-                   if not math.isfinite(v)}
-            if bad:
-                raise _Failed(f"step {step}: not finite: {bad}")
-            optimiser.zero_grad(set_to_none=True)
-            objective.backward()
-            optimiser.step()
-        results = []
-        for _ in range(2):
-            model.eval()
-            with torch.no_grad():
-                results.append(run.evaluate())
-        model.train()
+        try:
+            loop.train(stop=steps, evaluate_first=False)
+            results = [loop.evaluate(), loop.evaluate()]
+        except BadObjective as e:
+            raise _Failed(str(e)) from e
+        except Diverged as e:
+            if e.during == "evaluate":
+                raise _Failed(f"evaluate() gave no finite {e.key}: {e.values}") from e
+            bad = {k.removeprefix("train/") if k == "train/objective" else k: v
+                   for k, v in e.values.items() if not math.isfinite(v)}
+            raise _Failed(f"step {e.step}: not finite: {bad}") from e
         if run.write_artifacts is not None:
             with tempfile.TemporaryDirectory() as out:
                 run.write_artifacts(steps, Path(out))

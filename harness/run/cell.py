@@ -14,7 +14,6 @@ holds are not logged twice.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import resource
@@ -35,6 +34,7 @@ from estimators.base import Unsupported
 from harness.errors import UsageError
 from harness.matrix import Cell
 from harness.plugins import Registry
+from harness.run.loop import Diverged, Hooks, Loop
 from harness.signals import Interrupted, SignalGuard
 from harness.store.checkpoint import (
     CheckpointPolicy,
@@ -85,10 +85,6 @@ class CellJob:
     checkpoints: CheckpointPolicy
     resume: bool = False  # an adopted run: continue from its checkpoint, if it has one
     plugins: tuple[str, ...] = ()  # extra plugin modules, for a worker that loads its own registry
-
-
-class Diverged(Exception):
-    """A non-finite loss or metric; the cell ends as ``diverged``."""
 
 
 class Superseded(Exception):
@@ -200,12 +196,6 @@ def _execute(
     return result
 
 
-def _finite(values: dict[str, float]) -> None:
-    for key, value in values.items():
-        if not math.isfinite(value):
-            raise Diverged(f"{key} = {value} is not finite")
-
-
 def _peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -237,8 +227,10 @@ class _MetricSink:
         self.tracker.log_metrics(self.run_id, rows)
 
 
-class _Training:
-    """The loop over steps with its whole state, so that it can be saved and restored as one."""
+class _Training(Hooks):
+    """One cell's loop (``harness.run.loop``) with what the runner hangs on it: metrics to the
+    store, checkpoints, the heartbeat's fencing, signals, snapshots and progress; and the whole
+    state, so that it can be saved and restored as one."""
 
     def __init__(
         self,
@@ -254,7 +246,6 @@ class _Training:
         self.registry, self.tracker, self.store = registry, tracker, store
         self.guard, self.heartbeat, self.progress = guard, heartbeat, progress
         self.device = torch.device(job.device)
-        self.step = 0
         self.elapsed_before = 0.0
         self.pending: list[tuple[int, dict[str, float]]] = []
         self.last_eval: dict[str, float] = {}
@@ -295,8 +286,8 @@ class _Training:
         )
         if not self.job.resume:  # a resumed run already records its dataset
             self.tracker.log_dataset(self.run_id, run.provenance)
-        self.model = run.model.to(device)
-        self.optimiser = torch.optim.Adam(self.model.parameters(), lr=cell.task_params["lr"])
+        run.model.to(device)
+        self.loop = Loop(run, cell.task_params["lr"], self)
         return run
 
     def run(self) -> CellResult:
@@ -313,9 +304,9 @@ class _Training:
         self.sink = _MetricSink(self.tracker, self.run_id, logged)
         self.t0 = self.saved_at = time.perf_counter()
         if self.progress:
-            self.progress.start(cell.name, run.steps, completed=self.step)
+            self.progress.start(cell.name, run.steps, completed=self.loop.step)
         try:  # whatever ends the loop, the metrics computed so far reach the store
-            self._train(restored)
+            self.loop.train(evaluate_first=not restored)
             with self.guard.deferred():
                 wall = self.elapsed()
                 self.pending.append(
@@ -340,36 +331,7 @@ class _Training:
         primary = self.registry.task(cell.task).primary_metric
         return CellResult(cell, "finished", self.last_eval.get(primary), wall, run_id=self.run_id)
 
-    def _train(self, restored: bool) -> None:
-        run, model, optimiser = self.task_run, self.model, self.optimiser
-        model.train()
-        if not restored:
-            self._evaluate(0)
-        for step in range(self.step, run.steps):
-            self._boundary(step)
-            with self.guard.deferred():  # a signal waits for the step to end
-                if step in run.snapshot_steps:
-                    self._snapshot(step)
-                objective, metrics = run.train_step(step)
-                loss = float(objective.detach())
-                _finite({"train/objective": loss, **metrics})
-                optimiser.zero_grad(set_to_none=True)
-                objective.backward()
-                optimiser.step()
-                if step % LOG_EVERY == 0:
-                    self.pending.append((step, {"train/objective": loss, **metrics}))
-                done = step + 1
-                self.step = done
-                if done % run.eval_every == 0 or done == run.steps:
-                    self._evaluate(done)
-                if self.progress:
-                    self.progress.advance(loss)
-        self._boundary(run.steps, last=True)
-        if run.steps in run.snapshot_steps:
-            with self.guard.deferred():
-                self._snapshot(run.steps)
-
-    def _boundary(self, step: int, last: bool = False) -> None:
+    def boundary(self, step: int, last: bool = False) -> None:
         """Between two steps: stop if superseded, checkpoint if due or interrupted."""
         lost = self.heartbeat.lost(self.run_id)
         if lost:
@@ -383,13 +345,14 @@ class _Training:
         if signum is not None:
             raise Interrupted(signum, f"{self.cell.name} checkpointed at step {step}")
 
-    def _evaluate(self, step: int) -> None:
-        model = self.model
-        model.eval()
-        with torch.no_grad():
-            metrics = self.task_run.evaluate()
-        model.train()
-        _finite(metrics)
+    def section(self) -> contextlib.AbstractContextManager[object]:
+        return self.guard.deferred()  # a signal waits for the step to end
+
+    def trained(self, step: int, loss: float, metrics: dict[str, float]) -> None:
+        if step % LOG_EVERY == 0:
+            self.pending.append((step, {"train/objective": loss, **metrics}))
+
+    def evaluated(self, step: int, metrics: dict[str, float]) -> None:
         self.last_eval = metrics
         self.pending.append((step, {**metrics, "time/elapsed_s": self.elapsed()}))
         self.sink.log(self.pending)  # each evaluation makes the dashboard current
@@ -397,7 +360,11 @@ class _Training:
         if self.progress:
             self.progress.evaluated(step, metrics)
 
-    def _snapshot(self, step: int) -> None:
+    def advanced(self, loss: float) -> None:
+        if self.progress:
+            self.progress.advance(loss)
+
+    def snapshot(self, step: int) -> None:
         if self.task_run.write_artifacts is None:
             return
         with tempfile.TemporaryDirectory() as tmp:
@@ -409,8 +376,8 @@ class _Training:
             cell_id=self.cell.cell_id,
             step=step,
             elapsed_s=self.elapsed(),
-            model=self.model,
-            optimiser=self.optimiser,
+            model=self.task_run.model,
+            optimiser=self.loop.optimiser,
             task=self.task_run.state_dict() if self.task_run.state_dict else {},
             device=self.device,
             pending=self.pending,
@@ -424,14 +391,14 @@ class _Training:
     def _restore(self, state: dict[str, Any]) -> None:
         if state.get("cell_id") != self.cell.cell_id:
             raise ValueError(f"the checkpoint of run {self.run_id} belongs to cell {state.get('cell_id')}")
-        self.model.load_state_dict(state["model"])
-        self.optimiser.load_state_dict(state["optimiser"])
+        self.task_run.model.load_state_dict(state["model"])
+        self.loop.optimiser.load_state_dict(state["optimiser"])
         if self.task_run.load_state_dict is not None:
             self.task_run.load_state_dict(state["task"])
         elif state["task"]:
             raise ValueError(f"task {self.cell.task} saved state but cannot load it")
         restore_rng(state["rng"])
-        self.step = self.saved_step = int(state["step"])
+        self.loop.step = self.saved_step = int(state["step"])
         self.elapsed_before = float(state["elapsed_s"])
         self.pending = [(int(s), dict(m)) for s, m in state["pending"]]
         self.last_eval = dict(state["last_eval"])
