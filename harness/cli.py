@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from harness.errors import UsageError
+from reports.schema import FAILED, RETRYABLE
 
 if TYPE_CHECKING:
     from harness.signals import Interrupted
@@ -75,7 +76,6 @@ def _number(kind: type, minimum: float, strict: bool = False) -> Callable[[str],
     return parse
 
 
-RETRY = ("diverged", "failed", "n/a")
 
 
 def _jobs(text: str) -> int:
@@ -93,9 +93,9 @@ def _jobs(text: str) -> int:
 
 def _statuses(text: str) -> list[str]:
     statuses = _csv(text)
-    bad = [s for s in statuses if s not in RETRY]
+    bad = [s for s in statuses if s not in RETRYABLE]
     if bad:
-        choose = ", ".join(RETRY)
+        choose = ", ".join(RETRYABLE)
         raise argparse.ArgumentTypeError(f"{bad[0]!r} is not a status to retry; choose from {choose}")
     return statuses
 
@@ -406,7 +406,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             backend.close()
     summary.print_results(console, results)
     summary.print_where(console, uri, experiment_id)
-    return EXIT_FAILED_CELLS if any(r.status == "failed" for r in results) else 0
+    return EXIT_FAILED_CELLS if any(r.status == FAILED for r in results) else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 from harness.errors import UsageError
 from harness.run.cell import CellJob, CellResult, execute
 from harness.signals import Interrupted, SignalGuard
+from reports.schema import FAILED, KILLED
 
 __all__ = ["Backend", "Event", "LocalBackend", "Reporter", "run_in_worker"]
 
@@ -110,10 +111,10 @@ def run_in_worker(job: CellJob, guard: SignalGuard, deliver: Deliver, worker: st
     try:
         result = execute(job, guard=guard, progress=reporter)
     except Interrupted as e:
-        result = CellResult(job.cell, "killed", reason=e.note, run_id=job.run_id)
+        result = CellResult(job.cell, KILLED, reason=e.note, run_id=job.run_id)
         return Event(job.run_id, "done", result=result)
     except UsageError as e:
-        result = CellResult(job.cell, "failed", reason=str(e), run_id=job.run_id)
+        result = CellResult(job.cell, FAILED, reason=str(e), run_id=job.run_id)
         return Event(job.run_id, "done", result=result, usage_error=str(e))
     except Exception as e:  # noqa: BLE001 - reported to the launcher, which records it on the run
         return Event(job.run_id, "lost", reason=f"the worker failed: {type(e).__name__}: {e}"[:2000])

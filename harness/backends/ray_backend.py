@@ -35,11 +35,11 @@ from harness.backends.base import Deliver, Event, run_in_worker
 from harness.errors import UsageError
 from harness.matrix import Cell
 from harness.run.cell import CellJob
+from reports.schema import RAY_ATTEMPT_TAG
 
 __all__ = ["RETRIES", "RayBackend", "resources_for"]
 
 RETRIES = 2  # a task whose worker dies is run again this many times (resuming from its checkpoint)
-ATTEMPT_TAG = "sparsebench.ray_attempt"  # the claim generation a Ray task last started under
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 
@@ -95,10 +95,10 @@ def _run_cell(job: CellJob, events: Any, threads: int) -> Event:
     torch.set_num_threads(threads)
     quiet_mlflow()
     client = Tracker(job.tracking_uri, create=False).client
-    if client.get_run(job.run_id).data.tags.get(ATTEMPT_TAG) == str(job.claim.generation):
+    if client.get_run(job.run_id).data.tags.get(RAY_ATTEMPT_TAG) == str(job.claim.generation):
         job = dataclasses.replace(job, resume=True)  # Ray's retry after a dead worker: resume
     else:
-        client.set_tag(job.run_id, ATTEMPT_TAG, str(job.claim.generation))
+        client.set_tag(job.run_id, RAY_ATTEMPT_TAG, str(job.claim.generation))
     worker = f"{socket.gethostname()}:{os.getpid()}"
     with SignalGuard(escalate=False) as guard:  # ray.cancel's KeyboardInterrupt: checkpoint, KILLED
         return run_in_worker(job, guard, lambda event: events.put.remote(event), worker=worker)

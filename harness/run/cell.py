@@ -25,7 +25,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -43,16 +43,29 @@ from harness.store.checkpoint import (
     restore_rng,
     training_state,
 )
-from harness.store.claims import STATUS_TAG, Claim
+from harness.store.claims import Claim
 from harness.store.lease import Heartbeat
 from harness.store.tracking import Tracker
 from harness.task import CellSetup, TaskRun
+from reports.schema import (
+    CHECKPOINT_STEP_TAG,
+    DIVERGED,
+    FAILED,
+    FINISHED,
+    KILLED,
+    NA,
+    PRIMARY_METRIC_TAG,
+    THREADS_TAG,
+    WORKER_TAG,
+    CellStatus,
+)
 
 __all__ = [
     "CellJob",
     "CellProgressLike",
     "CellResult",
     "Diverged",
+    "Outcome",
     "Superseded",
     "execute",
     "seed_everything",
@@ -62,10 +75,15 @@ LOG_EVERY = 10  # training metrics every LOG_EVERY steps, sent in one batch at e
 TIME_PREFIXES = ("time/", "summary/")  # wall-clock metrics: never expected to replay equal
 
 
+#: How a cell ended for the launcher: a status it wrote to the store, or one it only reports
+#: (finished earlier, running in another process, taken over by another process).
+Outcome = CellStatus | Literal["skipped", "elsewhere", "superseded"]
+
+
 @dataclass
 class CellResult:
     cell: Cell
-    status: str  # finished | diverged | failed | killed | n/a | skipped | elsewhere | superseded
+    status: Outcome
     metric: float | None = None
     wall_s: float = 0.0
     reason: str = ""
@@ -150,9 +168,8 @@ def _execute(
     store = checkpoints_for(job.checkpoints, tracker.client, job.tracking_uri)
     if cell.na_reason is not None:
         with guard.atomic():
-            tracker.set_tags(run_id, {STATUS_TAG: "n/a", "sparsebench.reason": cell.na_reason})
-            tracker.end(run_id, "FINISHED")
-        return CellResult(cell, "n/a", reason=cell.na_reason, run_id=run_id)
+            tracker.end_run(run_id, NA, cell.na_reason)
+        return CellResult(cell, NA, reason=cell.na_reason, run_id=run_id)
     training = _Training(job, registry, tracker, store, guard, heartbeat, progress)
     try:
         result = training.run()
@@ -160,39 +177,31 @@ def _execute(
         return CellResult(cell, "superseded", reason=str(e), run_id=run_id)
     except KeyboardInterrupt as e:
         with guard.deferred():
-            tracker.set_tags(run_id, {STATUS_TAG: "killed"})
-            tracker.end(run_id, "KILLED")
+            tracker.end_run(run_id, KILLED)  # its checkpoint stays: the next run resumes it
         note = e.note if isinstance(e, Interrupted) and e.note else training.where()
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         raise Interrupted(signum, note) from None
     except Unsupported as e:  # build() or the task found it cannot serve the cell after all
         reason = str(e) or "the estimator raised Unsupported"
         with guard.atomic():
-            tracker.set_tags(run_id, {STATUS_TAG: "n/a", "sparsebench.reason": reason})
-            tracker.end(run_id, "FINISHED")
-            store.prune(run_id)
-        return CellResult(cell, "n/a", reason=reason, run_id=run_id)
+            tracker.end_run(run_id, NA, reason, checkpoints=store)
+        return CellResult(cell, NA, reason=reason, run_id=run_id)
     except Diverged as e:
         with guard.atomic():
-            tracker.set_tags(run_id, {STATUS_TAG: "diverged", "sparsebench.reason": str(e)})
-            tracker.end(run_id, "FINISHED")  # a diverged cell is a result, not an error to retry
-            store.prune(run_id)
-        return CellResult(cell, "diverged", reason=str(e), run_id=run_id)
+            tracker.end_run(run_id, DIVERGED, str(e), checkpoints=store)  # a result, not an error
+        return CellResult(cell, DIVERGED, reason=str(e), run_id=run_id)
     except Exception as e:
         reason = f"{type(e).__name__}: {e}"
         with guard.atomic():
             tracker.log_text(run_id, "traceback.txt", traceback.format_exc())
-            tracker.set_tags(run_id, {STATUS_TAG: "failed", "sparsebench.reason": reason[:5000]})
-            tracker.end(run_id, "FAILED")
-            store.prune(run_id)  # a failed cell starts afresh: the failure may be in the code
+            # a failed cell starts afresh: the failure may be in the code
+            tracker.end_run(run_id, FAILED, reason, checkpoints=store)
         if isinstance(e, UsageError):
             raise
         print(f"cell {cell.name} failed: {reason}", file=sys.stderr)
-        return CellResult(cell, "failed", reason=reason, run_id=run_id)
+        return CellResult(cell, FAILED, reason=reason, run_id=run_id)
     with guard.atomic():
-        tracker.set_tags(run_id, {STATUS_TAG: "finished"})
-        tracker.end(run_id, "FINISHED")
-        store.prune(run_id)
+        tracker.end_run(run_id, FINISHED, checkpoints=store)
     return result
 
 
@@ -279,9 +288,9 @@ class _Training(Hooks):
             self.run_id,
             {
                 **run.provenance,
-                "sparsebench.primary_metric": task.primary_metric,
-                "sparsebench.threads": str(torch.get_num_threads()),
-                "sparsebench.worker": f"{socket.gethostname()}:{os.getpid()}",
+                PRIMARY_METRIC_TAG: task.primary_metric,
+                THREADS_TAG: str(torch.get_num_threads()),
+                WORKER_TAG: f"{socket.gethostname()}:{os.getpid()}",
             },
         )
         if not self.job.resume:  # a resumed run already records its dataset
@@ -329,7 +338,7 @@ class _Training(Hooks):
                 file=sys.stderr,
             )
         primary = self.registry.task(cell.task).primary_metric
-        return CellResult(cell, "finished", self.last_eval.get(primary), wall, run_id=self.run_id)
+        return CellResult(cell, FINISHED, self.last_eval.get(primary), wall, run_id=self.run_id)
 
     def boundary(self, step: int, last: bool = False) -> None:
         """Between two steps: stop if superseded, checkpoint if due or interrupted."""
@@ -385,7 +394,7 @@ class _Training(Hooks):
         )
         with self.guard.deferred():
             self.store.save(self.run_id, state)
-            self.tracker.set_tags(self.run_id, {"sparsebench.checkpoint_step": str(step)})
+            self.tracker.set_tags(self.run_id, {CHECKPOINT_STEP_TAG: str(step)})
         self.saved_step, self.saved_at = step, time.perf_counter()
 
     def _restore(self, state: dict[str, Any]) -> None:

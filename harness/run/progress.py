@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from harness.run.cell import CellResult
+from reports.schema import FINISHED
 
 __all__ = ["LineView", "LiveView", "MatrixView", "NullView", "make_view"]
 
@@ -119,7 +120,7 @@ class LineView(NullView):
         self.done += 1
         metric = "" if result.metric is None else f", {result.metric:.4g}"
         wall = f" in {result.wall_s:.1f} s" if result.wall_s else ""
-        reason = f" ({result.reason})" if result.reason and result.status != "finished" else ""
+        reason = f" ({result.reason})" if result.reason and result.status != FINISHED else ""
         self._line("end", f"{result.cell.name}: {result.status}{metric}{wall}{reason}"[:300])
 
 

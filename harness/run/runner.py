@@ -35,11 +35,12 @@ from harness.run.progress import MatrixView, make_view
 from harness.signals import Interrupted, SignalGuard
 from harness.store import claims
 from harness.store.checkpoint import CheckpointPolicy, checkpoints_for
-from harness.store.claims import LOST_TAG, STATUS_TAG, TERMINAL, Decision, Owner
+from harness.store.claims import Decision, Owner
 from harness.store.client import sqlite_path
 from harness.store.lease import Heartbeat
 from harness.store.server import TrackingServer
 from harness.store.tracking import Tracker, environment_tags
+from reports.schema import FAILED, FINISHED, KILLED, REASON_TAG, STATUS_TAG, TERMINAL_STATES, CellStatus
 
 __all__ = ["MatrixOptions", "open_cell_run", "run_matrix"]
 
@@ -138,7 +139,7 @@ class _Launch:
         tracker, guard = self.tracker, self.guard
         self.view: MatrixView = make_view(len(todo), self.options.show_progress)
         parent: str | None = None
-        status = "finished"
+        status: CellStatus = FINISHED
         try:
             with guard.atomic():
                 parent = tracker.start_parent(self.experiment_id, preset, len(todo), self.owner)
@@ -153,18 +154,17 @@ class _Launch:
             if self.usage_error:
                 raise UsageError(self.usage_error)
         except KeyboardInterrupt:
-            status = "killed"
+            status = KILLED
             raise
         except BaseException:
-            status = "failed"
+            status = FAILED
             raise
         finally:
             if parent is not None:
-                if status == "finished" and any(r.status == "failed" for r in self.results):
-                    status = "failed"
+                if status == FINISHED and any(r.status == FAILED for r in self.results):
+                    status = FAILED
                 with guard.deferred():
-                    tracker.set_tags(parent, {STATUS_TAG: status})
-                    tracker.end(parent, {"finished": "FINISHED", "killed": "KILLED"}.get(status, "FAILED"))
+                    tracker.end_run(parent, status)
         return self.results
 
     def _loop(self, pending: list[Cell]) -> None:
@@ -213,8 +213,7 @@ class _Launch:
             )
         if guard.pending is not None:  # interrupted while claiming: leave the run for the next launcher
             with guard.deferred():
-                tracker.set_tags(run_id, {STATUS_TAG: "killed"})
-                tracker.end(run_id, "KILLED")
+                tracker.end_run(run_id, KILLED)
             raise Interrupted(guard.pending, f"{cell.name} was claimed but not started")
         return CellJob(
             cell=cell,
@@ -258,18 +257,16 @@ class _Launch:
         """A cell whose worker is gone: failed with the reason, and resumable (``LOST_TAG``); or,
         while stopping, KILLED. A run its worker ended before dying keeps what it says."""
         run = self.tracker.client.get_run(job.run_id)
-        if run.info.status in TERMINAL:
+        if run.info.status in TERMINAL_STATES:
             status = run.data.tags.get(STATUS_TAG, run.info.status.lower())
-            reason = run.data.tags.get("sparsebench.reason", "")
+            reason = run.data.tags.get(REASON_TAG, "")
             return CellResult(job.cell, status, reason=reason, run_id=job.run_id)
         if self.stopping:
-            self.tracker.set_tags(job.run_id, {STATUS_TAG: "killed"})
-            self.tracker.end(job.run_id, "KILLED")
-            return CellResult(job.cell, "killed", reason=f"stopped: {reason}", run_id=job.run_id)
+            self.tracker.end_run(job.run_id, KILLED)
+            return CellResult(job.cell, KILLED, reason=f"stopped: {reason}", run_id=job.run_id)
         why = f"{reason}; `sparsebench run` resumes it"
-        self.tracker.set_tags(job.run_id, {STATUS_TAG: "failed", "sparsebench.reason": why, LOST_TAG: "1"})
-        self.tracker.end(job.run_id, "FAILED")
-        return CellResult(job.cell, "failed", reason=why, run_id=job.run_id)
+        self.tracker.end_run(job.run_id, FAILED, why, lost=True)  # its checkpoint stays for the resume
+        return CellResult(job.cell, FAILED, reason=why, run_id=job.run_id)
 
     def _stop(self, e: KeyboardInterrupt) -> tuple[int, str]:
         """After a signal in the launcher: every running cell checkpoints and ends KILLED (a
@@ -288,14 +285,13 @@ class _Launch:
                     backend.poll(POLL_S, self._deliver)
             except KeyboardInterrupt:
                 backend.kill()
-        killed = [r for r in self.results if r.status == "killed"]
+        killed = [r for r in self.results if r.status == KILLED]
         for job in list(self.in_flight.values()):  # not heard of since: stopped at once, or local
             self.in_flight.pop(job.run_id)
             run = self.tracker.client.get_run(job.run_id)
             if run.info.status == "RUNNING":
-                self.tracker.set_tags(job.run_id, {STATUS_TAG: "killed"})
-                self.tracker.end(job.run_id, "KILLED")
-                killed.append(CellResult(job.cell, "killed", reason="stopped at once", run_id=job.run_id))
+                self.tracker.end_run(job.run_id, KILLED)
+                killed.append(CellResult(job.cell, KILLED, reason="stopped at once", run_id=job.run_id))
         if isinstance(e, Interrupted) and e.note:  # the in-process cell said where it stopped
             return signum, e.note
         notes = [r.reason or f"{r.cell.name} stopped" for r in killed]

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from harness.store.checkpoint import (
-    FORMAT,
     ArtifactCheckpoints,
     CheckpointPolicy,
     LocalCheckpoints,
@@ -18,6 +17,7 @@ from harness.store.checkpoint import (
     restore_rng,
 )
 from harness.store.tracking import Tracker
+from reports.schema import CHECKPOINT_FORMAT
 
 CPU = torch.device("cpu")
 
@@ -29,7 +29,7 @@ def _draws() -> tuple[float, float, list[float]]:
 def _state(step: int) -> dict:
     model = torch.nn.Linear(3, 2)
     return {
-        "format": FORMAT,
+        "format": CHECKPOINT_FORMAT,
         "cell_id": "abc",
         "step": step,
         "model": model.state_dict(),
