@@ -33,7 +33,6 @@ from typing import Any
 import torch
 
 from estimators.base import (
-    KINDS,
     Estimator,
     FullImageReadout,
     GlimpseLayer,
@@ -45,6 +44,7 @@ from estimators.base import (
     StructureLayer,
     Unsupported,
 )
+from estimators.params import kinds_problem
 from harness.errors import UsageError
 from harness.matrix import choose_kind
 from harness.plugins import DEFAULT_PLUGINS, REQUIRED_TASK_PARAMS, Registry
@@ -202,6 +202,9 @@ def _params_problems(owner: Task | Estimator) -> list[str]:
 def _registration_problems(plugin: Estimator | Task) -> list[str]:
     """What estimators and tasks share: a usable name, a description, parameters that check."""
     problems = _params_problems(plugin)
+    kinds = kinds_problem(plugin.kinds)
+    if kinds:
+        problems.append(kinds)
     if not NAME.match(getattr(plugin, "name", "") or ""):
         problems.insert(0, f"name {getattr(plugin, 'name', None)!r} must be a lower-case identifier")
     if not plugin.description:
@@ -211,8 +214,6 @@ def _registration_problems(plugin: Estimator | Task) -> list[str]:
 
 def _estimator_registration(est: Estimator) -> str:
     problems = _registration_problems(est)
-    if not est.kinds or not set(est.kinds) <= set(KINDS):
-        problems.append(f"kinds {set(est.kinds)} must be a non-empty subset of {KINDS}")
     if problems:
         raise _Failed("; ".join(problems))
     return f"kinds {', '.join(sorted(est.kinds))}; {len(est.defaults)} parameters"
@@ -220,8 +221,6 @@ def _estimator_registration(est: Estimator) -> str:
 
 def _task_registration(task: Task) -> str:
     problems = _registration_problems(task)
-    if not task.kinds or not set(task.kinds) <= set(KINDS):
-        problems.append(f"kinds {task.kinds!r} must be a non-empty tuple drawn from {KINDS}")
     missing = [k for k in (*REQUIRED_TASK_PARAMS, task.size_key) if k not in task.defaults]
     if missing:
         problems.append(f"defaults lack {', '.join(missing)}")
@@ -567,7 +566,7 @@ def _train(task: Task, est: Estimator, cache: Path) -> str:
         except Unsupported as e:
             raise _Failed(f"unsupported() returned None but build() raised Unsupported({e})") from e
         try:
-            run = task.setup(CellSetup(params, layer, kind, device, 0, cache))
+            run = task.setup(CellSetup(params, layer, kind, device, 0, cache, spec))
         except Unsupported as e:
             raise _Skipped(f"n/a at setup: {e}") from e
         run.model.to(device)
@@ -655,7 +654,7 @@ def _task_checks(task: Task, estimators: Iterable[Estimator]) -> Iterator[Check]
         for which, values in (("defaults", dict(task.defaults)), ("smoke sizes", params)):
             try:
                 task.check(values)
-            except UsageError as e:
+            except (ValueError, UsageError) as e:
                 raise _Failed(f"check() rejects its own {which}: {e}") from e
         return "accepts its defaults and smoke sizes"
 

@@ -280,7 +280,9 @@ class _Training(Hooks):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         layer = self.registry.estimator(cell.estimator).build(cell.spec, cell.estimator_params)
-        setup = CellSetup(cell.task_params, layer, cell.kind, device, cell.seed, Path(self.job.cache_dir))
+        setup = CellSetup(
+            cell.task_params, layer, cell.kind, device, cell.seed, Path(self.job.cache_dir), cell.spec
+        )
         run = task.setup(setup)
         if run.steps < 1 or run.eval_every < 1:
             raise ValueError(f"task {task.name} set up {run.steps} steps evaluated every {run.eval_every}")

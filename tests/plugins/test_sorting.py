@@ -28,7 +28,7 @@ from estimators.layers.permutation import (
     QuicksortLayer,
 )
 from harness.errors import UsageError
-from harness.task import CellSetup, TaskRun, evaluating
+from harness.task import CellSetup, ParamError, TaskRun, evaluating
 from harness.testing import DEVICES
 from plugins.data.mnist import load_mnist
 from plugins.data.numbers import validation_split
@@ -551,7 +551,7 @@ def test_artifact_has_the_documented_schema(layer: str, tmp_path: Path) -> None:
     ],
 )
 def test_check_rejects_bad_params(over: dict, match: str) -> None:
-    with pytest.raises(UsageError, match=match):
+    with pytest.raises(ParamError, match=match):
         TASK.check(small_params(**over))
 
 
