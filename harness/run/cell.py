@@ -64,7 +64,6 @@ __all__ = [
     "CellJob",
     "CellProgressLike",
     "CellResult",
-    "Diverged",
     "Outcome",
     "Superseded",
     "execute",
