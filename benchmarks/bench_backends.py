@@ -50,7 +50,7 @@ class Timed:
 
 def _store_ready(home: Path) -> None:
     """Create the store's schema before the clock starts."""
-    from harness.tracking import Tracker
+    from harness.store.tracking import Tracker
 
     Tracker(f"sqlite:///{home / 'mlflow.db'}")
 

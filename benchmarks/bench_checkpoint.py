@@ -23,7 +23,7 @@ import torch
 
 from estimators.base import GlimpseSpec
 from estimators.plugins.sparse import SparseEstimator
-from harness.checkpoint import LocalCheckpoints, training_state
+from harness.store.checkpoint import LocalCheckpoints, training_state
 from plugins.attention import AttentionModel, per_sample_loss
 from plugins.identity import IdentityTask
 from plugins.sorting import KeyNetwork, SortingModel, SortingTask

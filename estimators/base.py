@@ -16,6 +16,8 @@ import pluggy
 import torch
 from torch import nn
 
+from estimators.params import KINDS, Kinds, ParamError, Parameters
+
 __all__ = [
     "KINDS",
     "Estimator",
@@ -23,6 +25,7 @@ __all__ = [
     "GlimpseLayer",
     "GlimpseSpec",
     "PermutationOutput",
+    "ParamError",
     "PermutationSpec",
     "SparseMatrixSpec",
     "Spec",
@@ -33,10 +36,6 @@ __all__ = [
 
 #: Marks a plugin's hook implementations; the same marker as ``harness.hookimpl``.
 hookimpl = pluggy.HookimplMarker("sparsebench")
-
-#: The fixed vocabulary that joins tasks and estimators.
-KINDS: tuple[str, ...] = ("sparse_matrix", "permutation", "glimpse")
-
 
 class Unsupported(Exception):
     """Raised by ``Estimator.build`` when it has no layer for a spec; the message is the reason."""
@@ -243,40 +242,29 @@ class FullImageReadout(StructureLayer):
         raise RuntimeError("FullImageReadout takes no glimpse; the task reads source features")
 
 
-class Estimator:
+class Estimator(Parameters):
     """Base class for estimator plugins. Subclass it and register an instance.
 
     Required:
     - ``name``: unique, lower-case identifier used on the command line and in run names.
     - ``description``: one line for ``sparsebench list``.
-    - ``kinds``: the structure kinds this estimator can build (subset of ``KINDS``).
+    - ``kinds``: the structure kinds this estimator can build (drawn from ``KINDS``).
     - ``build(spec, params)``: return a ``StructureLayer`` for the spec, or raise ``Unsupported``.
       ``params`` is the resolved ``defaults`` (every key present, values checked).
     Optional:
-    - ``defaults``: hyperparameters and their default values; config keys under
-      ``[estimators.<name>]`` must be among them (their types are checked against the defaults).
-    - ``choices``: for string parameters with a fixed set of values, that set (checked too).
-    - ``check(params)``: raise ``ValueError`` naming the key for a bad value (a negative
-      temperature); run when the matrix is resolved, so a bad value stops the command before
-      anything is written.
+    - ``defaults``, ``choices``, ``positive``, ``non_negative`` and ``check(params)``: the
+      parameters, declared as a task declares its own (``estimators.params.Parameters``); the
+      config section is ``[estimators.<name>]``, and ``check`` raises ``ParamError`` (or any
+      ``ValueError``) naming the key, so a bad value stops the command before anything is written.
     - ``unsupported(spec, params)``: a reason string when a spec of a supported kind (or these
       parameters) still cannot be served; checked before any training, so the matrix says ``n/a``.
       It must agree with ``build`` (``sparsebench check-plugin`` verifies that); an ``Unsupported``
       that ``build`` raises anyway also makes the cell ``n/a``.
-    - ``positive`` / ``non_negative``: numeric parameters (or lists of numbers) that must be
-      > 0 / >= 0. Every float parameter must be finite whatever is declared.
     """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
-    kinds: ClassVar[frozenset[str]] = frozenset()
-    defaults: ClassVar[Mapping[str, Any]] = {}
-    choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {}
-    positive: ClassVar[tuple[str, ...]] = ()
-    non_negative: ClassVar[tuple[str, ...]] = ()
-
-    def check(self, params: Mapping[str, Any]) -> None:
-        return None
+    kinds: ClassVar[Kinds] = frozenset()
 
     def unsupported(self, spec: Spec, params: Mapping[str, Any] | None = None) -> str | None:
         if spec.kind not in self.kinds:

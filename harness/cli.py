@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from harness.errors import UsageError
+from reports.schema import FAILED, RETRYABLE
 
 if TYPE_CHECKING:
     from harness.signals import Interrupted
@@ -75,7 +76,6 @@ def _number(kind: type, minimum: float, strict: bool = False) -> Callable[[str],
     return parse
 
 
-RETRY = ("diverged", "failed", "n/a")
 
 
 def _jobs(text: str) -> int:
@@ -93,9 +93,9 @@ def _jobs(text: str) -> int:
 
 def _statuses(text: str) -> list[str]:
     statuses = _csv(text)
-    bad = [s for s in statuses if s not in RETRY]
+    bad = [s for s in statuses if s not in RETRYABLE]
     if bad:
-        choose = ", ".join(RETRY)
+        choose = ", ".join(RETRYABLE)
         raise argparse.ArgumentTypeError(f"{bad[0]!r} is not a status to retry; choose from {choose}")
     return statuses
 
@@ -342,14 +342,14 @@ def _load(args: argparse.Namespace):  # -> tuple[Registry, list[Cell]]
 
 def _reconcile(tracker, experiment_ids: list[str], stale_minutes: float) -> None:
     """Mark runs left RUNNING by a process that is gone as KILLED, and say so."""
-    from harness.claims import reconcile
+    from harness.store.claims import reconcile
 
     for note in reconcile(tracker.client, experiment_ids, stale_minutes * 60, tracker.artifact_root):
         print(f"sparsebench: marked KILLED, its owner is gone: {note}", file=sys.stderr)
 
 
 def _cache_dir() -> Path:
-    from harness.tracking import default_home
+    from harness.store.tracking import default_home
 
     cache = default_home() / "cache"
     try:
@@ -360,18 +360,16 @@ def _cache_dir() -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness import runner, summary
-    from harness.checkpoint import CheckpointPolicy
-    from harness.tracking import Tracker, resolve_tracking_uri
+    from harness.backends.choice import choose_backend, pick_device, use_threads
+    from harness.run import runner, summary
+    from harness.store.checkpoint import CheckpointPolicy
+    from harness.store.tracking import Tracker, resolve_tracking_uri
 
     registry, cells = _load(args)
     if args.address and args.backend != "ray":
         raise UsageError("--address names a Ray cluster: add --backend ray")
-    device = runner.pick_device(args.device) if args.backend == "local" else None
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    device = pick_device(args.device) if args.backend == "local" else None
+    use_threads(args.threads)
     console = _console()
     if args.dry_run:
         summary.print_cells(console, cells)
@@ -381,7 +379,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     tracker = Tracker(uri)  # unreachable, unreadable or read-only store: a usage error before any training
     cache = _cache_dir()
-    backend, device, where = _backend(args, uri, cells, device)  # Ray: connect; do its nodes reach the store?
+    placement = choose_backend(  # Ray: connect; do its nodes reach the store?
+        args.backend, uri, cells, device_choice=args.device, device=device, jobs=args.jobs,
+        threads=args.threads, address=args.address,
+    )
+    backend, device = placement.backend, placement.device
     try:
         experiment_id = tracker.experiment(args.preset)
         _reconcile(tracker, [experiment_id], args.stale_after)
@@ -395,7 +397,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             show_progress=not args.no_progress,
             plugins=tuple(args.plugin),
         )
-        console.print(f"[bold]sparsebench[/] {len(cells)} cells on {device}{where} -> {uri}")
+        console.print(f"[bold]sparsebench[/] {len(cells)} cells on {device}{placement.where} -> {uri}")
         results = runner.run_matrix(
             cells, registry, tracker, args.preset, options, args.guard, notify=console.print, backend=backend
         )
@@ -404,40 +406,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             backend.close()
     summary.print_results(console, results)
     summary.print_where(console, uri, experiment_id)
-    return EXIT_FAILED_CELLS if any(r.status == "failed" for r in results) else 0
-
-
-def _backend(args: argparse.Namespace, uri: str, cells, device):  # -> (Backend | None, torch.device, str)
-    """The backend ``--jobs``/``--backend`` ask for (``None``: in this process), the device its cells
-    use, and a few words for the header line."""
-    import torch
-
-    if args.backend == "ray":
-        from harness.ray_backend import RayBackend
-
-        ray = RayBackend(args.address, uri, args.device, cells, jobs=args.jobs or 0, threads=args.threads)
-        nodes = f"{ray.nodes} node{'s' * (ray.nodes > 1)}"
-        return ray, torch.device(ray.device), f" with Ray ({nodes}, up to {ray.slots} cells at once)"
-    cores = len(os.sched_getaffinity(0))
-    gpus: list[str] = []
-    if device.type == "cuda":
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    jobs = args.jobs if args.jobs is not None else 1
-    if jobs == 0:  # auto
-        jobs = len(gpus) or cores
-    if jobs == 1:
-        return None, device, ""
-    from harness.pool import PoolBackend
-
-    threads = args.threads or max(1, cores // jobs)
-    spread = f", GPUs {','.join(gpus)}" if gpus else ""
-    where = f" with {jobs} worker processes x {threads} threads{spread}"
-    return PoolBackend(jobs, threads, gpus), device, where
+    return EXIT_FAILED_CELLS if any(r.status == FAILED for r in results) else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from harness import summary
+    from harness.run import summary
 
     registry, cells = _load(args)
     console = _console()
@@ -447,14 +420,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from harness import summary
+    from harness.run import summary
 
     summary.print_plugins(_console(), _registry(args))
     return 0
 
 
 def cmd_check_plugin(args: argparse.Namespace) -> int:
-    from harness import conformance
+    from harness.plugins import conformance
 
     registry = _registry(args)
     name = args.name
@@ -472,7 +445,7 @@ def cmd_check_plugin(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.errors import TrackingError
-    from harness.tracking import EXPERIMENT_PREFIX, Tracker, default_home, resolve_tracking_uri
+    from harness.store.tracking import EXPERIMENT_PREFIX, Tracker, default_home, resolve_tracking_uri
     from reports.build import build_report
     from reports.errors import ReportError, StoreReadError
 
@@ -498,8 +471,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from harness.dashboard import ui_url
-    from harness.tracking import Tracker, resolve_tracking_uri
+    from harness.store.dashboard import ui_url
+    from harness.store.tracking import Tracker, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     tracker = Tracker(uri)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from estimators.base import Estimator, Spec
+from estimators.params import ParamError, check_numbers
 from harness.errors import ConfigError, UsageError
 from harness.plugins import REQUIRED_TASK_PARAMS as RUNNER_PARAMS
 from harness.plugins import Registry
@@ -176,11 +177,6 @@ def _matches(match: Mapping[str, Any], task: str, estimator: str, params: Mappin
     return True
 
 
-def _numbers(value: Any) -> list[int | float]:
-    items = value if isinstance(value, list) else [value]
-    return [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
-
-
 def _resources(where: str, base: Mapping[str, float], extra: Any) -> dict[str, float]:
     """``base`` updated with a ``resources`` table, checked: a positive ``num_cpus``, and a
     ``num_gpus`` that is a fraction of one GPU or a whole number of them (as Ray takes it)."""
@@ -202,35 +198,30 @@ def _resources(where: str, base: Mapping[str, float], extra: Any) -> dict[str, f
 
 
 def _check_numbers(where: str, params: Mapping[str, Any], owner: Task | Estimator) -> None:
-    """The generic sanity layer: floats finite; declared signs (and the runner's own) held."""
-    positive, non_negative = set(owner.positive), set(owner.non_negative)
-    if isinstance(owner, Task):
-        positive |= {*POSITIVE, owner.size_key}
-        non_negative |= set(NON_NEGATIVE)
-    for key, value in params.items():
-        for number in _numbers(value):
-            if isinstance(number, float) and not math.isfinite(number):
-                raise ConfigError(f"{where}: {key} = {number!r} must be a finite number")
-            if isinstance(number, int) and abs(number) >= 2**63:
-                raise ConfigError(f"{where}: {key} = {number!r} does not fit in 64 bits")
-            if key in positive and number <= 0:
-                raise ConfigError(f"{where}: {key} = {number!r} must be positive")
-            if key in non_negative and number < 0:
-                raise ConfigError(f"{where}: {key} = {number!r} must not be negative")
+    """The generic sanity layer (``estimators.params.check_numbers``), with the runner's own
+    parameters' signs for a task."""
+    runner = isinstance(owner, Task)
+    positive, non_negative = ({*POSITIVE, owner.size_key}, NON_NEGATIVE) if runner else ((), ())
+    try:
+        check_numbers(owner, params, positive, non_negative)
+    except ParamError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _check_plugin(where: str, params: Mapping[str, Any], owner: Task | Estimator) -> None:
+    """The plugin's own ``check``: a ``ParamError`` (or the older ``ValueError`` / ``UsageError``)."""
+    try:
+        owner.check(params)
+    except (ValueError, UsageError) as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _check_cell(where: str, task: Task, tp: Mapping[str, Any], est: Estimator, ep: Mapping[str, Any]) -> None:
     """Every value a cell will run with, before anything runs: numbers, then the plugins' checks."""
     _check_numbers(f"{where} task", tp, task)
     _check_numbers(f"{where} estimator {est.name!r}", ep, est)
-    try:
-        task.check(tp)
-    except UsageError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    try:
-        est.check(ep)
-    except ValueError as e:
-        raise ConfigError(f"{where}: estimator {est.name!r}: {e}") from None
+    _check_plugin(where, tp, task)
+    _check_plugin(f"{where}: estimator {est.name!r}", ep, est)
 
 
 def resolve_cells(
@@ -297,10 +288,7 @@ def resolve_cells(
         est_base[name] = _resolved(where, _table(where, est_sections.get(name, {})), est)
         _update(f"--set estimators.{name}", est_base[name], forced_ests.get(name, {}), est)
         _check_numbers(where, est_base[name], est)
-        try:
-            est.check(est_base[name])
-        except ValueError as e:
-            raise ConfigError(f"{where}: {e}") from None
+        _check_plugin(where, est_base[name], est)
     overrides = _list_of_tables("[[overrides]]", config.get("overrides", []))
     for i, ov in enumerate(overrides):
         bad = sorted(set(ov) - set(OVERRIDE_KEYS))

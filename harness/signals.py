@@ -6,22 +6,27 @@ other deferred sections raise on leaving through ``guard.atomic()``. Anywhere el
 raises ``Interrupted`` at once. A second signal while one is pending raises at once too: a user
 who presses Ctrl-C twice does not want to wait for the step to end.
 
-A worker process (``harness.pool``, ``harness.ray_backend``) enters its guard with
+A worker process (``harness.backends.pool``, ``harness.backends.ray_backend``) enters its guard with
 ``escalate=False``: its launcher forwards the user's signal once, and Slurm or a shell may deliver
 the same one to the worker as well; two copies of one request must not cut the step short. The
 launcher escalates instead (a second Ctrl-C there kills its workers at once).
+
+``die_with_parent`` is the other half of a clean exit: a child process (a pool worker, the tracking
+server) asks Linux to signal it when its launcher dies, so a launcher killed outright leaves no orphans.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import signal
 import threading
 from collections.abc import Iterator
 from types import FrameType
 
-__all__ = ["HANDLED", "Interrupted", "SignalGuard"]
+__all__ = ["HANDLED", "Interrupted", "SignalGuard", "die_with_parent"]
 
+PR_SET_PDEATHSIG = 1
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -100,3 +105,12 @@ class SignalGuard:
     def raise_pending(self) -> None:
         if self.signum is not None and self._defer == 0:
             raise Interrupted(self.signum)
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``signum`` to this process when its parent exits (no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    except (OSError, AttributeError):
+        return

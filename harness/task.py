@@ -7,8 +7,9 @@ that a comparison must hold fixed.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,8 +18,9 @@ import torch
 from torch import nn
 
 from estimators.base import Spec, StructureLayer
+from estimators.params import Kinds, ParamError, Parameters
 
-__all__ = ["DATA_ROOT_ENV", "CellSetup", "Task", "TaskRun", "data_root"]
+__all__ = ["DATA_ROOT_ENV", "CellSetup", "ParamError", "Task", "TaskRun", "data_root", "evaluating"]
 
 #: Where datasets live on this machine (``sparsebench run --data-root`` sets it for the run).
 DATA_ROOT_ENV = "SPARSEBENCH_DATA_ROOT"
@@ -34,6 +36,20 @@ def data_root() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode without gradients, then back in the mode it was in: how the runner
+    calls ``TaskRun.evaluate``, and how a task reads its model's deterministic answers elsewhere
+    (a snapshot of predictions) without repeating the toggle."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 @dataclass(frozen=True)
 class CellSetup:
     """Everything a task needs to build one cell; plain data plus the built structure layer."""
@@ -44,6 +60,7 @@ class CellSetup:
     device: torch.device
     seed: int
     cache_dir: Path  # where generated data may be cached across cells (keyed by config hash)
+    spec: Spec | None = None  # ``Task.spec(kind, params)``, as the layer was built for it (the runner's)
 
 
 @dataclass
@@ -52,10 +69,12 @@ class TaskRun:
 
     - ``train_step(step)`` returns ``(objective, metrics)``: the scalar to backpropagate (already
       passed through ``layer.objective``) and floats to log at that step (``train/...``).
-    - ``evaluate()`` runs under ``torch.no_grad()`` and ``model.eval()`` and returns floats
+    - ``evaluate()`` runs under ``evaluating(model)`` (``torch.no_grad()``, ``model.eval()``; the
+      runner enters it, the task need not) and returns floats
       (``eval/...``); the first key listed in ``Task.primary_metric`` is the summary metric.
     - ``write_artifacts(step, out_dir)`` may write files (snapshots, figures' data) that the
-      runner logs under ``artifacts/step=<step>/``; it is called at ``Task``'s snapshot steps.
+      runner logs under ``artifacts/step=<step>/``; it is called at ``Task``'s snapshot steps,
+      in training mode (``evaluating(model)`` for eval-mode answers).
     - ``state_dict()`` / ``load_state_dict(state)``: the task's own state beyond the model's
       parameters and buffers and the global random generators (which the runner saves itself),
       e.g. a data stream's generator, epoch and order. The runner puts it in every checkpoint
@@ -76,7 +95,7 @@ class TaskRun:
     load_state_dict: Callable[[dict[str, Any]], None] | None = None
 
 
-class Task:
+class Task(Parameters):
     """Base class for task plugins. Subclass it and register an instance.
 
     Required:
@@ -91,12 +110,10 @@ class Task:
     - ``spec(kind, params)``: the structure spec to ask the estimator for.
     - ``setup(cell)``: build data and model on ``cell.device`` and return a ``TaskRun``.
     Optional:
-    - ``choices``: for parameters with a fixed set of values, that set (checked with the config).
-    - ``positive`` / ``non_negative``: numeric parameters (or lists of numbers) that must be
-      > 0 / >= 0. Every float parameter must be finite whatever is declared; the harness checks
-      both with the config and names the key.
-    - ``check(params)``: raise ``harness.errors.UsageError`` for a parameter problem found before
-      any training (a size the task cannot take); the CLI turns it into exit code 2.
+    - ``choices``, ``positive`` / ``non_negative`` and ``check(params)``: the parameters, declared
+      as an estimator declares its own (``estimators.params.Parameters``). ``check`` raises
+      ``ParamError`` (``harness.errors.UsageError`` is accepted too) for a problem found before any
+      training (a size the task cannot take); the CLI turns it into one line and exit code 2.
     - ``check_data(params, allow_embedded)``: check that the data ``params`` name is present,
       readable and complete under ``data_root()`` (headers and sizes, not a full load), and return
       the params to run with; raise ``UsageError`` naming what is missing and how to provide it.
@@ -121,14 +138,10 @@ class Task:
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
-    kinds: ClassVar[tuple[str, ...]] = ()
-    defaults: ClassVar[Mapping[str, Any]] = {}
-    choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {}
+    kinds: ClassVar[Kinds] = ()
     size_key: ClassVar[str] = "n"
     primary_metric: ClassVar[str] = "eval/loss"
     smoke: ClassVar[Mapping[str, Any]] = {}
-    positive: ClassVar[tuple[str, ...]] = ()
-    non_negative: ClassVar[tuple[str, ...]] = ()
     resources: ClassVar[Mapping[str, float]] = {"num_cpus": 1, "num_gpus": 1}
 
     def expected_seconds(self, params: Mapping[str, Any]) -> float:
@@ -139,9 +152,6 @@ class Task:
 
     def setup(self, cell: CellSetup) -> TaskRun:
         raise NotImplementedError
-
-    def check(self, params: Mapping[str, Any]) -> None:
-        return None
 
     def check_data(self, params: Mapping[str, Any], allow_embedded: bool = False) -> Mapping[str, Any]:
         return params

@@ -23,9 +23,10 @@ import pytest
 import torch
 
 from estimators.base import Estimator
-from harness import conformance, plugins
+from harness import plugins
+from harness.plugins import conformance
+from harness.plugins.versions import code_version
 from harness.task import Task
-from harness.versions import code_version
 
 __all__ = ["DEVICES", "assert_conforms", "sparsebench_check"]
 

@@ -48,7 +48,7 @@ from torch import nn
 from estimators.base import FullImageReadout, GlimpseLayer, GlimpseSpec, Spec, StructureLayer
 from harness.errors import UsageError
 from harness.hookspecs import hookimpl
-from harness.task import CellSetup, Task, TaskRun, data_root
+from harness.task import CellSetup, ParamError, Task, TaskRun, data_root, evaluating
 from plugins.data.cluttered import VARIANTS, ClutterConfig, ClutteredSet, cluttered_mnist, save_sample_grid
 from plugins.data.mnist import MNISTSplits
 from plugins.data.sources import DATASETS, load_digits, resolve_dataset
@@ -207,35 +207,37 @@ class AttentionTask(Task):
 
     def check(self, params: Mapping[str, Any]) -> None:
         if params["dataset"] not in DATASETS:
-            raise UsageError(
+            raise ParamError(
                 f"attention dataset = {params['dataset']!r}: choose one of {', '.join(DATASETS)}"
             )
         if params["loss"] not in LOSSES:
-            raise UsageError(f"attention loss = {params['loss']!r}: choose one of {', '.join(LOSSES)}")
+            raise ParamError(f"attention loss = {params['loss']!r}: choose one of {', '.join(LOSSES)}")
         if params["clutter"] not in VARIANTS:
-            raise UsageError(
+            raise ParamError(
                 f"attention clutter = {params['clutter']!r}: choose one of {', '.join(sorted(VARIANTS))}"
             )
         for key in ("epochs", "train_images", "test_images", "hidden", "glimpses"):
             if params[key] < 1:
-                raise UsageError(f"attention {key} = {params[key]!r} must be positive")
+                raise ParamError(f"attention {key} = {params[key]!r} must be positive")
         if params["steps"] < 0 or params["eval_every"] < 0:
-            raise UsageError("attention steps and eval_every must be >= 0 (0 = derived from epochs)")
-        _clutter(params)  # canvas too small for a digit: DataConfigError, a UsageError
+            raise ParamError("attention steps and eval_every must be >= 0 (0 = derived from epochs)")
+        try:
+            _clutter(params)
+        except UsageError as e:  # a canvas too small for a digit (DataConfigError)
+            raise ParamError(str(e)) from None
 
     def check_data(self, params: Mapping[str, Any], allow_embedded: bool = False) -> Mapping[str, Any]:
         return {**params, "dataset": resolve_dataset(params["dataset"], data_root(), allow_embedded)}
 
     def setup(self, cell: CellSetup) -> TaskRun:
         p, device = cell.params, cell.device
-        self.check(p)
         splits = load_digits(p["dataset"], data_root())
         config = _clutter(p)
         train = cluttered_mnist(splits.train, p["train_images"], config, p["data_seed"], cell.cache_dir)
         test = cluttered_mnist(
             splits.test, p["test_images"], config, p["data_seed"] + TEST_SEED_OFFSET, cell.cache_dir
         )
-        spec = self.spec(cell.kind, p)
+        spec = cell.spec if cell.spec is not None else self.spec(cell.kind, p)  # checked with the config
         model = AttentionModel(spec, cell.layer, p["hidden"]).to(device)
         batches = _Batches(train, p["batch_size"], cell.seed, device)
         steps = p["steps"] or p["epochs"] * batches.per_epoch
@@ -333,11 +335,8 @@ class _Artifacts:
             )  # fmt: skip
             self.grid_written = True
         model = self.model
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):  # snapshots come in training mode; predictions are eval mode's
             out = model(_to_float(self.images))
-        model.train(was_training)
         n, (_, h, w) = len(self.images), model.spec.image_shape
         record: dict[str, Any] = {
             "step": step,

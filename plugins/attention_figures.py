@@ -85,7 +85,8 @@ def table1(runs: pd.DataFrame) -> pd.DataFrame:
     ± std over finished seeds; the best sweep), each row labelled with what it is."""
     import pandas as pd
 
-    from reports.tables import FINISHED, GROUP, best_sweeps, data_label, final_value, mean_std
+    from reports.schema import FINISHED
+    from reports.tables import GROUP, best_sweeps, data_label, final_value, mean_std
 
     rows = [{
         "section": "literature", "model": model, "glimpses": config[0] if config else None,
@@ -134,10 +135,11 @@ def draw_fig4(ctx: ReportContext) -> list[Path]:
 
     from reports.frame import natural_key
     from reports.plotting import plt, save
+    from reports.schema import FINISHED
 
     runs = _attention_runs(ctx)
     runs = runs.assign(_rank=runs["estimator"].ne("sparse"), _unfinished=runs["status"].ne(
-        "finished")).sort_values(["_rank", "_unfinished", "seed"], kind="stable")
+        FINISHED)).sort_values(["_rank", "_unfinished", "seed"], kind="stable")
     shown: list[tuple[pd.Series, int, dict]] = []
     for variant in sorted(runs["variant"].unique(), key=natural_key):
         for _, run in runs[runs["variant"].eq(variant)].iterrows():

@@ -91,11 +91,13 @@ def _fig3_candidates(runs: pd.DataFrame) -> pd.DataFrame:
     """Sparse identity cells, best first: finished, the paper's n = 32, else the largest n."""
     import pandas as pd
 
+    from reports.schema import FINISHED
+
     runs = runs[runs["estimator"].eq("sparse")]
     n = pd.to_numeric(runs.get("params.task.n", runs["variant"].str.extract(r"(\d+)")[0]),
                       errors="coerce")
     key = pd.DataFrame({
-        "unfinished": runs["status"].ne("finished"),
+        "unfinished": runs["status"].ne(FINISHED),
         "not_paper_n": n.ne(FIG3_N),
         "minus_n": -n.fillna(0),
         "seed": runs["seed"].fillna(0),

@@ -90,9 +90,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from estimators.base import PermutationOutput, PermutationSpec, Spec, StructureLayer
-from harness.errors import UsageError
 from harness.hookspecs import hookimpl
-from harness.task import CellSetup, Task, TaskRun, data_root
+from harness.task import CellSetup, ParamError, Task, TaskRun, data_root
 from plugins.data.mnist import DigitSet
 from plugins.data.numbers import (
     NEURALSORT_PROTOCOL,
@@ -304,28 +303,28 @@ class SortingTask(Task):
     def check(self, params: Mapping[str, Any]) -> None:
         for key, allowed in (("protocol", PROTOCOLS), ("loss", LOSSES)):
             if params[key] not in allowed:
-                raise UsageError(
+                raise ParamError(
                     f"sorting: {key} = {params[key]!r}; choose one of {', '.join(allowed)}"
                 )
         if params["n"] < 2:
-            raise UsageError(f"sorting: n = {params['n']} must be at least 2 (items per instance)")
+            raise ParamError(f"sorting: n = {params['n']} must be at least 2 (items per instance)")
         if params["digits"] < 1:
-            raise UsageError(f"sorting: digits = {params['digits']} must be at least 1")
+            raise ParamError(f"sorting: digits = {params['digits']} must be at least 1")
         wanted = NEURALSORT_PROTOCOL.digits_per_number
         if params["protocol"] == "neuralsort" and params["digits"] != wanted:
-            raise UsageError(
+            raise ParamError(
                 f"sorting: protocol 'neuralsort' uses {wanted}-digit numbers, but digits = "
                 f"{params['digits']}; set digits = {wanted}"
             )
         if params["eval_instances"] < 1:
-            raise UsageError(f"sorting: eval_instances = {params['eval_instances']} must be positive")
+            raise ParamError(f"sorting: eval_instances = {params['eval_instances']} must be positive")
         if params["train_instances"] < 0:
-            raise UsageError(
+            raise ParamError(
                 f"sorting: train_instances = {params['train_instances']} must be 0 (fresh "
                 "instances every step) or a positive pool size"
             )
         if params["dataset"] not in DATASETS:
-            raise UsageError(
+            raise ParamError(
                 f"sorting: dataset = {params['dataset']!r}; choose one of {', '.join(DATASETS)}"
             )
 
@@ -378,14 +377,8 @@ class SortingTask(Task):
             metrics = {"train/loss": loss.mean().item(), "train/final_bce": final.mean().item()}
             return model.layer.objective(loss), metrics
 
-        def evaluate() -> dict[str, float]:
-            was_training = model.training
-            model.eval()  # the runner does this too; evaluation must never use batch statistics
-            try:
-                with torch.no_grad():
-                    scored = {name: _score(model, ev) for name, ev in evaluation.items()}
-            finally:
-                model.train(was_training)
+        def evaluate() -> dict[str, float]:  # in eval mode (the runner's): never batch statistics
+            scored = {name: _score(model, ev) for name, ev in evaluation.items()}
             whole, item = scored["test"]
             metrics = {"eval/error_pct": 100.0 * (1.0 - whole), "eval/per_element_acc": item}
             if protocol == "neuralsort":

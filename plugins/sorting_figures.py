@@ -59,7 +59,8 @@ def draw_fig6(ctx: ReportContext) -> list[Path]:
     estimator, error bars = std over seeds). Right: final error per n and estimator."""
     from reports.frame import natural_key
     from reports.plotting import dashes_for, plt, save, sns
-    from reports.tables import FINISHED, best_sweeps, final_value
+    from reports.schema import FINISHED
+    from reports.tables import best_sweeps, final_value
 
     runs = best_sweeps(_fig6_runs(ctx), METRIC)
     frame = ctx.frame

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from reports.schema import NA
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -106,7 +108,7 @@ def neuralsort_table(runs: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
                "data": "; ".join(sorted({data_label(s) for s in mine["data_source"]}))}
         chosen = []
         for n, at_n in mine.groupby("n"):
-            if at_n["status"].eq("n/a").all():
+            if at_n["status"].eq(NA).all():
                 row[f"n={n}"] = "n/a"
                 continue
             by_sweep = at_n.groupby("sweep", dropna=False)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from reports import schema
 from reports.figure import Figure, FigureEntry, NoFigureData, ReportContext, ReportResult
 from reports.frame import StoreData, display_uri, natural_key, read_store
 from reports.html import PresetProtocol, Protocols, Provenance, render_index
@@ -92,9 +93,9 @@ def _report_experiment(client: MlflowClient, store: StoreData) -> str:
 def _report_tags(store: StoreData, n_figures: int) -> dict[str, str]:
     names = ", ".join(store.experiments.values())
     return {
-        "sparsebench.role": "report",
-        "sparsebench.report.experiments": names,
-        "sparsebench.report.cells": str(len(store.runs)),
+        schema.ROLE_TAG: schema.REPORT,
+        schema.REPORT_EXPERIMENTS_TAG: names,
+        schema.REPORT_CELLS_TAG: str(len(store.runs)),
         "mlflow.note.content": (
             f"sparsebench report of {len(store.runs)} cells from {names}, {n_figures} figures. "
             "Open `index.html` under Artifacts."
@@ -152,7 +153,7 @@ def _provenance(store: StoreData, run_id: str) -> Provenance:
 def _cells(runs: pd.DataFrame) -> list[dict[str, object]]:
     """The runnable cells of ``runs`` as ``reports.protocols`` reads them, params parsed back."""
     cells = []
-    for _, run in runs[runs["status"].ne("n/a")].iterrows():
+    for _, run in runs[runs["status"].ne(schema.NA)].iterrows():
         cell: dict[str, object] = {"name": run["run_name"], "task": run["task"],
                                    "estimator": run["estimator"], "seed": run["seed"]}
         for column, value in run.items():

@@ -18,29 +18,28 @@ from mlflow.entities import Experiment, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from reports import schema
 from reports.errors import ReportError, StoreReadError
 
 __all__ = ["CELL_COLUMNS", "ENTRY", "StoreData", "display_uri", "natural_key", "read_store"]
 
-ROLE_TAG = "sparsebench.role"
-CELL_FILTER = f"tags.`{ROLE_TAG}` = 'cell'"
 
 #: frame column -> the tag it comes from; every cell carries these (empty string when untagged).
 CELL_COLUMNS: dict[str, str] = {
-    "cell_id": "sparsebench.cell_id",
-    "task": "sparsebench.task",
-    "variant": "sparsebench.variant",
-    "estimator": "sparsebench.estimator",
-    "seed": "sparsebench.seed",
-    "sweep": "sparsebench.sweep",
-    "kind": "sparsebench.kind",
-    "status": "sparsebench.status",
-    "reason": "sparsebench.reason",
-    "primary_metric": "sparsebench.primary_metric",
-    "device": "sparsebench.device",
-    "data_source": "data.source",
-    "task_code": "sparsebench.code.task",  # the task plugin's distribution and version
-    "estimator_code": "sparsebench.code.estimator",
+    "cell_id": schema.CELL_ID_TAG,
+    "task": schema.TASK_TAG,
+    "variant": schema.VARIANT_TAG,
+    "estimator": schema.ESTIMATOR_TAG,
+    "seed": schema.SEED_TAG,
+    "sweep": schema.SWEEP_TAG,
+    "kind": schema.KIND_TAG,
+    "status": schema.STATUS_TAG,
+    "reason": schema.REASON_TAG,
+    "primary_metric": schema.PRIMARY_METRIC_TAG,
+    "device": schema.DEVICE_TAG,
+    "data_source": schema.DATA_TAG_PREFIX + "source",
+    "task_code": schema.CODE_TAG_PREFIX + "task",  # the task plugin's distribution and version
+    "estimator_code": schema.CODE_TAG_PREFIX + "estimator",
 }
 #: A matrix entry: the cells of one estimator on one task variant. Cells of an entry that differ in
 #: anything but the seed (a sweep value, another setting, another plugin version) are kept apart.
@@ -116,7 +115,7 @@ def _cell_runs(client: MlflowClient, experiment_ids: list[str]) -> Iterator[Run]
     token = None
     while True:
         page = client.search_runs(
-            experiment_ids, CELL_FILTER, max_results=1000, page_token=token,
+            experiment_ids, schema.CELLS_FILTER, max_results=1000, page_token=token,
             order_by=["attributes.start_time DESC"],
         )
         yield from page

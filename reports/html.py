@@ -19,6 +19,7 @@ import pandas as pd
 
 from reports.figure import FigureEntry
 from reports.protocols import Departure, Row, format_value
+from reports.schema import REPORT, ROLE_TAG
 
 __all__ = ["PresetProtocol", "Protocols", "Provenance", "render_index"]
 
@@ -69,7 +70,7 @@ def _provenance(p: Provenance) -> str:
     items = [
         ("tracking store", _e(p.store)),
         ("experiments", _e(", ".join(p.experiments))),
-        ("report run", f"<code>{_e(p.report_run)}</code> (tag sparsebench.role = report)"),
+        ("report run", f"<code>{_e(p.report_run)}</code> (tag {ROLE_TAG} = {REPORT})"),
         ("cells", _counts(p.cells_by_status)),
         ("data source", _counts(p.data_sources)),
         ("device", _counts(p.devices)),

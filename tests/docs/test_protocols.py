@@ -169,7 +169,7 @@ def test_malformed_rows_name_the_line(text: str, message: str) -> None:
 
 
 def test_logged_params_read_back_as_the_document_writes_them() -> None:
-    """What ``harness.tracking`` logs (str, json for lists) compares equal to the TOML values."""
+    """What ``harness.store.tracking`` logs (str, json for lists) compares equal to the TOML values."""
     assert logged_value("True") is True and logged_value("1e-05") == 0.00001
     assert logged_value("[3, 3]") == [3, 3] and logged_value("deepmind") == "deepmind"
     assert logged_value("10000") == 10000 and logged_value("0.005") == 0.005

@@ -133,7 +133,7 @@ def home(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def schema_db(tmp_path_factory) -> Path:
     """An MLflow sqlite store with its tables and nothing else, created once per session."""
-    from harness.store import open_client
+    from harness.store.client import open_client
 
     path = tmp_path_factory.mktemp("schema") / "mlflow.db"
     open_client(f"sqlite:///{path}", create=True)

@@ -232,7 +232,7 @@ def test_ray_refuses_a_store_that_other_nodes_cannot_reach(cluster, store_home, 
 
 
 def test_a_cluster_store_is_a_server_that_every_node_reaches():
-    from harness.ray_backend import _remote_store_problem as problem
+    from harness.backends.ray_backend import _remote_store_problem as problem
 
     assert problem("sqlite:////tmp/mlflow.db", 1, client=False) is None  # one node: this machine
     assert problem("http://10.0.0.5:5000", 3, client=False) is None

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from harness.checkpoint import (
-    FORMAT,
+from harness.store.checkpoint import (
     ArtifactCheckpoints,
     CheckpointPolicy,
     LocalCheckpoints,
     capture_rng,
     restore_rng,
 )
-from harness.tracking import Tracker
+from harness.store.tracking import Tracker
+from reports.schema import CHECKPOINT_FORMAT
 
 CPU = torch.device("cpu")
 
@@ -29,7 +29,7 @@ def _draws() -> tuple[float, float, list[float]]:
 def _state(step: int) -> dict:
     model = torch.nn.Linear(3, 2)
     return {
-        "format": FORMAT,
+        "format": CHECKPOINT_FORMAT,
         "cell_id": "abc",
         "step": step,
         "model": model.state_dict(),

@@ -9,12 +9,13 @@ import time
 
 import pytest
 
-from harness import claims
-from harness.claims import HEARTBEAT_TAG, Owner
 from harness.cli import main
-from harness.lease import Heartbeat
 from harness.matrix import Cell
-from harness.tracking import Tracker, environment_tags
+from harness.store import claims
+from harness.store.claims import Owner
+from harness.store.lease import Heartbeat
+from harness.store.tracking import Tracker, environment_tags
+from reports.schema import HEARTBEAT_TAG
 
 ENV = environment_tags("cpu")
 CELL = Cell("identity", "n=4", "dense", 0, {"n": 4, "steps": 5, "lr": 0.01}, {})

@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
-from harness.claims import Owner, current_claim, try_claim
+from harness.store.claims import Owner, current_claim, try_claim
 
 COMMON = [
     "run", "--task", "identity",
@@ -62,7 +62,7 @@ def _claim(args: tuple[str, int]) -> bool:
 
 
 def test_one_process_wins_a_claim_generation(home):
-    from harness.store import open_client
+    from harness.store.client import open_client
 
     uri = f"sqlite:///{home / 'mlflow.db'}"
     client = open_client(uri, create=True)

@@ -19,7 +19,7 @@ from estimators.base import (
     Unsupported,
 )
 from harness.cli import main
-from harness.conformance import FAIL, PASS, check_estimator, check_task
+from harness.plugins.conformance import FAIL, PASS, check_estimator, check_task
 from harness.task import Task, TaskRun
 from harness.testing import assert_conforms
 

@@ -9,7 +9,7 @@ import json
 from urllib.parse import parse_qs, urlsplit
 
 from harness.cli import main
-from harness.dashboard import CELLS_VIEW_NAME, CELLS_VIEW_TAG, ui_url
+from harness.store.dashboard import CELLS_VIEW_NAME, CELLS_VIEW_TAG, ui_url
 
 RUN = [
     "run", "--task", "identity", "--estimator", "dense,sparse", "--seeds", "0,1",
@@ -52,8 +52,8 @@ def test_run_stores_a_saved_view_that_lists_the_cells_by_name(store_home, store,
 def test_a_tracking_server_is_its_own_dashboard():
     from rich.console import Console
 
-    from harness.dashboard import experiment_url
-    from harness.summary import print_where
+    from harness.run.summary import print_where
+    from harness.store.dashboard import experiment_url
 
     console = Console(record=True, width=80)
     print_where(console, "http://10.0.0.5:5000", "3")

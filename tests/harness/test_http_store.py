@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.claims import Owner, current_claim, try_claim
 from harness.cli import main
-from harness.server import answers, free_port
+from harness.store.claims import Owner, current_claim, try_claim
+from harness.store.server import answers, free_port
 
 SERVER_START_S = 180  # the server imports MLflow's whole app; slow on a loaded 2-core machine
 CELL = [

@@ -5,9 +5,9 @@ not a terminal): tests/harness/test_backends.py."""
 
 from __future__ import annotations
 
-from harness.cell import CellResult
 from harness.matrix import Cell
-from harness.progress import LineView, LiveView, NullView, make_view
+from harness.run.cell import CellResult
+from harness.run.progress import LineView, LiveView, NullView, make_view
 
 
 def _cell(name: str) -> Cell:

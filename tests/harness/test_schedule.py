@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 
 from harness import config
+from harness.backends.ray_backend import resources_for
+from harness.backends.schedule import expected_seconds, longest_first, measured_seconds
 from harness.cli import main
 from harness.errors import ConfigError
 from harness.matrix import Selection, resolve_cells
 from harness.plugins import load
-from harness.ray_backend import resources_for
-from harness.schedule import expected_seconds, longest_first, measured_seconds
 
 REGISTRY = load()
 

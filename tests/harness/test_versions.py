@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from harness.versions import code_version
+from harness.plugins.versions import code_version
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from estimators.plugins.dense import DenseEstimator
 from estimators.plugins.reinforce import ReinforceEstimator
 from estimators.plugins.sparse import SparseEstimator
 from harness.errors import UsageError
-from harness.task import CellSetup, Task, TaskRun
+from harness.task import CellSetup, ParamError, Task, TaskRun
 from harness.testing import DEVICES
 from plugins.attention import (
     AttentionModel,
@@ -135,7 +135,7 @@ def test_task_contract() -> None:
     ],
 )
 def test_check_names_the_bad_parameter(extra: Mapping[str, Any], message: str) -> None:
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(ParamError, match=message):
         AttentionTask().check(_params(**extra))
 
 

@@ -28,7 +28,7 @@ from estimators.layers.permutation import (
     QuicksortLayer,
 )
 from harness.errors import UsageError
-from harness.task import CellSetup, TaskRun
+from harness.task import CellSetup, ParamError, TaskRun, evaluating
 from harness.testing import DEVICES
 from plugins.data.mnist import load_mnist
 from plugins.data.numbers import validation_split
@@ -418,11 +418,12 @@ def test_evaluation_equals_a_direct_recomputation(layer: str, device: str) -> No
     params, run = make_run(layer, device, digits=2, eval_instances=40)
     model = run.model
     buffers = copy.deepcopy(dict(model.named_buffers()))
-    metrics = run.evaluate()
+    with evaluating(model):  # as the runner calls it
+        metrics = run.evaluate()
     assert set(metrics) == {"eval/error_pct", "eval/per_element_acc"}
     assert 0.0 <= metrics["eval/error_pct"] <= 100.0
     assert 0.0 <= metrics["eval/per_element_acc"] <= 1.0
-    assert model.training  # evaluate restores the mode it found
+    assert model.training  # evaluating restores the mode it found
     for name, b in model.named_buffers():  # BatchNorm statistics untouched
         torch.testing.assert_close(b, buffers[name])
 
@@ -431,7 +432,8 @@ def test_evaluation_equals_a_direct_recomputation(layer: str, device: str) -> No
     whole, item = _fractions(_orders_by_hand(run, test, index, device), values)
     assert math.isclose(metrics["eval/error_pct"], 100.0 * (1 - whole), abs_tol=1e-9)
     assert math.isclose(metrics["eval/per_element_acc"], item, abs_tol=1e-9)
-    assert run.evaluate() == metrics  # deterministic
+    with evaluating(model):
+        assert run.evaluate() == metrics  # deterministic
 
 
 @pytest.mark.parametrize("layer", ["neuralsort", "gumbel_sinkhorn"])
@@ -439,7 +441,8 @@ def test_neuralsort_protocol_scores_validation_and_test(layer: str) -> None:
     params, run = make_run(layer, protocol="neuralsort", n=3, digits=4, eval_instances=20,
                            loss="permutation_ce")
     assert isinstance(run.model.scorer, LargeMnistCNN)
-    metrics = run.evaluate()
+    with evaluating(run.model):
+        metrics = run.evaluate()
     assert set(metrics) == {
         "eval/error_pct", "eval/per_element_acc", "eval/all_correct", "eval/per_element_correct",
         "eval/val_all_correct", "eval/val_per_element_correct",
@@ -548,7 +551,7 @@ def test_artifact_has_the_documented_schema(layer: str, tmp_path: Path) -> None:
     ],
 )
 def test_check_rejects_bad_params(over: dict, match: str) -> None:
-    with pytest.raises(UsageError, match=match):
+    with pytest.raises(ParamError, match=match):
         TASK.check(small_params(**over))
 
 

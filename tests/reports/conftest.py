@@ -1,5 +1,5 @@
 """Test stores for the report: real MLflow sqlite stores in tmp dirs, written in the layout that
-``harness.tracking`` uses (experiment per preset, parent run, a child run per cell with the
+``harness.store.tracking`` uses (experiment per preset, parent run, a child run per cell with the
 layout's tags, params, metric histories and snapshot artifacts)."""
 
 from __future__ import annotations

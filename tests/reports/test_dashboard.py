@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.dashboard import CELLS_VIEW_NAME, ui_url
-from harness.server import answers, free_port
+from harness.store.dashboard import CELLS_VIEW_NAME, ui_url
+from harness.store.server import answers, free_port
 
 pytestmark = pytest.mark.browser
 

@@ -3,7 +3,7 @@
 ``execute(job)`` is what every backend calls. A ``CellJob`` is plain data (the resolved cell, the
 tracking URI, the claimed run, the device, where checkpoints go), so the in-process loop, a
 process pool or a Ray task can all run a cell the same way; the launcher has already claimed the
-cell (``harness.claims``) and opened or adopted its run. The worker owns that run from then on:
+cell (``harness.store.claims``) and opened or adopted its run. The worker owns that run from then on:
 it keeps its heartbeat, writes its metrics and checkpoints, and sets its final status.
 
 A resumed cell continues from its checkpoint in the same MLflow run and trains exactly as an
@@ -14,7 +14,6 @@ holds are not logged twice.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import resource
@@ -26,27 +25,46 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 
 from estimators.base import Unsupported
-from harness.checkpoint import CheckpointPolicy, Checkpoints, checkpoints_for, restore_rng, training_state
-from harness.claims import STATUS_TAG, Claim
 from harness.errors import UsageError
-from harness.lease import Heartbeat
 from harness.matrix import Cell
 from harness.plugins import Registry
+from harness.run.loop import Diverged, Hooks, Loop
 from harness.signals import Interrupted, SignalGuard
+from harness.store.checkpoint import (
+    CheckpointPolicy,
+    Checkpoints,
+    checkpoints_for,
+    restore_rng,
+    training_state,
+)
+from harness.store.claims import Claim
+from harness.store.lease import Heartbeat
+from harness.store.tracking import Tracker
 from harness.task import CellSetup, TaskRun
-from harness.tracking import Tracker
+from reports.schema import (
+    CHECKPOINT_STEP_TAG,
+    DIVERGED,
+    FAILED,
+    FINISHED,
+    KILLED,
+    NA,
+    PRIMARY_METRIC_TAG,
+    THREADS_TAG,
+    WORKER_TAG,
+    CellStatus,
+)
 
 __all__ = [
     "CellJob",
     "CellProgressLike",
     "CellResult",
-    "Diverged",
+    "Outcome",
     "Superseded",
     "execute",
     "seed_everything",
@@ -56,10 +74,15 @@ LOG_EVERY = 10  # training metrics every LOG_EVERY steps, sent in one batch at e
 TIME_PREFIXES = ("time/", "summary/")  # wall-clock metrics: never expected to replay equal
 
 
+#: How a cell ended for the launcher: a status it wrote to the store, or one it only reports
+#: (finished earlier, running in another process, taken over by another process).
+Outcome = CellStatus | Literal["skipped", "elsewhere", "superseded"]
+
+
 @dataclass
 class CellResult:
     cell: Cell
-    status: str  # finished | diverged | failed | killed | n/a | skipped | elsewhere | superseded
+    status: Outcome
     metric: float | None = None
     wall_s: float = 0.0
     reason: str = ""
@@ -81,16 +104,12 @@ class CellJob:
     plugins: tuple[str, ...] = ()  # extra plugin modules, for a worker that loads its own registry
 
 
-class Diverged(Exception):
-    """A non-finite loss or metric; the cell ends as ``diverged``."""
-
-
 class Superseded(Exception):
     """Another process took this cell's claim over (this one looked dead); stop, write nothing."""
 
 
 class CellProgressLike(Protocol):
-    """What ``execute`` tells a progress display (``harness.progress``), in this process or, through
+    """What ``execute`` tells a progress display (``harness.run.progress``), in this process or, through
     a worker's channel, in the launcher's."""
 
     def start(self, name: str, steps: int, completed: int = 0) -> None: ...
@@ -148,9 +167,8 @@ def _execute(
     store = checkpoints_for(job.checkpoints, tracker.client, job.tracking_uri)
     if cell.na_reason is not None:
         with guard.atomic():
-            tracker.set_tags(run_id, {STATUS_TAG: "n/a", "sparsebench.reason": cell.na_reason})
-            tracker.end(run_id, "FINISHED")
-        return CellResult(cell, "n/a", reason=cell.na_reason, run_id=run_id)
+            tracker.end_run(run_id, NA, cell.na_reason)
+        return CellResult(cell, NA, reason=cell.na_reason, run_id=run_id)
     training = _Training(job, registry, tracker, store, guard, heartbeat, progress)
     try:
         result = training.run()
@@ -158,46 +176,32 @@ def _execute(
         return CellResult(cell, "superseded", reason=str(e), run_id=run_id)
     except KeyboardInterrupt as e:
         with guard.deferred():
-            tracker.set_tags(run_id, {STATUS_TAG: "killed"})
-            tracker.end(run_id, "KILLED")
+            tracker.end_run(run_id, KILLED)  # its checkpoint stays: the next run resumes it
         note = e.note if isinstance(e, Interrupted) and e.note else training.where()
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         raise Interrupted(signum, note) from None
     except Unsupported as e:  # build() or the task found it cannot serve the cell after all
         reason = str(e) or "the estimator raised Unsupported"
         with guard.atomic():
-            tracker.set_tags(run_id, {STATUS_TAG: "n/a", "sparsebench.reason": reason})
-            tracker.end(run_id, "FINISHED")
-            store.prune(run_id)
-        return CellResult(cell, "n/a", reason=reason, run_id=run_id)
+            tracker.end_run(run_id, NA, reason, checkpoints=store)
+        return CellResult(cell, NA, reason=reason, run_id=run_id)
     except Diverged as e:
         with guard.atomic():
-            tracker.set_tags(run_id, {STATUS_TAG: "diverged", "sparsebench.reason": str(e)})
-            tracker.end(run_id, "FINISHED")  # a diverged cell is a result, not an error to retry
-            store.prune(run_id)
-        return CellResult(cell, "diverged", reason=str(e), run_id=run_id)
+            tracker.end_run(run_id, DIVERGED, str(e), checkpoints=store)  # a result, not an error
+        return CellResult(cell, DIVERGED, reason=str(e), run_id=run_id)
     except Exception as e:
         reason = f"{type(e).__name__}: {e}"
         with guard.atomic():
             tracker.log_text(run_id, "traceback.txt", traceback.format_exc())
-            tracker.set_tags(run_id, {STATUS_TAG: "failed", "sparsebench.reason": reason[:5000]})
-            tracker.end(run_id, "FAILED")
-            store.prune(run_id)  # a failed cell starts afresh: the failure may be in the code
+            # a failed cell starts afresh: the failure may be in the code
+            tracker.end_run(run_id, FAILED, reason, checkpoints=store)
         if isinstance(e, UsageError):
             raise
         print(f"cell {cell.name} failed: {reason}", file=sys.stderr)
-        return CellResult(cell, "failed", reason=reason, run_id=run_id)
+        return CellResult(cell, FAILED, reason=reason, run_id=run_id)
     with guard.atomic():
-        tracker.set_tags(run_id, {STATUS_TAG: "finished"})
-        tracker.end(run_id, "FINISHED")
-        store.prune(run_id)
+        tracker.end_run(run_id, FINISHED, checkpoints=store)
     return result
-
-
-def _finite(values: dict[str, float]) -> None:
-    for key, value in values.items():
-        if not math.isfinite(value):
-            raise Diverged(f"{key} = {value} is not finite")
 
 
 def _peak_mem_mb(device: torch.device) -> float:
@@ -231,8 +235,10 @@ class _MetricSink:
         self.tracker.log_metrics(self.run_id, rows)
 
 
-class _Training:
-    """The loop over steps with its whole state, so that it can be saved and restored as one."""
+class _Training(Hooks):
+    """One cell's loop (``harness.run.loop``) with what the runner hangs on it: metrics to the
+    store, checkpoints, the heartbeat's fencing, signals, snapshots and progress; and the whole
+    state, so that it can be saved and restored as one."""
 
     def __init__(
         self,
@@ -248,7 +254,6 @@ class _Training:
         self.registry, self.tracker, self.store = registry, tracker, store
         self.guard, self.heartbeat, self.progress = guard, heartbeat, progress
         self.device = torch.device(job.device)
-        self.step = 0
         self.elapsed_before = 0.0
         self.pending: list[tuple[int, dict[str, float]]] = []
         self.last_eval: dict[str, float] = {}
@@ -274,7 +279,9 @@ class _Training:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         layer = self.registry.estimator(cell.estimator).build(cell.spec, cell.estimator_params)
-        setup = CellSetup(cell.task_params, layer, cell.kind, device, cell.seed, Path(self.job.cache_dir))
+        setup = CellSetup(
+            cell.task_params, layer, cell.kind, device, cell.seed, Path(self.job.cache_dir), cell.spec
+        )
         run = task.setup(setup)
         if run.steps < 1 or run.eval_every < 1:
             raise ValueError(f"task {task.name} set up {run.steps} steps evaluated every {run.eval_every}")
@@ -282,15 +289,15 @@ class _Training:
             self.run_id,
             {
                 **run.provenance,
-                "sparsebench.primary_metric": task.primary_metric,
-                "sparsebench.threads": str(torch.get_num_threads()),
-                "sparsebench.worker": f"{socket.gethostname()}:{os.getpid()}",
+                PRIMARY_METRIC_TAG: task.primary_metric,
+                THREADS_TAG: str(torch.get_num_threads()),
+                WORKER_TAG: f"{socket.gethostname()}:{os.getpid()}",
             },
         )
         if not self.job.resume:  # a resumed run already records its dataset
             self.tracker.log_dataset(self.run_id, run.provenance)
-        self.model = run.model.to(device)
-        self.optimiser = torch.optim.Adam(self.model.parameters(), lr=cell.task_params["lr"])
+        run.model.to(device)
+        self.loop = Loop(run, cell.task_params["lr"], self)
         return run
 
     def run(self) -> CellResult:
@@ -307,9 +314,9 @@ class _Training:
         self.sink = _MetricSink(self.tracker, self.run_id, logged)
         self.t0 = self.saved_at = time.perf_counter()
         if self.progress:
-            self.progress.start(cell.name, run.steps, completed=self.step)
+            self.progress.start(cell.name, run.steps, completed=self.loop.step)
         try:  # whatever ends the loop, the metrics computed so far reach the store
-            self._train(restored)
+            self.loop.train(evaluate_first=not restored)
             with self.guard.deferred():
                 wall = self.elapsed()
                 self.pending.append(
@@ -332,38 +339,9 @@ class _Training:
                 file=sys.stderr,
             )
         primary = self.registry.task(cell.task).primary_metric
-        return CellResult(cell, "finished", self.last_eval.get(primary), wall, run_id=self.run_id)
+        return CellResult(cell, FINISHED, self.last_eval.get(primary), wall, run_id=self.run_id)
 
-    def _train(self, restored: bool) -> None:
-        run, model, optimiser = self.task_run, self.model, self.optimiser
-        model.train()
-        if not restored:
-            self._evaluate(0)
-        for step in range(self.step, run.steps):
-            self._boundary(step)
-            with self.guard.deferred():  # a signal waits for the step to end
-                if step in run.snapshot_steps:
-                    self._snapshot(step)
-                objective, metrics = run.train_step(step)
-                loss = float(objective.detach())
-                _finite({"train/objective": loss, **metrics})
-                optimiser.zero_grad(set_to_none=True)
-                objective.backward()
-                optimiser.step()
-                if step % LOG_EVERY == 0:
-                    self.pending.append((step, {"train/objective": loss, **metrics}))
-                done = step + 1
-                self.step = done
-                if done % run.eval_every == 0 or done == run.steps:
-                    self._evaluate(done)
-                if self.progress:
-                    self.progress.advance(loss)
-        self._boundary(run.steps, last=True)
-        if run.steps in run.snapshot_steps:
-            with self.guard.deferred():
-                self._snapshot(run.steps)
-
-    def _boundary(self, step: int, last: bool = False) -> None:
+    def boundary(self, step: int, last: bool = False) -> None:
         """Between two steps: stop if superseded, checkpoint if due or interrupted."""
         lost = self.heartbeat.lost(self.run_id)
         if lost:
@@ -377,13 +355,14 @@ class _Training:
         if signum is not None:
             raise Interrupted(signum, f"{self.cell.name} checkpointed at step {step}")
 
-    def _evaluate(self, step: int) -> None:
-        model = self.model
-        model.eval()
-        with torch.no_grad():
-            metrics = self.task_run.evaluate()
-        model.train()
-        _finite(metrics)
+    def section(self) -> contextlib.AbstractContextManager[object]:
+        return self.guard.deferred()  # a signal waits for the step to end
+
+    def trained(self, step: int, loss: float, metrics: dict[str, float]) -> None:
+        if step % LOG_EVERY == 0:
+            self.pending.append((step, {"train/objective": loss, **metrics}))
+
+    def evaluated(self, step: int, metrics: dict[str, float]) -> None:
         self.last_eval = metrics
         self.pending.append((step, {**metrics, "time/elapsed_s": self.elapsed()}))
         self.sink.log(self.pending)  # each evaluation makes the dashboard current
@@ -391,7 +370,11 @@ class _Training:
         if self.progress:
             self.progress.evaluated(step, metrics)
 
-    def _snapshot(self, step: int) -> None:
+    def advanced(self, loss: float) -> None:
+        if self.progress:
+            self.progress.advance(loss)
+
+    def snapshot(self, step: int) -> None:
         if self.task_run.write_artifacts is None:
             return
         with tempfile.TemporaryDirectory() as tmp:
@@ -403,8 +386,8 @@ class _Training:
             cell_id=self.cell.cell_id,
             step=step,
             elapsed_s=self.elapsed(),
-            model=self.model,
-            optimiser=self.optimiser,
+            model=self.task_run.model,
+            optimiser=self.loop.optimiser,
             task=self.task_run.state_dict() if self.task_run.state_dict else {},
             device=self.device,
             pending=self.pending,
@@ -412,20 +395,20 @@ class _Training:
         )
         with self.guard.deferred():
             self.store.save(self.run_id, state)
-            self.tracker.set_tags(self.run_id, {"sparsebench.checkpoint_step": str(step)})
+            self.tracker.set_tags(self.run_id, {CHECKPOINT_STEP_TAG: str(step)})
         self.saved_step, self.saved_at = step, time.perf_counter()
 
     def _restore(self, state: dict[str, Any]) -> None:
         if state.get("cell_id") != self.cell.cell_id:
             raise ValueError(f"the checkpoint of run {self.run_id} belongs to cell {state.get('cell_id')}")
-        self.model.load_state_dict(state["model"])
-        self.optimiser.load_state_dict(state["optimiser"])
+        self.task_run.model.load_state_dict(state["model"])
+        self.loop.optimiser.load_state_dict(state["optimiser"])
         if self.task_run.load_state_dict is not None:
             self.task_run.load_state_dict(state["task"])
         elif state["task"]:
             raise ValueError(f"task {self.cell.task} saved state but cannot load it")
         restore_rng(state["rng"])
-        self.step = self.saved_step = int(state["step"])
+        self.loop.step = self.saved_step = int(state["step"])
         self.elapsed_before = float(state["elapsed_s"])
         self.pending = [(int(s), dict(m)) for s, m in state["pending"]]
         self.last_eval = dict(state["last_eval"])

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from harness.store import sqlite_path
+from harness.store.client import sqlite_path
+from reports.schema import CHECKPOINT_FORMAT, CHECKPOINT_TAG
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 __all__ = [
-    "FORMAT",
     "ArtifactCheckpoints",
     "CheckpointPolicy",
     "Checkpoints",
@@ -41,8 +41,6 @@ __all__ = [
     "training_state",
 ]
 
-FORMAT = "sparsebench.checkpoint/1"
-POINTER_TAG = "sparsebench.checkpoint"
 DEFAULT_MINUTES = 10.0  # a killed cell loses at most this much training, plus one step
 
 
@@ -83,8 +81,8 @@ class Checkpoints:
 
 def _read(path: Path, device: torch.device) -> dict[str, Any]:
     state = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} checkpoint")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
     return state
 
 
@@ -135,18 +133,18 @@ class ArtifactCheckpoints(Checkpoints):
         return get_artifact_repository(uri, tracking_uri=self.tracking_uri)
 
     def save(self, run_id: str, state: dict[str, Any]) -> None:
-        previous = self.client.get_run(run_id).data.tags.get(POINTER_TAG)
+        previous = self.client.get_run(run_id).data.tags.get(CHECKPOINT_TAG)
         name = f"step={state['step']}.pt"
         with tempfile.TemporaryDirectory(prefix="sparsebench-ckpt-") as tmp:
             path = Path(tmp) / name
             torch.save(state, path)
             self.client.log_artifact(run_id, str(path), "checkpoint")
-        self.client.set_tag(run_id, POINTER_TAG, f"checkpoint/{name}")  # now it counts
+        self.client.set_tag(run_id, CHECKPOINT_TAG, f"checkpoint/{name}")  # now it counts
         if previous and previous != f"checkpoint/{name}":
             self._delete(run_id, previous)
 
     def load(self, run_id: str, device: torch.device) -> dict[str, Any] | None:
-        pointer = self.client.get_run(run_id).data.tags.get(POINTER_TAG)
+        pointer = self.client.get_run(run_id).data.tags.get(CHECKPOINT_TAG)
         if not pointer:
             return None
         with tempfile.TemporaryDirectory(prefix="sparsebench-ckpt-") as tmp:
@@ -154,9 +152,9 @@ class ArtifactCheckpoints(Checkpoints):
             return _read(Path(local), device)
 
     def prune(self, run_id: str) -> None:
-        if self.client.get_run(run_id).data.tags.get(POINTER_TAG):
+        if self.client.get_run(run_id).data.tags.get(CHECKPOINT_TAG):
             self._delete(run_id, "checkpoint")
-            self.client.delete_tag(run_id, POINTER_TAG)
+            self.client.delete_tag(run_id, CHECKPOINT_TAG)
 
     def _delete(self, run_id: str, path: str) -> None:
         with contextlib.suppress(Exception):  # an artifact store that cannot delete keeps a file
@@ -183,7 +181,7 @@ def training_state(
 ) -> dict[str, Any]:
     """Everything a cell needs to continue from ``step`` exactly: what a checkpoint holds."""
     return {
-        "format": FORMAT,
+        "format": CHECKPOINT_FORMAT,
         "cell_id": cell_id,
         "step": step,
         "elapsed_s": elapsed_s,

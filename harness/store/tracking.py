@@ -15,15 +15,31 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.claims import CLAIM_TAG, HEARTBEAT_TAG, LOST_TAG, OWNER_TAG, STATUS_TAG, Claim, Owner
-from harness.dashboard import CELLS_VIEW_TAG, cells_view_tag
-from harness.store import open_client, sqlite_path
+from harness.store.claims import Claim, Owner
+from harness.store.client import open_client, sqlite_path
+from harness.store.dashboard import CELLS_VIEW_TAG, cells_view_tag
+from reports import schema
+from reports.schema import (
+    CELL_ID_TAG,
+    CELLS_FILTER,
+    CLAIM_TAG,
+    END_STATE,
+    HEARTBEAT_TAG,
+    LOST_TAG,
+    OWNER_TAG,
+    REASON_TAG,
+    RUNNING,
+    STATUS_TAG,
+    CellStatus,
+    RunState,
+)
 
 if TYPE_CHECKING:
     from mlflow.entities import Experiment, Run
     from mlflow.tracking import MlflowClient
 
     from harness.matrix import Cell
+    from harness.store.checkpoint import Checkpoints
 
 __all__ = ["Tracker", "default_home", "resolve_tracking_uri"]
 
@@ -60,13 +76,13 @@ def environment_tags(device: str) -> dict[str, str]:
     import torch
 
     return {
-        "sparsebench.device": device,
-        "sparsebench.torch": torch.__version__,
-        "sparsebench.cuda": torch.version.cuda or "none",
-        "sparsebench.gpu": torch.cuda.get_device_name() if device.startswith("cuda") else "none",
-        "sparsebench.python": platform.python_version(),
-        "sparsebench.mlflow": mlflow.__version__,
-        "sparsebench.git_sha": _git_sha(),
+        schema.DEVICE_TAG: device,
+        schema.TORCH_TAG: torch.__version__,
+        schema.CUDA_TAG: torch.version.cuda or "none",
+        schema.GPU_TAG: torch.cuda.get_device_name() if device.startswith("cuda") else "none",
+        schema.PYTHON_TAG: platform.python_version(),
+        schema.MLFLOW_TAG: mlflow.__version__,
+        schema.GIT_SHA_TAG: _git_sha(),
     }
 
 
@@ -84,7 +100,7 @@ class Tracker:
 
     def __init__(self, uri: str, *, create: bool = True, artifact_root: str | None = None) -> None:
         """``artifact_root``: where a local store keeps artifacts, for a tracker that reaches that
-        store through a server (``harness.server``); by default found beside a sqlite file."""
+        store through a server (``harness.store.server``); by default found beside a sqlite file."""
         self.client: MlflowClient = open_client(uri, create=create, write=True)
         self.uri = uri
         db = sqlite_path(uri)
@@ -107,7 +123,7 @@ class Tracker:
                 artifact_location=f"{self.artifact_root}/{name}" if self.artifact_root else None,
                 tags={
                     "mlflow.experimentKind": "custom_model_development",
-                    "sparsebench.preset": preset,
+                    schema.PRESET_TAG: preset,
                     CELLS_VIEW_TAG: _cells_view(),  # the dashboard's "Views" menu offers the cells
                 },
             )
@@ -118,7 +134,7 @@ class Tracker:
             return found.experiment_id
 
     def offer_cells_view(self, experiment: Experiment) -> None:
-        """Add the saved view of the cells to an experiment from before it (``harness.dashboard``)."""
+        """Add the saved view of the cells to an experiment from before it (``harness.store.dashboard``)."""
         if CELLS_VIEW_TAG not in experiment.tags:
             self.client.set_experiment_tag(experiment.experiment_id, CELLS_VIEW_TAG, _cells_view())
 
@@ -127,9 +143,9 @@ class Tracker:
             experiment_id,
             run_name=f"{preset} {time.strftime('%Y-%m-%d %H:%M:%S')}",
             tags={
-                "sparsebench.role": "matrix",
-                "sparsebench.preset": preset,
-                "sparsebench.cells": str(n_cells),
+                schema.ROLE_TAG: schema.MATRIX,
+                schema.PRESET_TAG: preset,
+                schema.CELLS_TAG: str(n_cells),
                 **_lease_tags(owner),
             },
         )
@@ -140,13 +156,13 @@ class Tracker:
         (``diverged``, ``n/a``); the rest are skipped unless ``--force``."""
         runs = self.client.search_runs(
             [experiment_id],
-            filter_string="tags.`sparsebench.role` = 'cell'",
+            filter_string=CELLS_FILTER,
             order_by=["attributes.start_time DESC"],
             max_results=50000,
         )
         latest: dict[str, tuple[str, str]] = {}
         for run in runs:
-            cell_id = run.data.tags.get("sparsebench.cell_id")
+            cell_id = run.data.tags.get(CELL_ID_TAG)
             if cell_id and cell_id not in latest:
                 latest[cell_id] = (run.info.status, run.data.tags.get(STATUS_TAG, ""))
         return {
@@ -164,16 +180,16 @@ class Tracker:
                 OWNER_TAG: claim.owner,
                 CLAIM_TAG: str(claim.generation),
                 HEARTBEAT_TAG: f"{time.time():.3f}",
-                "sparsebench.role": "cell",
-                "sparsebench.cell_id": cell.cell_id,
-                "sparsebench.task": cell.task,
-                "sparsebench.variant": cell.variant,
-                "sparsebench.estimator": cell.estimator,
-                "sparsebench.seed": str(cell.seed),
-                "sparsebench.sweep": cell.sweep,
-                "sparsebench.kind": cell.kind or "n/a",
-                **{f"sparsebench.code.{role}": version for role, version in cell.code.items()},
-                STATUS_TAG: "running",
+                schema.ROLE_TAG: schema.CELL,
+                CELL_ID_TAG: cell.cell_id,
+                schema.TASK_TAG: cell.task,
+                schema.VARIANT_TAG: cell.variant,
+                schema.ESTIMATOR_TAG: cell.estimator,
+                schema.SEED_TAG: str(cell.seed),
+                schema.SWEEP_TAG: cell.sweep,
+                schema.KIND_TAG: cell.kind or schema.NA,
+                **{schema.CODE_TAG_PREFIX + role: version for role, version in cell.code.items()},
+                STATUS_TAG: RUNNING,
                 **tags,
             },
         )
@@ -190,7 +206,7 @@ class Tracker:
     def adopt_cell(self, run: Run, parent_id: str, tags: Mapping[str, str], claim: Claim) -> str:
         """Take an unfinished cell run over for a resume: new owner, claim and parent, RUNNING."""
         run_id = run.info.run_id
-        resumes = int(run.data.tags.get("sparsebench.resumes", "0")) + 1
+        resumes = int(run.data.tags.get(schema.RESUMES_TAG, "0")) + 1
         self.set_tags(
             run_id,
             {
@@ -199,8 +215,8 @@ class Tracker:
                 OWNER_TAG: claim.owner,
                 CLAIM_TAG: str(claim.generation),
                 HEARTBEAT_TAG: f"{time.time():.3f}",
-                STATUS_TAG: "running",
-                "sparsebench.resumes": str(resumes),
+                STATUS_TAG: RUNNING,
+                schema.RESUMES_TAG: str(resumes),
             },
         )
         if LOST_TAG in run.data.tags:  # resumed: a later failure is the cell's own again
@@ -266,9 +282,31 @@ class Tracker:
         if any(local_dir.iterdir()):
             self.client.log_artifacts(run_id, str(local_dir), artifact_path)
 
-    def end(self, run_id: str, status: str) -> None:
+    def end(self, run_id: str, status: RunState) -> None:
         """``status`` is MLflow's: FINISHED, FAILED or KILLED."""
         self.client.set_terminated(run_id, status=status)
+
+    def end_run(
+        self,
+        run_id: str,
+        status: CellStatus,
+        reason: str = "",
+        *,
+        lost: bool = False,
+        checkpoints: Checkpoints | None = None,
+    ) -> None:
+        """End a cell (or matrix) run, the one way: its status (and why), the MLflow state that status maps
+        to, then its checkpoint pruned (``checkpoints``) or kept for a resume (``None``).
+        ``lost``: its worker died under it, so it ends failed yet resumable."""
+        tags: dict[str, str] = {STATUS_TAG: status}
+        if reason:
+            tags[REASON_TAG] = reason
+        if lost:
+            tags[LOST_TAG] = "1"
+        self.set_tags(run_id, tags)
+        self.end(run_id, END_STATE[status])
+        if checkpoints is not None:
+            checkpoints.prune(run_id)
 
 
 def _short(value: Any) -> str:

@@ -1,15 +1,15 @@
 """Where claimed cells run: the backend interface, the events it reports, and the in-process backend.
 
-A backend only decides *where* a cell runs. The launcher (``harness.runner``) claims each cell,
-opens its run and hands the backend a ``CellJob``; the backend runs ``harness.cell.execute`` on
+A backend only decides *where* a cell runs. The launcher (``harness.run.runner``) claims each cell,
+opens its run and hands the backend a ``CellJob``; the backend runs ``harness.run.cell.execute`` on
 it somewhere (this process, a local worker process, a Ray task) and reports what happens as
 ``Event`` values: a cell started, advanced, was evaluated, ended (``done``, with its
 ``CellResult``), or its worker died under it (``lost``, with the reason). Every backend has the
 same claims, checkpoints, statuses and summary, so a cell's metrics do not depend on where it ran.
 
 - ``LocalBackend``: one cell at a time in this process (the default).
-- ``harness.pool.PoolBackend``: ``--jobs N`` worker processes on this machine.
-- ``harness.ray_backend.RayBackend``: each cell a Ray task with its resource request.
+- ``harness.backends.pool.PoolBackend``: ``--jobs N`` worker processes on this machine.
+- ``harness.backends.ray_backend.RayBackend``: each cell a Ray task with its resource request.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from harness.cell import CellJob, CellResult, execute
 from harness.errors import UsageError
+from harness.run.cell import CellJob, CellResult, execute
 from harness.signals import Interrupted, SignalGuard
+from reports.schema import FAILED, KILLED
 
 __all__ = ["Backend", "Event", "LocalBackend", "Reporter", "run_in_worker"]
 
@@ -110,10 +111,10 @@ def run_in_worker(job: CellJob, guard: SignalGuard, deliver: Deliver, worker: st
     try:
         result = execute(job, guard=guard, progress=reporter)
     except Interrupted as e:
-        result = CellResult(job.cell, "killed", reason=e.note, run_id=job.run_id)
+        result = CellResult(job.cell, KILLED, reason=e.note, run_id=job.run_id)
         return Event(job.run_id, "done", result=result)
     except UsageError as e:
-        result = CellResult(job.cell, "failed", reason=str(e), run_id=job.run_id)
+        result = CellResult(job.cell, FAILED, reason=str(e), run_id=job.run_id)
         return Event(job.run_id, "done", result=result, usage_error=str(e))
     except Exception as e:  # noqa: BLE001 - reported to the launcher, which records it on the run
         return Event(job.run_id, "lost", reason=f"the worker failed: {type(e).__name__}: {e}"[:2000])

@@ -15,7 +15,7 @@ unlike a failure of the cell's own code it is resumed from its checkpoint by the
 A claim is *released* when the cell's run carries the claim's generation (tag
 ``sparsebench.claim``) and has ended. While it is held, its owner is *gone* when it ran on this
 host and its pid has exited, or when its heartbeat (tag ``sparsebench.heartbeat`` on the run,
-stamped every ``HEARTBEAT_S`` by ``harness.lease``) is older than the stale limit.
+stamped every ``HEARTBEAT_S`` by ``harness.store.lease``) is older than the stale limit.
 """
 
 from __future__ import annotations
@@ -28,17 +28,31 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from reports.schema import (
+    CELL,
+    CELL_ID_TAG,
+    CELLS_FILTER,
+    CLAIM,
+    CLAIM_RUN_PREFIX,
+    CLAIM_TAG,
+    HEARTBEAT_TAG,
+    KILLED,
+    LOST_TAG,
+    MATRIX,
+    OWNER_TAG,
+    PREFIX,
+    REASON_TAG,
+    RESUME_TAGS,
+    ROLE_TAG,
+    STATUS_TAG,
+    TERMINAL_STATES,
+)
+
 if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
 __all__ = [
-    "CLAIM_PREFIX",
-    "CLAIM_TAG",
-    "HEARTBEAT_TAG",
-    "LOST_TAG",
-    "OWNER_TAG",
-    "STATUS_TAG",
     "Claim",
     "Decision",
     "Owner",
@@ -53,13 +67,6 @@ __all__ = [
     "try_claim",
 ]
 
-CLAIM_PREFIX = "sparsebench.claim"
-OWNER_TAG = "sparsebench.owner"
-CLAIM_TAG = "sparsebench.claim"
-HEARTBEAT_TAG = "sparsebench.heartbeat"
-STATUS_TAG = "sparsebench.status"
-LOST_TAG = "sparsebench.worker_lost"  # set on a run whose worker died: failed, but resumable
-TERMINAL = ("FINISHED", "FAILED", "KILLED")
 HEARTBEAT_S = 30.0
 DEFAULT_STALE_S = 300.0  # five minutes without a heartbeat: the owner is gone
 
@@ -129,7 +136,7 @@ class Decision:
 
 
 def _name(experiment_id: str, cell_id: str, generation: int | None = None) -> str:
-    base = f"{CLAIM_PREFIX}/{experiment_id}/{cell_id}/"
+    base = f"{CLAIM_RUN_PREFIX}/{experiment_id}/{cell_id}/"
     return base if generation is None else f"{base}{generation:06d}"
 
 
@@ -173,7 +180,7 @@ def try_claim(
             _name(experiment_id, cell_id, generation),
             # never written to; set so that no ./mlruns folder is implied beside a local store
             artifact_location=f"{artifact_root}/claims" if artifact_root else None,
-            tags={"owner": owner.token, "claimed_at": f"{now:.3f}", "sparsebench.role": "claim"},
+            tags={"owner": owner.token, "claimed_at": f"{now:.3f}", ROLE_TAG: CLAIM},
         )
     except MlflowException as e:
         if e.error_code == ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
@@ -224,13 +231,13 @@ def holder_gone(claim: Claim, run: Run | None, stale_s: float) -> str | None:
 
 
 def released(claim: Claim, run: Run | None) -> bool:
-    return run is not None and _run_claim(run) == claim.generation and run.info.status in TERMINAL
+    return run is not None and _run_claim(run) == claim.generation and run.info.status in TERMINAL_STATES
 
 
 def latest_run(client: MlflowClient, experiment_id: str, cell_id: str) -> Run | None:
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`sparsebench.cell_id` = '{cell_id}' and tags.`sparsebench.role` = 'cell'",
+        filter_string=f"tags.`{CELL_ID_TAG}` = '{cell_id}' and {CELLS_FILTER}",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -289,15 +296,12 @@ def resumable(run: Run) -> bool:
     return status in ("RUNNING", "KILLED") or (status == "FAILED" and bool(run.data.tags.get(LOST_TAG)))
 
 
-RESUME_KEYS = ("sparsebench.git_sha", "sparsebench.torch", "sparsebench.device")
-
-
 def _environment_change(run: Run, env_tags: dict[str, str]) -> str | None:
     """A checkpoint resumes only under the code, torch and device that wrote it (bit-exactness)."""
-    for key in RESUME_KEYS:
+    for key in RESUME_TAGS:
         old, new = run.data.tags.get(key), env_tags.get(key)
         if old is not None and old != new:
-            return f"{key.removeprefix('sparsebench.')} changed ({old} -> {new})"
+            return f"{key.removeprefix(PREFIX)} changed ({old} -> {new})"
     return None
 
 
@@ -322,12 +326,12 @@ def reconcile(
     running = client.search_runs(ids, filter_string="attributes.status = 'RUNNING'", max_results=50000)
     for run in running:
         tags = run.data.tags
-        role = tags.get("sparsebench.role")
-        if role not in ("cell", "matrix"):
+        role = tags.get(ROLE_TAG)
+        if role not in (CELL, MATRIX):
             continue
-        new_tags = {STATUS_TAG: "killed"}
-        if role == "cell" and tags.get("sparsebench.cell_id"):
-            cell_id = tags["sparsebench.cell_id"]
+        new_tags = {STATUS_TAG: KILLED}
+        if role == CELL and tags.get(CELL_ID_TAG):
+            cell_id = tags[CELL_ID_TAG]
             claim = current_claim(client, run.info.experiment_id, cell_id)
             if claim is not None:
                 why = holder_gone(claim, run, stale_s)
@@ -343,7 +347,7 @@ def reconcile(
             why = gone(tags.get(OWNER_TAG), _heartbeat(run), stale_s)
             if why is None:
                 continue
-        new_tags["sparsebench.reason"] = f"owner gone: {why}"
+        new_tags[REASON_TAG] = f"owner gone: {why}"
         client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in new_tags.items()])
         client.set_terminated(run.info.run_id, "KILLED")
         notes.append(f"{run.info.run_name} ({why})")

@@ -7,14 +7,14 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from harness.cell import CellResult
-from harness.dashboard import experiment_url, ui_url
 from harness.matrix import Cell
 from harness.plugins import Registry
+from harness.run.cell import CellResult, Outcome
+from harness.store.dashboard import experiment_url, ui_url
 
 __all__ = ["print_cells", "print_plugins", "print_registry", "print_results", "print_where"]
 
-STATUS_STYLE = {
+STATUS_STYLE: dict[Outcome, str] = {
     "finished": "green",
     "skipped": "dim",
     "n/a": "yellow",

@@ -1,14 +1,14 @@
 """The launcher: claim each cell, open or adopt its run, hand it to a backend, record how it ended.
 
-What a backend (``harness.backend``) decides is only *where* a claimed cell runs: this process,
-a local worker process, a Ray task. Claims (``harness.claims``), the heartbeat
-(``harness.lease``), checkpoints (``harness.checkpoint``) and the cell's life
-(``harness.cell.execute``) are shared machinery, so several ``sparsebench run`` processes on one
+What a backend (``harness.backends.base``) decides is only *where* a claimed cell runs: this process,
+a local worker process, a Ray task. Claims (``harness.store.claims``), the heartbeat
+(``harness.store.lease``), checkpoints (``harness.store.checkpoint``) and the cell's life
+(``harness.run.cell.execute``) are shared machinery, so several ``sparsebench run`` processes on one
 store share the matrix out between them and each cell runs exactly once, on any backend.
 
 The launcher owns the experiment, the parent run and the claims; workers own their cell runs.
 With workers in other processes on a sqlite store, the launcher serves the store through an
-MLflow server on 127.0.0.1 for the run (``harness.server``). A worker that dies ends its cell as
+MLflow server on 127.0.0.1 for the run (``harness.store.server``). A worker that dies ends its cell as
 failed with the reason, resumable; the matrix goes on. An interruption (Ctrl-C, SIGTERM, SIGHUP)
 asks every running cell to checkpoint and end KILLED (a second one stops them at once), marks the
 parent run KILLED and propagates; the next ``sparsebench run`` resumes every cell that did not
@@ -25,35 +25,26 @@ from pathlib import Path
 
 import torch
 
-from harness import claims, schedule
-from harness.backend import Backend, Event, LocalBackend
-from harness.cell import CellJob, CellResult
-from harness.checkpoint import CheckpointPolicy, checkpoints_for
-from harness.claims import LOST_TAG, STATUS_TAG, TERMINAL, Decision, Owner
+from harness.backends import schedule
+from harness.backends.base import Backend, Event, LocalBackend
 from harness.errors import UsageError
-from harness.lease import Heartbeat
 from harness.matrix import Cell
 from harness.plugins import Registry
-from harness.progress import MatrixView, make_view
-from harness.server import TrackingServer
+from harness.run.cell import CellJob, CellResult
+from harness.run.progress import MatrixView, make_view
 from harness.signals import Interrupted, SignalGuard
-from harness.store import sqlite_path
-from harness.tracking import Tracker, environment_tags
+from harness.store import claims
+from harness.store.checkpoint import CheckpointPolicy, checkpoints_for
+from harness.store.claims import Decision, Owner
+from harness.store.client import sqlite_path
+from harness.store.lease import Heartbeat
+from harness.store.server import TrackingServer
+from harness.store.tracking import Tracker, environment_tags
+from reports.schema import FAILED, FINISHED, KILLED, REASON_TAG, STATUS_TAG, TERMINAL_STATES, CellStatus
 
-__all__ = ["MatrixOptions", "open_cell_run", "pick_device", "run_matrix"]
+__all__ = ["MatrixOptions", "open_cell_run", "run_matrix"]
 
 POLL_S = 0.5  # how long the launcher waits on its workers between looks at its own signals
-
-
-def pick_device(choice: str) -> torch.device:
-    """``auto`` takes CUDA when present; asking for CUDA without one is a usage error."""
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-    if choice not in ("cpu", "cuda"):
-        raise UsageError(f"--device {choice!r}: choose auto, cpu or cuda")
-    return torch.device(choice)
 
 
 @dataclass(frozen=True)
@@ -148,7 +139,7 @@ class _Launch:
         tracker, guard = self.tracker, self.guard
         self.view: MatrixView = make_view(len(todo), self.options.show_progress)
         parent: str | None = None
-        status = "finished"
+        status: CellStatus = FINISHED
         try:
             with guard.atomic():
                 parent = tracker.start_parent(self.experiment_id, preset, len(todo), self.owner)
@@ -163,18 +154,17 @@ class _Launch:
             if self.usage_error:
                 raise UsageError(self.usage_error)
         except KeyboardInterrupt:
-            status = "killed"
+            status = KILLED
             raise
         except BaseException:
-            status = "failed"
+            status = FAILED
             raise
         finally:
             if parent is not None:
-                if status == "finished" and any(r.status == "failed" for r in self.results):
-                    status = "failed"
+                if status == FINISHED and any(r.status == FAILED for r in self.results):
+                    status = FAILED
                 with guard.deferred():
-                    tracker.set_tags(parent, {STATUS_TAG: status})
-                    tracker.end(parent, {"finished": "FINISHED", "killed": "KILLED"}.get(status, "FAILED"))
+                    tracker.end_run(parent, status)
         return self.results
 
     def _loop(self, pending: list[Cell]) -> None:
@@ -223,8 +213,7 @@ class _Launch:
             )
         if guard.pending is not None:  # interrupted while claiming: leave the run for the next launcher
             with guard.deferred():
-                tracker.set_tags(run_id, {STATUS_TAG: "killed"})
-                tracker.end(run_id, "KILLED")
+                tracker.end_run(run_id, KILLED)
             raise Interrupted(guard.pending, f"{cell.name} was claimed but not started")
         return CellJob(
             cell=cell,
@@ -268,18 +257,16 @@ class _Launch:
         """A cell whose worker is gone: failed with the reason, and resumable (``LOST_TAG``); or,
         while stopping, KILLED. A run its worker ended before dying keeps what it says."""
         run = self.tracker.client.get_run(job.run_id)
-        if run.info.status in TERMINAL:
+        if run.info.status in TERMINAL_STATES:
             status = run.data.tags.get(STATUS_TAG, run.info.status.lower())
-            reason = run.data.tags.get("sparsebench.reason", "")
+            reason = run.data.tags.get(REASON_TAG, "")
             return CellResult(job.cell, status, reason=reason, run_id=job.run_id)
         if self.stopping:
-            self.tracker.set_tags(job.run_id, {STATUS_TAG: "killed"})
-            self.tracker.end(job.run_id, "KILLED")
-            return CellResult(job.cell, "killed", reason=f"stopped: {reason}", run_id=job.run_id)
+            self.tracker.end_run(job.run_id, KILLED)
+            return CellResult(job.cell, KILLED, reason=f"stopped: {reason}", run_id=job.run_id)
         why = f"{reason}; `sparsebench run` resumes it"
-        self.tracker.set_tags(job.run_id, {STATUS_TAG: "failed", "sparsebench.reason": why, LOST_TAG: "1"})
-        self.tracker.end(job.run_id, "FAILED")
-        return CellResult(job.cell, "failed", reason=why, run_id=job.run_id)
+        self.tracker.end_run(job.run_id, FAILED, why, lost=True)  # its checkpoint stays for the resume
+        return CellResult(job.cell, FAILED, reason=why, run_id=job.run_id)
 
     def _stop(self, e: KeyboardInterrupt) -> tuple[int, str]:
         """After a signal in the launcher: every running cell checkpoints and ends KILLED (a
@@ -298,14 +285,13 @@ class _Launch:
                     backend.poll(POLL_S, self._deliver)
             except KeyboardInterrupt:
                 backend.kill()
-        killed = [r for r in self.results if r.status == "killed"]
+        killed = [r for r in self.results if r.status == KILLED]
         for job in list(self.in_flight.values()):  # not heard of since: stopped at once, or local
             self.in_flight.pop(job.run_id)
             run = self.tracker.client.get_run(job.run_id)
             if run.info.status == "RUNNING":
-                self.tracker.set_tags(job.run_id, {STATUS_TAG: "killed"})
-                self.tracker.end(job.run_id, "KILLED")
-                killed.append(CellResult(job.cell, "killed", reason="stopped at once", run_id=job.run_id))
+                self.tracker.end_run(job.run_id, KILLED)
+                killed.append(CellResult(job.cell, KILLED, reason="stopped at once", run_id=job.run_id))
         if isinstance(e, Interrupted) and e.note:  # the in-process cell said where it stopped
             return signum, e.note
         notes = [r.reason or f"{r.cell.name} stopped" for r in killed]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from harness.matrix import Cell
 from harness.plugins import Registry
+from reports.schema import CELLS_FILTER
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -31,7 +32,7 @@ def measured_seconds(client: MlflowClient, experiment_id: str) -> dict[tuple[str
     """Median training time of finished cells in the store, by (name without seed, steps)."""
     runs = client.search_runs(
         [experiment_id],
-        filter_string="tags.`sparsebench.role` = 'cell' and attributes.status = 'FINISHED'",
+        filter_string=f"{CELLS_FILTER} and attributes.status = 'FINISHED'",
         max_results=5000,
     )
     walls: dict[tuple[str, str], list[float]] = {}

@@ -17,7 +17,6 @@ step boundary and marks its cell KILLED. A worker also dies with its launcher (L
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
 import signal
@@ -25,22 +24,13 @@ import socket
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-from harness.backend import Deliver, Event, run_in_worker
-from harness.cell import CellJob
+from harness.backends.base import Deliver, Event, run_in_worker
+from harness.run.cell import CellJob
+from harness.signals import die_with_parent
 
-__all__ = ["PoolBackend", "die_with_parent"]
+__all__ = ["PoolBackend"]
 
-PR_SET_PDEATHSIG = 1
 STOP_S = 30.0  # how long close() waits for idle workers to exit before killing them
-
-
-def die_with_parent(signum: int = signal.SIGTERM) -> None:
-    """Ask Linux to send ``signum`` to this process when its parent exits (no-op elsewhere)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
-    except (OSError, AttributeError):
-        return
 
 
 def _serve(conn: Connection, threads: int, env: dict[str, str]) -> None:
@@ -51,7 +41,7 @@ def _serve(conn: Connection, threads: int, env: dict[str, str]) -> None:
     import torch
 
     from harness.signals import SignalGuard
-    from harness.store import quiet_mlflow
+    from harness.store.client import quiet_mlflow
 
     torch.set_num_threads(threads)
     quiet_mlflow()

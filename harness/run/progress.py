@@ -4,7 +4,7 @@ On a terminal, the matrix bar and one bar per running cell (name, step, ETA, it/
 however many cells run at once and wherever they run. When stdout is not a terminal (CI, ``nohup``,
 a Slurm log), one line per cell start, per evaluation and per end, each with the time of day, so
 that a log of a long matrix says what is going on. The runner feeds either view from the events
-of whatever backend runs the cells (``harness.backend.Event``).
+of whatever backend runs the cells (``harness.backends.base.Event``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from harness.cell import CellResult
+from harness.run.cell import CellResult
+from reports.schema import FINISHED
 
 __all__ = ["LineView", "LiveView", "MatrixView", "NullView", "make_view"]
 
@@ -119,7 +120,7 @@ class LineView(NullView):
         self.done += 1
         metric = "" if result.metric is None else f", {result.metric:.4g}"
         wall = f" in {result.wall_s:.1f} s" if result.wall_s else ""
-        reason = f" ({result.reason})" if result.reason and result.status != "finished" else ""
+        reason = f" ({result.reason})" if result.reason and result.status != FINISHED else ""
         self._line("end", f"{result.cell.name}: {result.status}{metric}{wall}{reason}"[:300])
 
 

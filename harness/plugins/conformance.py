@@ -33,7 +33,6 @@ from typing import Any
 import torch
 
 from estimators.base import (
-    KINDS,
     Estimator,
     FullImageReadout,
     GlimpseLayer,
@@ -45,9 +44,11 @@ from estimators.base import (
     StructureLayer,
     Unsupported,
 )
+from estimators.params import kinds_problem
 from harness.errors import UsageError
 from harness.matrix import choose_kind
 from harness.plugins import DEFAULT_PLUGINS, REQUIRED_TASK_PARAMS, Registry
+from harness.run.loop import BadObjective, Diverged, Loop
 from harness.task import CellSetup, Task
 
 __all__ = ["PROBES", "Check", "Report", "check_estimator", "check_plugin", "check_task"]
@@ -136,7 +137,7 @@ def _where(exc: BaseException) -> str:
     """``file:line`` of the innermost frame outside torch and the harness, to point at the bug."""
     frames = traceback.extract_tb(exc.__traceback__)
     for frame in reversed(frames):
-        if "/torch/" not in frame.filename and "/harness/conformance.py" not in frame.filename:
+        if "/torch/" not in frame.filename and "/harness/plugins/conformance.py" not in frame.filename:
             return f" (at {Path(frame.filename).name}:{frame.lineno})"
     return ""
 
@@ -201,6 +202,9 @@ def _params_problems(owner: Task | Estimator) -> list[str]:
 def _registration_problems(plugin: Estimator | Task) -> list[str]:
     """What estimators and tasks share: a usable name, a description, parameters that check."""
     problems = _params_problems(plugin)
+    kinds = kinds_problem(plugin.kinds)
+    if kinds:
+        problems.append(kinds)
     if not NAME.match(getattr(plugin, "name", "") or ""):
         problems.insert(0, f"name {getattr(plugin, 'name', None)!r} must be a lower-case identifier")
     if not plugin.description:
@@ -210,8 +214,6 @@ def _registration_problems(plugin: Estimator | Task) -> list[str]:
 
 def _estimator_registration(est: Estimator) -> str:
     problems = _registration_problems(est)
-    if not est.kinds or not set(est.kinds) <= set(KINDS):
-        problems.append(f"kinds {set(est.kinds)} must be a non-empty subset of {KINDS}")
     if problems:
         raise _Failed("; ".join(problems))
     return f"kinds {', '.join(sorted(est.kinds))}; {len(est.defaults)} parameters"
@@ -219,8 +221,6 @@ def _estimator_registration(est: Estimator) -> str:
 
 def _task_registration(task: Task) -> str:
     problems = _registration_problems(task)
-    if not task.kinds or not set(task.kinds) <= set(KINDS):
-        problems.append(f"kinds {task.kinds!r} must be a non-empty tuple drawn from {KINDS}")
     missing = [k for k in (*REQUIRED_TASK_PARAMS, task.size_key) if k not in task.defaults]
     if missing:
         problems.append(f"defaults lack {', '.join(missing)}")
@@ -566,30 +566,23 @@ def _train(task: Task, est: Estimator, cache: Path) -> str:
         except Unsupported as e:
             raise _Failed(f"unsupported() returned None but build() raised Unsupported({e})") from e
         try:
-            run = task.setup(CellSetup(params, layer, kind, device, 0, cache))
+            run = task.setup(CellSetup(params, layer, kind, device, 0, cache, spec))
         except Unsupported as e:
             raise _Skipped(f"n/a at setup: {e}") from e
-        model = run.model.to(device)
-        optimiser = torch.optim.Adam(model.parameters(), lr=params["lr"])
-        model.train()
+        run.model.to(device)
+        loop = Loop(run, params["lr"])  # the runner's loop, with none of the runner's hooks
         steps = min(run.steps, SMOKE_STEPS) if run.steps else SMOKE_STEPS
-        for step in range(steps):
-            objective, metrics = run.train_step(step)
-            if not isinstance(objective, torch.Tensor) or objective.dim() != 0:
-                raise _Failed(f"train_step returned objective {objective!r}, not a 0-dim tensor")
-            bad = {k: v for k, v in {"objective": float(objective.detach()), **metrics}.items()
-                   if not math.isfinite(v)}
-            if bad:
-                raise _Failed(f"step {step}: not finite: {bad}")
-            optimiser.zero_grad(set_to_none=True)
-            objective.backward()
-            optimiser.step()
-        results = []
-        for _ in range(2):
-            model.eval()
-            with torch.no_grad():
-                results.append(run.evaluate())
-        model.train()
+        try:
+            loop.train(stop=steps, evaluate_first=False)
+            results = [loop.evaluate(), loop.evaluate()]
+        except BadObjective as e:
+            raise _Failed(str(e)) from e
+        except Diverged as e:
+            if e.during == "evaluate":
+                raise _Failed(f"evaluate() gave no finite {e.key}: {e.values}") from e
+            bad = {k.removeprefix("train/") if k == "train/objective" else k: v
+                   for k, v in e.values.items() if not math.isfinite(v)}
+            raise _Failed(f"step {e.step}: not finite: {bad}") from e
         if run.write_artifacts is not None:
             with tempfile.TemporaryDirectory() as out:
                 run.write_artifacts(steps, Path(out))
@@ -661,7 +654,7 @@ def _task_checks(task: Task, estimators: Iterable[Estimator]) -> Iterator[Check]
         for which, values in (("defaults", dict(task.defaults)), ("smoke sizes", params)):
             try:
                 task.check(values)
-            except UsageError as e:
+            except (ValueError, UsageError) as e:
                 raise _Failed(f"check() rejects its own {which}: {e}") from e
         return "accepts its defaults and smoke sizes"
 

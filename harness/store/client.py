@@ -2,7 +2,7 @@
 several processes open a fresh store at once.
 
 Supported stores are the ones whose backend keeps experiment names unique in a database (the
-primitive ``harness.claims`` builds on): ``sqlite:///path``, a SQL database URI (``postgresql://``,
+primitive ``harness.store.claims`` builds on): ``sqlite:///path``, a SQL database URI (``postgresql://``,
 ``mysql://``, ``mssql://``) and an MLflow server (``http(s)://``) in front of one. Anything else is
 refused with one line, before anything is written.
 """

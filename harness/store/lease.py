@@ -13,7 +13,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from harness.claims import HEARTBEAT_S, HEARTBEAT_TAG, Claim, current_claim
+from harness.store.claims import HEARTBEAT_S, Claim, current_claim
+from reports.schema import HEARTBEAT_TAG
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient

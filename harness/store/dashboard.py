@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from urllib.parse import urlencode
 
+from reports.schema import CELLS_FILTER
+
 __all__ = ["CELLS_VIEW_TAG", "cells_view_tag", "experiment_url", "ui_url"]
 
-CELLS_FILTER = "tags.`sparsebench.role` = 'cell'"
 CELLS_ORDER = "tags.`mlflow.runName`"  # MLflow's key for "Sort: Run Name"
 # A saved view is an experiment tag under MLflow's share prefix; the UI lists it under "Views".
 CELLS_VIEW_ID = "sparsebench-cells"

@@ -24,11 +24,12 @@ from typing import Any
 
 import pluggy
 
-from estimators.base import KINDS, Estimator
+from estimators.base import Estimator
+from estimators.params import kinds_problem
 from harness import hookspecs
 from harness.errors import PluginError
+from harness.plugins.versions import code_version
 from harness.task import Task
-from harness.versions import code_version
 
 __all__ = [
     "DEFAULT_PLUGINS",
@@ -105,7 +106,7 @@ class Registry:
         return found
 
     def version(self, plugin: str) -> str:
-        """The code a plugin runs (``harness.versions.code_version``); part of every cell id."""
+        """The code a plugin runs (``harness.plugins.versions.code_version``); part of every cell id."""
         if plugin not in self._versions:
             self._versions[plugin] = code_version(self.objects[plugin], self.dists.get(plugin))
         return self._versions[plugin]
@@ -182,8 +183,9 @@ def _check_task(task: Any, plugin: str, source: str) -> None:
     name = getattr(task, "name", None)
     if not isinstance(name, str) or not name:
         raise PluginError(f"{where} registered a task without a name")
-    if not task.kinds or set(task.kinds) - set(KINDS):
-        raise PluginError(f"{where}: task {name!r} kinds {task.kinds!r} must be among {KINDS}")
+    problem = kinds_problem(task.kinds)
+    if problem:
+        raise PluginError(f"{where}: task {name!r} {problem}")
     missing = [k for k in (*REQUIRED_TASK_PARAMS, task.size_key) if k not in task.defaults]
     if missing:
         raise PluginError(f"{where}: task {name!r} defaults lack {', '.join(missing)}")
@@ -196,8 +198,9 @@ def _check_estimator(est: Any, plugin: str, source: str) -> None:
     name = getattr(est, "name", None)
     if not isinstance(name, str) or not name:
         raise PluginError(f"{where} registered an estimator without a name")
-    if not est.kinds or set(est.kinds) - set(KINDS):
-        raise PluginError(f"{where}: estimator {name!r} kinds {set(est.kinds)} not among {KINDS}")
+    problem = kinds_problem(est.kinds)
+    if problem:
+        raise PluginError(f"{where}: estimator {name!r} {problem}")
 
 
 def load(extra: Iterable[str] = ()) -> Registry:

@@ -31,15 +31,15 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from harness.backend import Deliver, Event, run_in_worker
-from harness.cell import CellJob
+from harness.backends.base import Deliver, Event, run_in_worker
 from harness.errors import UsageError
 from harness.matrix import Cell
+from harness.run.cell import CellJob
+from reports.schema import RAY_ATTEMPT_TAG
 
 __all__ = ["RETRIES", "RayBackend", "resources_for"]
 
 RETRIES = 2  # a task whose worker dies is run again this many times (resuming from its checkpoint)
-ATTEMPT_TAG = "sparsebench.ray_attempt"  # the claim generation a Ray task last started under
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 
@@ -89,16 +89,16 @@ def _run_cell(job: CellJob, events: Any, threads: int) -> Event:
     import torch
 
     from harness.signals import SignalGuard
-    from harness.store import quiet_mlflow
-    from harness.tracking import Tracker
+    from harness.store.client import quiet_mlflow
+    from harness.store.tracking import Tracker
 
     torch.set_num_threads(threads)
     quiet_mlflow()
     client = Tracker(job.tracking_uri, create=False).client
-    if client.get_run(job.run_id).data.tags.get(ATTEMPT_TAG) == str(job.claim.generation):
+    if client.get_run(job.run_id).data.tags.get(RAY_ATTEMPT_TAG) == str(job.claim.generation):
         job = dataclasses.replace(job, resume=True)  # Ray's retry after a dead worker: resume
     else:
-        client.set_tag(job.run_id, ATTEMPT_TAG, str(job.claim.generation))
+        client.set_tag(job.run_id, RAY_ATTEMPT_TAG, str(job.claim.generation))
     worker = f"{socket.gethostname()}:{os.getpid()}"
     with SignalGuard(escalate=False) as guard:  # ray.cancel's KeyboardInterrupt: checkpoint, KILLED
         return run_in_worker(job, guard, lambda event: events.put.remote(event), worker=worker)

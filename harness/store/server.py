@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from harness.errors import TrackingError
+from harness.signals import die_with_parent
 
 __all__ = ["TrackingServer", "answers", "free_port"]
 
@@ -47,12 +48,6 @@ def answers(url: str) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
-
-
-def _die_with_parent() -> None:
-    from harness.pool import die_with_parent
-
-    die_with_parent()
 
 
 class TrackingServer:
@@ -88,7 +83,7 @@ class TrackingServer:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,  # its own group: Ctrl-C is the launcher's to handle
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         try:
             self._wait()
