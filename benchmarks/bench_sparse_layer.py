@@ -28,7 +28,8 @@ from rich.console import Console
 from rich.table import Table
 
 from estimators.base import SparseMatrixSpec
-from estimators.layers.matrix import DenseMatrixLayer, SparseMatrixLayer
+from estimators.plugins.dense import DenseMatrixLayer
+from estimators.plugins.sparse import SparseMatrixLayer
 
 
 def batch_for(log2n: int) -> int:

@@ -249,8 +249,11 @@ class Estimator(Parameters):
     - ``name``: unique, lower-case identifier used on the command line and in run names.
     - ``description``: one line for ``sparsebench list``.
     - ``kinds``: the structure kinds this estimator can build (drawn from ``KINDS``).
-    - ``build(spec, params)``: return a ``StructureLayer`` for the spec, or raise ``Unsupported``.
-      ``params`` is the resolved ``defaults`` (every key present, values checked).
+    - a builder for every kind in ``kinds``: ``build_sparse_matrix``, ``build_permutation``,
+      ``build_glimpse`` (``(spec, params) -> StructureLayer``), which ``build`` calls once
+      ``unsupported`` has passed the spec; or ``build(spec, params)`` itself, which must then
+      raise ``Unsupported`` for what it cannot serve. ``params`` is the resolved ``defaults``
+      (every key present, values checked).
     Optional:
     - ``defaults``, ``choices``, ``positive``, ``non_negative`` and ``check(params)``: the
       parameters, declared as a task declares its own (``estimators.params.Parameters``); the
@@ -272,4 +275,24 @@ class Estimator(Parameters):
         return None
 
     def build(self, spec: Spec, params: Mapping[str, Any]) -> StructureLayer:
-        raise NotImplementedError
+        """``Unsupported`` with ``unsupported``'s reason, else the layer of the spec's kind builder.
+
+        The guard lives here once so that a builder only ever sees specs it serves.
+        """
+        reason = self.unsupported(spec, params)
+        if reason:
+            raise Unsupported(reason)
+        if isinstance(spec, SparseMatrixSpec):
+            return self.build_sparse_matrix(spec, params)
+        if isinstance(spec, PermutationSpec):
+            return self.build_permutation(spec, params)
+        return self.build_glimpse(spec, params)
+
+    def build_sparse_matrix(self, spec: SparseMatrixSpec, params: Mapping[str, Any]) -> StructureLayer:
+        raise NotImplementedError(f"{self.name} claims sparse_matrix but defines no build_sparse_matrix")
+
+    def build_permutation(self, spec: PermutationSpec, params: Mapping[str, Any]) -> StructureLayer:
+        raise NotImplementedError(f"{self.name} claims permutation but defines no build_permutation")
+
+    def build_glimpse(self, spec: GlimpseSpec, params: Mapping[str, Any]) -> StructureLayer:
+        raise NotImplementedError(f"{self.name} claims glimpse but defines no build_glimpse")

@@ -1,28 +1,37 @@
 """The ``dense`` estimator: the reference point with no discrete structure to estimate.
 
-- ``sparse_matrix``: a dense weight learned directly.
-- ``glimpse``: no glimpse; the task classifies from the source network (the paper's baseline).
-- ``permutation`` from keys: the deterministic NeuralSort relaxation (Grover et al. 2019).
+- ``sparse_matrix``: a dense weight learned directly, ``DenseMatrixLayer``.
+- ``glimpse``: no glimpse (``FullImageReadout``); the task classifies from the source network (the
+  paper's baseline).
+- ``permutation`` from keys: the deterministic NeuralSort relaxation (Grover et al. 2019),
+  ``NeuralSortLayer``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
 
 from estimators.base import (
     Estimator,
     FullImageReadout,
     GlimpseSpec,
+    PermutationOutput,
     PermutationSpec,
     SparseMatrixSpec,
     Spec,
     StructureLayer,
-    Unsupported,
     hookimpl,
 )
+from estimators.shared.neuralsort import neuralsort, sort_matrix
+from estimators.shared.permutation import check_keys, check_positive, keys_only
+from estimators.sparse import weight_shape
 
-__all__ = ["DenseEstimator", "register_estimators"]
+__all__ = ["DenseEstimator", "DenseMatrixLayer", "NeuralSortLayer", "register_estimators"]
 
 
 class DenseEstimator(Estimator):
@@ -37,19 +46,65 @@ class DenseEstimator(Estimator):
             return "dense answers a free permutation with its sparse_matrix form"
         return super().unsupported(spec, params)
 
-    def build(self, spec: Spec, params: Mapping[str, Any]) -> StructureLayer:
-        reason = self.unsupported(spec, params)
+    def build_sparse_matrix(self, spec: SparseMatrixSpec, params: Mapping[str, Any]) -> StructureLayer:
+        return DenseMatrixLayer(spec)
+
+    def build_glimpse(self, spec: GlimpseSpec, params: Mapping[str, Any]) -> StructureLayer:
+        return FullImageReadout()
+
+    def build_permutation(self, spec: PermutationSpec, params: Mapping[str, Any]) -> StructureLayer:
+        return NeuralSortLayer(spec, tau=params["tau"])
+
+
+# ---- sparse_matrix ------------------------------------------------------------------------------
+
+
+class DenseMatrixLayer(StructureLayer):
+    """A dense weight of shape ``out_shape + in_shape`` learned directly (the unstructured baseline).
+
+    Initialised like PyTorch's ``nn.Linear`` (uniform in ``+-1/sqrt(fan_in)``), the default that
+    the paper's appendix uses for standard layers.
+    """
+
+    def __init__(self, spec: SparseMatrixSpec) -> None:
+        super().__init__()
+        self.in_shape, self.out_shape = tuple(spec.in_shape), tuple(spec.out_shape)
+        weight_shape(self.in_shape, self.out_shape)  # validates the spec
+        bound = math.prod(self.in_shape) ** -0.5  # 1 / sqrt(fan_in)
+        weight = torch.empty(*self.out_shape, *self.in_shape).uniform_(-bound, bound)
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        w = self.weight.reshape(-1, math.prod(self.in_shape))  # (prod(out), prod(in))
+        return (x.reshape(b, -1) @ w.T).view(b, *self.out_shape)
+
+    def snapshot(self) -> dict[str, Tensor]:
+        return {"weight": self.weight.detach().cpu()}
+
+
+# ---- permutation --------------------------------------------------------------------------------
+
+
+class NeuralSortLayer(StructureLayer):
+    """NeuralSort (Grover et al. 2019), deterministic; ``eval()``: the argsort matrix."""
+
+    def __init__(self, spec: PermutationSpec, *, tau: float = 1.0):
+        super().__init__()
+        reason = self.unsupported(spec)
         if reason:
-            raise Unsupported(reason)
-        if isinstance(spec, SparseMatrixSpec):
-            from estimators.layers.matrix import DenseMatrixLayer
+            raise ValueError(reason)
+        check_positive("tau", tau)
+        self.spec, self.tau = spec, tau
 
-            return DenseMatrixLayer(spec)
-        if isinstance(spec, GlimpseSpec):
-            return FullImageReadout()
-        from estimators.layers.permutation import NeuralSortLayer
+    @staticmethod
+    def unsupported(spec: PermutationSpec) -> str | None:
+        return keys_only(spec, "neuralsort")
 
-        return NeuralSortLayer(spec, tau={**self.defaults, **params}["tau"])
+    def forward(self, keys: torch.Tensor) -> PermutationOutput:
+        check_keys(keys, self.spec.n)
+        matrix = neuralsort(keys, self.tau) if self.training else sort_matrix(keys.detach())
+        return PermutationOutput(steps=[matrix])
 
 
 @hookimpl

@@ -1,31 +1,59 @@
 """The ``reinforce`` estimator: score-function gradients, with an optional detached baseline.
 
-- ``sparse_matrix``: the sparse layer's parametrisation, one sampled integer tuple per continuous
-  tuple (the paper's identity baseline, §3.1). With ``samples = 0``, ``baseline = "none"``,
-  ``log_prob = "continuous"`` and ``fix_values = true`` it is the authors' estimator (one
-  structure per instance, the Gaussian log-density of the unrounded draw, values fixed at 1, as
-  the sparse layer's); the defaults add our variance reduction.
-- ``glimpse``: ours, a one-shot Gaussian policy over the glimpse box (not RAM, which is recurrent).
-- ``permutation`` from keys: permutations sampled from a Plackett-Luce distribution.
+- ``sparse_matrix``: ``ReinforceMatrixLayer``, the sparse layer's parametrisation, one sampled
+  integer tuple per continuous tuple (the paper's identity baseline, §3.1). With ``samples = 0``,
+  ``baseline = "none"``, ``log_prob = "continuous"`` and ``fix_values = true`` it is the authors'
+  estimator (one structure per instance, the Gaussian log-density of the unrounded draw, values
+  fixed at 1, as the sparse layer's); the defaults add our variance reduction.
+- ``glimpse``: ``ReinforceGlimpse``, ours, a one-shot Gaussian policy over the glimpse box (not
+  RAM, which is recurrent).
+- ``permutation`` from keys: ``PlackettLuceLayer``, permutations sampled from a Plackett-Luce
+  distribution.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.special import log_ndtr
 
 from estimators.base import (
     Estimator,
+    GlimpseLayer,
     GlimpseSpec,
+    PermutationOutput,
     PermutationSpec,
     SparseMatrixSpec,
     Spec,
     StructureLayer,
-    Unsupported,
     hookimpl,
 )
+from estimators.shared.glimpse import box_points
+from estimators.shared.neuralsort import sort_matrix
+from estimators.shared.permutation import check_keys, keys_only
+from estimators.shared.plackett_luce import perm_matrix, plackett_luce_log_prob, plackett_luce_sample
+from estimators.sparse import SparseLayerError, rounded_product, sparse_mv, weight_shape
+from estimators.sparse.functional import transform_means, transform_sigmas
 
-__all__ = ["ReinforceEstimator", "register_estimators"]
+__all__ = [
+    "BASELINES",
+    "LOG_PROBS",
+    "PlackettLuceLayer",
+    "ReinforceEstimator",
+    "ReinforceGlimpse",
+    "ReinforceMatrixLayer",
+    "discretised_log_prob",
+    "register_estimators",
+]
+
+Baseline = Literal["moving_average", "leave_one_out", "none"]
+LogProb = Literal["discretised", "continuous"]
+BASELINES: tuple[Baseline, ...] = ("moving_average", "leave_one_out", "none")
+LOG_PROBS: tuple[LogProb, ...] = ("discretised", "continuous")
 
 
 class ReinforceEstimator(Estimator):
@@ -74,37 +102,372 @@ class ReinforceEstimator(Estimator):
                 )
         return super().unsupported(spec, params)
 
-    def build(self, spec: Spec, params: Mapping[str, Any]) -> StructureLayer:
-        reason = self.unsupported(spec, params)
+    def build_sparse_matrix(self, spec: SparseMatrixSpec, params: Mapping[str, Any]) -> StructureLayer:
+        return ReinforceMatrixLayer(
+            spec,
+            baseline=params["baseline"],
+            log_prob=params["log_prob"],
+            samples=params["samples"],
+            baseline_decay=params["baseline_decay"],
+            tau=params["tau"],
+            fix_values=params["fix_values"],
+        )
+
+    def build_glimpse(self, spec: GlimpseSpec, params: Mapping[str, Any]) -> StructureLayer:
+        return ReinforceGlimpse(
+            spec,
+            box_offset=params["box_offset"],
+            std=params["std"],
+            learn_std=params["learn_std"],
+            baseline_decay=params["baseline_decay"],
+            baseline=params["baseline"],
+        )
+
+    def build_permutation(self, spec: PermutationSpec, params: Mapping[str, Any]) -> StructureLayer:
+        return PlackettLuceLayer(spec, baseline=params["baseline"], baseline_decay=params["baseline_decay"])
+
+
+# ---- sparse_matrix ------------------------------------------------------------------------------
+
+
+def discretised_log_prob(
+    indices: Tensor, means: Tensor, sigmas: Tensor, shape: Sequence[int]
+) -> Tensor:
+    """``log P(round(clamp(z)) = j)`` for ``z ~ N(mean, diag(sigma))``, summed over dimensions.
+
+    indices ``(..., r)`` int, means and variances ``(..., r)`` -> ``(...)``. Each integer ``j``
+    owns ``[j - 0.5, j + 0.5)``; the edge cells ``0`` and ``h - 1`` also own the tails beyond them,
+    since samples are clamped into bounds. Differentiable in means and sigmas.
+    """
+    std = sigmas.sqrt()
+    point = indices.to(means.dtype)
+    lo = (point - 0.5 - means) / std  # (..., r), finite everywhere so where() has clean grads
+    hi = (point + 0.5 - means) / std
+    upper = means.new_tensor(shape) - 1
+    first, last = point == 0, point == upper
+    # log(Phi(hi) - Phi(lo)); reflect intervals right of zero into the left tail for accuracy
+    flip = lo > 0
+    a, b = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
+    log_b, log_a = log_ndtr(b), log_ndtr(a)
+    tiny = torch.finfo(means.dtype).tiny
+    middle = log_b + torch.log(-torch.expm1((log_a - log_b).clamp(max=-tiny)))
+    cell = torch.where(first, log_ndtr(hi), torch.where(last, log_ndtr(-lo), middle))
+    cell = torch.where(first & last, torch.zeros_like(cell), cell)  # a dimension of size 1
+    return cell.sum(-1)
+
+
+class ReinforceMatrixLayer(StructureLayer):
+    """REINFORCE baseline of §3.1: one integer tuple per continuous tuple, score-function gradient.
+
+    A *structure* is one draw for all ``k`` continuous tuples: each draws ``z ~ N(mean,
+    diag(sigma))`` (sigma a variance, as in the sparse layer), rounds and clamps it, and ``W``
+    holds value ``nu`` there. ``samples=0`` (default) draws one structure per instance, as the
+    authors' code does; ``samples=s`` draws ``s`` structures per step, shared round-robin by the
+    batch (instance ``i`` uses draw ``i % s``). ``objective`` adds ``mean_u((L_u - b_u) *
+    log p_u)`` over the draws ``u`` with ``L_u`` the mean loss of the instances that used draw
+    ``u`` and the difference detached. The two variance-reduction choices:
+
+    - ``log_prob``: ``"discretised"`` (default), the log-probability of the rounded integer tuple
+      under the Gaussian (the score of the action that was taken; lower variance), or
+      ``"continuous"``, the Gaussian log-density of ``z`` before rounding (the authors' code).
+    - ``baseline``: ``"moving_average"`` of past losses (``baseline_decay``; the first call uses
+      its own mean), ``"leave_one_out"`` (the mean loss of the other draws; needs two or more),
+      or ``"none"`` (the authors' code).
+
+    ``fix_values=True`` fixes every value at 1 (a buffer), as the sparse layer's ``fix_values``;
+    otherwise values are parameters and get the ordinary gradient.
+    """
+
+    def __init__(
+        self,
+        spec: SparseMatrixSpec,
+        *,
+        baseline: Baseline = "moving_average",
+        log_prob: LogProb = "discretised",
+        samples: int = 0,
+        baseline_decay: float = 0.9,
+        tau: float = 0.1,
+        fix_values: bool = False,
+    ) -> None:
+        super().__init__()
+        if baseline not in BASELINES:
+            raise SparseLayerError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+        if log_prob not in LOG_PROBS:
+            raise SparseLayerError(f"log_prob must be one of {LOG_PROBS}, got {log_prob!r}")
+        if samples < 0 or (baseline == "leave_one_out" and samples == 1):
+            raise SparseLayerError(
+                f"samples must be 0 (one per instance) or >= 1 (>= 2 for leave_one_out), got "
+                f"{samples} with {baseline!r}"
+            )
+        if not 0 <= baseline_decay < 1:
+            raise SparseLayerError(f"baseline_decay must be in [0, 1), got {baseline_decay}")
+        if spec.k < 1:
+            raise SparseLayerError(f"spec.k (number of index tuples) must be >= 1, got {spec.k}")
+        self.in_shape, self.out_shape = tuple(spec.in_shape), tuple(spec.out_shape)
+        self.shape = weight_shape(self.in_shape, self.out_shape)
+        self.baseline_kind, self.log_prob_kind = baseline, log_prob
+        self.samples, self.decay, self.tau = samples, baseline_decay, tau
+        self.means_raw = nn.Parameter(torch.randn(spec.k, len(self.shape)))
+        self.sigmas_raw = nn.Parameter(torch.zeros(spec.k))
+        if fix_values:
+            self.register_buffer("values", torch.ones(spec.k))
+        else:
+            self.values = nn.Parameter(torch.randn(spec.k))
+        self.register_buffer("baseline", torch.zeros(()))
+        self.register_buffer("baseline_set", torch.zeros((), dtype=torch.bool))
+        self._log_prob: Tensor | None = None  # (draws,) from the last training forward
+        self._last_sample: Tensor | None = None
+
+    def means(self) -> Tensor:
+        """Continuous index tuples in index space, ``(k, r)``."""
+        return transform_means(self.means_raw, self.shape)
+
+    def sigmas(self) -> Tensor:
+        """Per-dimension variances, ``(k, r)``."""
+        return transform_sigmas(self.sigmas_raw, self.shape, self.tau)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        means, values = self.means(), self.values  # (k, r), (k,)
+        if not self.training:
+            return rounded_product(
+                x, means.expand(b, -1, -1), values.expand(b, -1), self.in_shape, self.out_shape
+            )
+        draws_n = self.samples or b  # structures this step: one per instance, or shared
+        if b < draws_n or (self.baseline_kind == "leave_one_out" and draws_n < 2):
+            raise SparseLayerError(
+                f"batch of {b} is too small for {draws_n} draws with baseline {self.baseline_kind!r}"
+            )
+        sigmas = self.sigmas()  # (k, r)
+        std = sigmas.sqrt()
+        with torch.no_grad():
+            noise = torch.randn(draws_n, *means.shape, device=means.device, dtype=means.dtype)
+            z = means + std * noise  # (draws, k, r)
+            upper = means.new_tensor(self.shape) - 1
+            draws = torch.minimum(z.round().clamp(min=0), upper).long()  # (draws, k, r)
+        if self.log_prob_kind == "continuous":
+            log_p = torch.distributions.Normal(means, std).log_prob(z).sum((-2, -1))  # (draws,)
+        else:
+            log_p = discretised_log_prob(draws, means, sigmas, self.shape).sum(-1)  # (draws,)
+        self._log_prob = log_p
+        self._last_sample = draws[0]
+        which = torch.arange(b, device=x.device) % draws_n  # (b,)
+        return sparse_mv(x, draws[which], values.expand(b, -1), self.in_shape, self.out_shape)
+
+    def objective(self, per_sample_loss: Tensor) -> Tensor:
+        loss = per_sample_loss.mean()
+        if self._log_prob is None:  # eval, or the surrogate was already used
+            return loss
+        log_prob, self._log_prob = self._log_prob, None
+        draws_n = log_prob.shape[0]
+        with torch.no_grad():
+            which = torch.arange(per_sample_loss.shape[0], device=loss.device) % draws_n
+            draw_loss = torch.zeros_like(log_prob).index_add_(0, which, per_sample_loss.detach())
+            draw_loss /= torch.bincount(which, minlength=draws_n).to(draw_loss)  # (draws,)
+            if self.baseline_kind == "leave_one_out":
+                base = (draw_loss.sum() - draw_loss) / (draws_n - 1)
+            elif self.baseline_kind == "none":
+                base = torch.zeros_like(draw_loss)
+            else:
+                if not self.baseline_set:
+                    self.baseline.copy_(draw_loss.mean())
+                    self.baseline_set.fill_(True)
+                base = self.baseline.clone()
+                self.baseline.mul_(self.decay).add_((1 - self.decay) * draw_loss.mean())
+            advantage = draw_loss - base  # (draws,)
+        return loss + (advantage * log_prob).mean()
+
+    def snapshot(self) -> dict[str, Tensor]:
+        """Means, variances ``(k, r)``, values ``(k,)`` and the first draw ``samples (k, r)``."""
+        out = {
+            "means": self.means().detach().cpu(),
+            "sigmas": self.sigmas().detach().cpu(),
+            "values": self.values.detach().cpu(),
+        }
+        if self._last_sample is not None:
+            out["samples"] = self._last_sample.cpu()
+        return out
+
+
+# ---- glimpse ------------------------------------------------------------------------------------
+
+
+class ReinforceGlimpse(GlimpseLayer):
+    """Ours: a one-shot Gaussian policy over the box corners, trained with the score function.
+
+    The REINFORCE counterpart of the sparse glimpse (same box, same read-out points); it is not
+    RAM, whose recurrent core takes a sequence of glimpses. In training each glimpse's corners are
+    sampled from ``N(corners, std)`` in logit space and the glimpse reads the nearest pixels at
+    the sampled box, so no gradient flows through the read-out; ``objective`` adds
+    ``log p(sample) * (loss - baseline)`` with the baseline detached: ``"moving_average"``
+    (default) of the batch loss, ``"leave_one_out"`` (the other instances' mean loss) or
+    ``"none"``. ``eval()`` reads at the mean box.
+
+    ``std`` is the initial standard deviation (logit units); it is learned per glimpse and corner
+    (as a log-std) unless ``learn_std`` is False.
+    """
+
+    def __init__(
+        self,
+        spec: GlimpseSpec,
+        box_offset: float = 1.0,
+        std: float = 0.5,
+        learn_std: bool = True,
+        baseline_decay: float = 0.9,
+        baseline: str = "moving_average",
+    ) -> None:
+        super().__init__(spec, box_offset)
+        if std <= 0:
+            raise ValueError(f"std must be > 0, got {std}")
+        if baseline not in ("moving_average", "leave_one_out", "none"):
+            raise ValueError(f"baseline must be moving_average, leave_one_out or none, got {baseline!r}")
+        if not 0.0 <= baseline_decay < 1.0:
+            raise ValueError(f"baseline_decay must be in [0, 1), got {baseline_decay}")
+        log_std = torch.full((spec.glimpses, 4), math.log(std))
+        if learn_std:
+            self.log_std = nn.Parameter(log_std)
+        else:
+            self.register_buffer("log_std", log_std)
+        self.baseline_decay, self.baseline_kind = baseline_decay, baseline
+        self.register_buffer("baseline", torch.zeros(()))
+        self.register_buffer("baseline_ready", torch.zeros((), dtype=torch.bool))
+        self.last_log_p: torch.Tensor | None = None  # (b,) log-probability of the last sample
+        self.last_indices: torch.Tensor | None = None  # (b, g, k, k, 2) pixels read last
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        self.check_input(images, boxes)
+        b, c, h, w = images.shape
+        g, k = self.spec.glimpses, self.spec.size
+        mean = self.corners(boxes)  # (b, g, 4)
+        if self.training:
+            policy = torch.distributions.Normal(mean, self.log_std.exp().expand_as(mean))
+            corners = policy.sample()  # (b, g, 4), no gradient
+            self.last_log_p = policy.log_prob(corners).sum(dim=(1, 2))  # (b,)
+        else:
+            corners = mean.detach()
+            self.last_log_p = None
+        pixels = self.to_pixels(box_points(corners, k), h, w).round().long()  # (b, g, k, k, 2)
+        limit = torch.tensor([h - 1, w - 1], device=images.device)
+        pixels = torch.minimum(pixels.clamp(min=0), limit)
+        self.last_indices = pixels
+        flat = (pixels[..., 0] * w + pixels[..., 1]).reshape(b, 1, g * k * k)  # (b, 1, g*k*k)
+        out = images.reshape(b, c, h * w).gather(2, flat.expand(b, c, g * k * k))  # (b, c, g*k*k)
+        return out.reshape(b, c, g, k, k).transpose(1, 2)  # (b, g, c, k, k)
+
+    def objective(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
+        """Mean loss plus the score-function surrogate ``log p * (loss - baseline)``.
+
+        The loss is the negative reward; its gradient reaches the classifier directly and the
+        source network (the policy mean) and ``log_std`` through ``log p`` only.
+        """
+        loss = per_sample_loss.mean()
+        if self.last_log_p is None:  # eval mode, or no sample since the last objective
+            return loss
+        cost = per_sample_loss.detach()  # (b,)
+        if self.baseline_kind == "none":
+            base = torch.zeros_like(cost)
+        elif self.baseline_kind == "leave_one_out":
+            base = (cost.sum() - cost) / max(len(cost) - 1, 1)  # (b,)
+        else:
+            if not bool(self.baseline_ready):
+                self.baseline.copy_(cost.mean())
+                self.baseline_ready.fill_(True)
+            base = self.baseline.clone()
+            decay = self.baseline_decay
+            self.baseline.copy_(decay * self.baseline + (1 - decay) * cost.mean())
+        surrogate = (self.last_log_p * (cost - base)).mean()
+        self.last_log_p = None  # one surrogate per sample: never reuse a freed graph
+        return loss + surrogate
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {"std": self.log_std.detach().exp(), "baseline": self.baseline.detach().clone()}
+
+
+# ---- permutation --------------------------------------------------------------------------------
+
+
+class PlackettLuceLayer(StructureLayer):
+    """REINFORCE over Plackett-Luce orderings of the keys.
+
+    Training: a sampled hard permutation (no gradient through it); ``objective`` adds the
+    score-function surrogate ``mean((loss - baseline) * log p)`` with the baseline detached.
+    ``baseline="moving_average"`` is a bias-corrected exponential average of *past* batch-mean
+    losses (``baseline_decay`` weight on the past, as Adam corrects its moments; 0 before the
+    first update), so it never depends on the current sample; ``"none"`` uses 0.
+    ``eval()``: the argsort matrix.
+
+    ``samples`` must be 1: the contract gives one matrix and one loss per instance, so extra
+    samples per instance have nowhere to go.
+    """
+
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        *,
+        baseline: str = "moving_average",
+        baseline_decay: float = 0.9,
+        samples: int = 1,
+    ):
+        super().__init__()
+        reason = self.unsupported(spec)
         if reason:
-            raise Unsupported(reason)
-        p = {**self.defaults, **params}
-        if isinstance(spec, SparseMatrixSpec):
-            from estimators.layers.matrix import ReinforceMatrixLayer
-
-            return ReinforceMatrixLayer(
-                spec,
-                baseline=p["baseline"],
-                log_prob=p["log_prob"],
-                samples=p["samples"],
-                baseline_decay=p["baseline_decay"],
-                tau=p["tau"],
-                fix_values=p["fix_values"],
+            raise ValueError(reason)
+        if baseline not in ("moving_average", "none"):
+            raise ValueError(f"baseline must be 'moving_average' or 'none', got {baseline!r}")
+        if not 0.0 <= baseline_decay < 1.0:
+            raise ValueError(f"baseline_decay must lie in [0, 1), got {baseline_decay}")
+        if samples != 1:
+            raise ValueError(
+                f"samples={samples}: PlackettLuceLayer draws one permutation per instance"
             )
-        if isinstance(spec, GlimpseSpec):
-            from estimators.layers.glimpse import ReinforceGlimpse
+        self.spec, self.baseline_kind, self.decay = spec, baseline, baseline_decay
+        self.register_buffer("average", torch.zeros(()))  # uncorrected moving average
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self._log_prob: torch.Tensor | None = None
 
-            return ReinforceGlimpse(
-                spec,
-                box_offset=p["box_offset"],
-                std=p["std"],
-                learn_std=p["learn_std"],
-                baseline_decay=p["baseline_decay"],
-                baseline=p["baseline"],
+    @staticmethod
+    def unsupported(spec: PermutationSpec) -> str | None:
+        return keys_only(spec, "plackett-luce")
+
+    def forward(
+        self, keys: torch.Tensor, generator: torch.Generator | None = None
+    ) -> PermutationOutput:
+        check_keys(keys, self.spec.n)
+        if not self.training:
+            self._log_prob = None
+            return PermutationOutput(steps=[sort_matrix(keys.detach())])
+        perm = plackett_luce_sample(keys, generator=generator)  # (b, n), no gradient
+        self._log_prob = plackett_luce_log_prob(keys, perm)  # (b,)
+        return PermutationOutput(
+            steps=[perm_matrix(perm, keys.dtype)], extras={"log_prob": self._log_prob}
+        )
+
+    def objective(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return per_sample_loss.mean()
+        if self._log_prob is None or self._log_prob.shape != per_sample_loss.shape:
+            expected = None if self._log_prob is None else tuple(self._log_prob.shape)
+            raise RuntimeError(
+                "PlackettLuceLayer.objective needs the per-instance losses of the last training "
+                f"forward (shape {expected}), got {tuple(per_sample_loss.shape)}"
             )
-        from estimators.layers.permutation import PlackettLuceLayer
+        loss = per_sample_loss.detach()
+        surrogate = ((loss - self.baseline()) * self._log_prob).mean()
+        if self.baseline_kind == "moving_average":
+            with torch.no_grad():
+                self.average.mul_(self.decay).add_((1.0 - self.decay) * loss.mean())
+                self.updates.add_(1)
+        self._log_prob = None  # one objective per forward
+        return per_sample_loss.mean() + surrogate
 
-        return PlackettLuceLayer(spec, baseline=p["baseline"], baseline_decay=p["baseline_decay"])
+    def baseline(self) -> torch.Tensor:
+        """The current (detached) baseline, a scalar."""
+        if int(self.updates) == 0:
+            return torch.zeros_like(self.average)
+        return self.average / (1.0 - self.decay ** int(self.updates))
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {"baseline": self.baseline()}
 
 
 @hookimpl

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 __all__ = [
     "QuicksortSteps",
     "chunk_medians",
-    "duplicate_mask",
+    "duplicate_vector_mask",
     "half_permutation_matrix",
     "half_permutation_rows",
     "hard_half_vector",
@@ -148,7 +148,7 @@ def sample_half_vectors(
     return (shuffled >= c // 2).flatten(-2)
 
 
-def duplicate_mask(o: torch.Tensor) -> torch.Tensor:
+def duplicate_vector_mask(o: torch.Tensor) -> torch.Tensor:
     """Marks all repeats of a vector in a sample set but the first; ``(b, S, n)`` -> ``(b, S)``.
 
     ``r(o)`` is a bijection of valid ``o``, so equal vectors are exactly equal index sequences.
@@ -196,7 +196,7 @@ def soft_half_permutation(
     )  # (b, S, n), S = a + 1
     log_on, log_off = F.logsigmoid(z), F.logsigmoid(-z)  # log o', log(1 - o')
     log_p = torch.where(o, log_on.unsqueeze(1), log_off.unsqueeze(1)).sum(-1)  # (b, S)
-    log_p = log_p.masked_fill(duplicate_mask(o), float("-inf"))
+    log_p = log_p.masked_fill(duplicate_vector_mask(o), float("-inf"))
     weight = log_p.softmax(dim=1)  # (b, S): one entry per column per sample, so columns sum to 1
 
     rows = half_permutation_rows(o, order)  # (b, S, n), integer, no gradient

@@ -8,19 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from estimators.base import GlimpseSpec, PermutationSpec, Unsupported
-from estimators.layers.glimpse import (
-    BilinearGlimpse,
-    GlimpseLayer,
-    ReinforceGlimpse,
-    SparseGlimpse,
-    box_points,
-)
-from estimators.plugins.bilinear import BilinearEstimator, register_estimators
+from estimators.base import GlimpseLayer, GlimpseSpec, PermutationSpec, Unsupported
+from estimators.plugins.bilinear import BilinearEstimator, BilinearGlimpse, register_estimators
+from estimators.plugins.reinforce import ReinforceGlimpse
+from estimators.plugins.sparse import SparseGlimpseLayer
+from estimators.shared.glimpse import box_points
 from estimators.sparse import glimpse_means, sample_indices
 from harness.testing import DEVICES
 
-LAYERS = [SparseGlimpse, BilinearGlimpse, ReinforceGlimpse]
+LAYERS = [SparseGlimpseLayer, BilinearGlimpse, ReinforceGlimpse]
 
 
 def _logit(p: float) -> float:
@@ -132,7 +128,7 @@ def test_box_pixels_gives_the_outline() -> None:
 def test_sparse_samples_stay_inside_the_image(device: str) -> None:
     """The sparse glimpse's integer tuples (the library's sampler at the glimpse's settings)."""
     h, w = 30, 40
-    layer = SparseGlimpse(GlimpseSpec((1, h, w), size=6, glimpses=2)).to(device)
+    layer = SparseGlimpseLayer(GlimpseSpec((1, h, w), size=6, glimpses=2)).to(device)
     boxes = torch.cat([torch.full((2, 2, 4), 40.0), torch.full((2, 2, 4), -40.0), torch.randn(2, 2, 4) * 5])
     means = glimpse_means(layer.corners(boxes.to(device)), (1, h, w), 6)  # (6, k, 7)
     core = layer.core
@@ -159,7 +155,7 @@ def test_reinforce_reads_inside_the_image(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("cls", [SparseGlimpse, BilinearGlimpse], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [SparseGlimpseLayer, BilinearGlimpse], ids=lambda c: c.__name__)
 def test_gradient_reaches_the_boxes(device: str, cls: type[GlimpseLayer]) -> None:
     torch.manual_seed(0)
     layer = cls(GlimpseSpec((1, 24, 24), size=6, glimpses=2)).to(device)
@@ -179,7 +175,7 @@ def test_bilinear_gradcheck() -> None:
 
 
 def test_sparse_layer_learns_its_value_and_sigma() -> None:
-    layer = SparseGlimpse(GlimpseSpec((1, 20, 20), size=4, glimpses=2), a_l=4, a_g=2, region=(5, 5))
+    layer = SparseGlimpseLayer(GlimpseSpec((1, 20, 20), size=4, glimpses=2), a_l=4, a_g=2, region=(5, 5))
     out = layer(torch.rand(3, 1, 20, 20), torch.randn(3, 2, 4))
     out.sum().backward()
     assert layer.core.values.grad is not None and (layer.core.values.grad != 0).all()
@@ -188,7 +184,7 @@ def test_sparse_layer_learns_its_value_and_sigma() -> None:
 
 
 def test_sparse_region_none_is_the_library_default() -> None:
-    layer = SparseGlimpse(GlimpseSpec((1, 30, 64), size=4, glimpses=1), region=None)
+    layer = SparseGlimpseLayer(GlimpseSpec((1, 30, 64), size=4, glimpses=1), region=None)
     assert layer.core.region[5:] == (5, 6)  # ceil(log2 30), ceil(log2 64)
 
 

@@ -7,12 +7,9 @@ import torch
 from scipy.stats import norm
 
 from estimators.base import SparseMatrixSpec, StructureLayer
-from estimators.layers.matrix import (
-    DenseMatrixLayer,
-    ReinforceMatrixLayer,
-    SparseMatrixLayer,
-    discretised_log_prob,
-)
+from estimators.plugins.dense import DenseMatrixLayer
+from estimators.plugins.reinforce import ReinforceMatrixLayer, discretised_log_prob
+from estimators.plugins.sparse import SparseMatrixLayer
 from estimators.sparse import SparseLayerError
 from harness.testing import DEVICES
 

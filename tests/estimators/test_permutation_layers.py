@@ -8,15 +8,13 @@ import pytest
 import torch
 
 from estimators.base import PermutationOutput, PermutationSpec
-from estimators.layers.neuralsort import neuralsort, sort_matrix
-from estimators.layers.permutation import (
-    GumbelSinkhornLayer,
-    NeuralSortLayer,
-    PlackettLuceLayer,
-    QuicksortLayer,
-)
-from estimators.layers.plackett_luce import perm_matrix, plackett_luce_log_prob, plackett_luce_sample
-from estimators.layers.sinkhorn import gumbel_sinkhorn, hungarian, log_sinkhorn
+from estimators.plugins.dense import NeuralSortLayer
+from estimators.plugins.gumbel_sinkhorn import GumbelSinkhornLayer
+from estimators.plugins.reinforce import PlackettLuceLayer
+from estimators.plugins.sparse import QuicksortLayer
+from estimators.shared.neuralsort import neuralsort, sort_matrix
+from estimators.shared.plackett_luce import perm_matrix, plackett_luce_log_prob, plackett_luce_sample
+from estimators.shared.sinkhorn import gumbel_sinkhorn, hungarian, log_sinkhorn
 from harness.testing import DEVICES
 
 KEY_LAYERS = {

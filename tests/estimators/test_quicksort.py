@@ -9,7 +9,7 @@ import torch
 
 from estimators.sparse.quicksort import (
     chunk_medians,
-    duplicate_mask,
+    duplicate_vector_mask,
     half_permutation_matrix,
     half_permutation_rows,
     hard_half_vector,
@@ -171,11 +171,11 @@ def test_soft_step_matches_a_dense_reference(n, order):
 
 
 @pytest.mark.parametrize("n", [4, 70])  # 70 bits need two packed words
-def test_duplicate_mask_marks_all_repeats_but_the_first(n):
+def test_duplicate_vector_mask_marks_all_repeats_but_the_first(n):
     base = torch.rand(2, 5, n, generator=gen("cpu", 1)) > 0.5
     pick = torch.randint(0, 5, (2, 40), generator=gen("cpu", 2))
     o = torch.stack([base[b, pick[b]] for b in range(2)])  # (2, 40, n) with many repeats
-    got = duplicate_mask(o)
+    got = duplicate_vector_mask(o)
     for b in range(2):
         seen, expected = set(), []
         for vec in o[b].int().tolist():

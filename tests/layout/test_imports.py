@@ -52,7 +52,7 @@ def _contract_only(name: str) -> bool:
         # the hyperlayer library stands alone: no contract, no shared layers, no plugins
         (
             "estimators/sparse",
-            ("harness.", "estimators.base", "estimators.layers", "estimators.plugins", "plugins."),
+            ("harness.", "estimators.base", "estimators.shared", "estimators.plugins", "plugins."),
             lambda name: False,
         ),
     ],

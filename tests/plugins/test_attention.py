@@ -13,11 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from estimators.base import Estimator, FullImageReadout, GlimpseSpec
-from estimators.layers.glimpse import BilinearGlimpse, ReinforceGlimpse, SparseGlimpse
-from estimators.plugins.bilinear import BilinearEstimator
+from estimators.plugins.bilinear import BilinearEstimator, BilinearGlimpse
 from estimators.plugins.dense import DenseEstimator
-from estimators.plugins.reinforce import ReinforceEstimator
-from estimators.plugins.sparse import SparseEstimator
+from estimators.plugins.reinforce import ReinforceEstimator, ReinforceGlimpse
+from estimators.plugins.sparse import SparseEstimator, SparseGlimpseLayer
 from harness.errors import UsageError
 from harness.task import CellSetup, ParamError, Task, TaskRun
 from harness.testing import DEVICES
@@ -205,7 +204,7 @@ def test_layers_are_trained_with_the_model(cache_dir: Path) -> None:
     run, _ = _setup("sparse", cache_dir)
     names = {name for name, _ in run.model.named_parameters()}
     assert {"layer.core.values", "layer.core.sigmas_raw"} <= names
-    assert isinstance(run.model.layer, SparseGlimpse)
+    assert isinstance(run.model.layer, SparseGlimpseLayer)
 
 
 def test_saturated_fraction() -> None:
@@ -282,7 +281,7 @@ def test_both_losses_train(loss: str, cache_dir: Path) -> None:
 def test_layer_kinds_the_task_builds() -> None:
     spec = AttentionTask().spec("glimpse", _params())
     built = {name: est.build(spec, {**est.defaults, **p}) for name, (est, p) in ESTIMATORS.items()}
-    assert isinstance(built["sparse"], SparseGlimpse)
+    assert isinstance(built["sparse"], SparseGlimpseLayer)
     assert isinstance(built["reinforce"], ReinforceGlimpse)
     assert isinstance(built["bilinear"], BilinearGlimpse)
     assert isinstance(built["dense"], FullImageReadout)

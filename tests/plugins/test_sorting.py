@@ -21,12 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from estimators.base import PermutationSpec
-from estimators.layers.permutation import (
-    GumbelSinkhornLayer,
-    NeuralSortLayer,
-    PlackettLuceLayer,
-    QuicksortLayer,
-)
+from estimators.plugins.dense import NeuralSortLayer
+from estimators.plugins.gumbel_sinkhorn import GumbelSinkhornLayer
+from estimators.plugins.reinforce import PlackettLuceLayer
+from estimators.plugins.sparse import QuicksortLayer
 from harness.errors import UsageError
 from harness.task import CellSetup, ParamError, TaskRun, evaluating
 from harness.testing import DEVICES

@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 
 __all__ = ["gumbel_noise", "gumbel_sinkhorn", "hungarian", "log_sinkhorn"]
 
@@ -81,6 +80,10 @@ def hungarian(scores: torch.Tensor) -> torch.Tensor:
     """
     if scores.dim() != 3 or scores.shape[-1] != scores.shape[-2]:
         raise ValueError(f"hungarian needs (batch, n, n) scores, got shape {tuple(scores.shape)}")
+    # imported here: scipy.optimize takes about a second, and only evaluation needs it, while
+    # every command loads this module with the gumbel_sinkhorn plugin
+    from scipy.optimize import linear_sum_assignment
+
     mats = scores.detach().cpu().double().numpy()
     cols = np.stack([linear_sum_assignment(m, maximize=True)[1] for m in mats])  # (b, n)
     perm = torch.as_tensor(cols, device=scores.device)  # P[b, i, perm[b, i]] = 1
