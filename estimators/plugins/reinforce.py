@@ -2,9 +2,10 @@
 
 - ``sparse_matrix``: the sparse layer's parametrisation, one sampled integer tuple per continuous
   tuple (the paper's identity baseline, §3.1). With ``samples = 0``, ``baseline = "none"``,
-  ``log_prob = "continuous"`` and ``fix_values = true`` it is the authors' estimator (one
-  structure per instance, the Gaussian log-density of the unrounded draw, values fixed at 1, as
-  the sparse layer's); the defaults add our variance reduction.
+  ``log_prob = "continuous"``, ``fix_values = true`` and ``sigma = "std"`` it is the authors'
+  estimator (one structure per instance, the Gaussian log-density of the unrounded draw, values
+  fixed at 1, as the sparse layer's, sigma read as a standard deviation); the defaults add our
+  variance reduction and read sigma as a variance, as the sparse layer does.
 - ``glimpse``: ours, a one-shot Gaussian policy over the glimpse box (not RAM, which is recurrent).
 - ``permutation`` from keys: permutations sampled from a Plackett-Luce distribution.
 """
@@ -40,6 +41,8 @@ class ReinforceEstimator(Estimator):
         "samples": 0,  # sparse_matrix: structures per step; 0 = one per instance (the authors')
         "fix_values": True,  # sparse_matrix: values fixed at 1, like the sparse estimator's
         "tau": 0.1,  # sigma floor, as in the sparse layer
+        # sparse_matrix: sigma read as a "variance" (the sparse layer's) or "std" (the authors')
+        "sigma": "variance",
         "box_offset": 1.0,  # glimpse: initial box half-width in logit space
         "std": 0.5,  # glimpse: initial policy standard deviation (logit space)
         "learn_std": True,
@@ -48,6 +51,7 @@ class ReinforceEstimator(Estimator):
     choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {
         "baseline": ("moving_average", "leave_one_out", "none"),
         "log_prob": ("discretised", "continuous"),
+        "sigma": ("variance", "std"),
     }
     positive: ClassVar[tuple[str, ...]] = ("tau", "box_offset", "std")
     non_negative: ClassVar[tuple[str, ...]] = ("samples", "baseline_decay")
@@ -90,6 +94,7 @@ class ReinforceEstimator(Estimator):
                 baseline_decay=p["baseline_decay"],
                 tau=p["tau"],
                 fix_values=p["fix_values"],
+                sigma=p["sigma"],
             )
         if isinstance(spec, GlimpseSpec):
             from estimators.layers.glimpse import ReinforceGlimpse
