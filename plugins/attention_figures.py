@@ -164,7 +164,10 @@ def draw_table1(ctx: ReportContext) -> list[Path]:
 
 def draw_fig4(ctx: ReportContext) -> list[Path]:
     """Per glimpse configuration: test images with the glimpse boxes, and what each glimpse read
-    (blue positive, red negative, yellow near zero, as in the paper)."""
+    (blue positive, red negative, yellow near zero, as in the paper). The contents are read as the
+    cell's ``glimpse_eval`` says (``"rounded"``: the pixel at each rounded point; ``"sampled"``:
+    one seeded training-mode read, as the authors' layer reads at test time); the boxes are the
+    same either way. Each panel's title names the reading."""
     import numpy as np
     from matplotlib.patches import Rectangle
 
@@ -205,8 +208,10 @@ def draw_fig4(ctx: ReportContext) -> list[Path]:
                 axes[i, j].imshow(g, cmap="RdYlBu", vmin=-lim, vmax=lim)
             for ax in axes[i]:
                 ax.set_axis_off()
-        subfig.suptitle(f"{run['variant']}, {run['estimator']} (seed {run['seed']}, step {step})",
-                        fontsize=9)
+        reading = run.get("params.task.glimpse_eval")
+        reading = reading if isinstance(reading, str) else "rounded"  # runs before the option
+        subfig.suptitle(f"{run['variant']}, {run['estimator']} (seed {run['seed']}, step {step}; "
+                        f"glimpses read {reading})", fontsize=9)
     fig.suptitle("Fig. 4: learned glimpses on test images")
     return save(fig, ctx.out_dir, "fig4_attention_glimpses")
 
