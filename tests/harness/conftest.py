@@ -76,11 +76,14 @@ def register_estimators(register):
 # The sparse estimator under another name, with two test controls read from the environment when
 # a layer is built: SB_PROBE_SLEEP (seconds per training forward, so that a subprocess can be
 # killed mid-cell) and SB_PROBE_SIGNAL=NAME:K (the process sends itself that signal during its
-# K-th training forward). Neither changes a number the cell computes.
+# K-th training forward: one with gradients, so a snapshot's own draw does not count). Neither
+# changes a number the cell computes.
 PROBE = """
 import os
 import signal
 import time
+
+import torch
 
 from estimators.base import hookimpl
 from estimators.plugins.sparse import SparseEstimator
@@ -96,7 +99,7 @@ class Probe(SparseEstimator):
         inner, calls = layer.forward, [0]
 
         def forward(*args, **kwargs):
-            if layer.training:
+            if layer.training and torch.is_grad_enabled():  # not a snapshot's no-grad draw
                 calls[0] += 1
                 time.sleep(sleep)
                 if sig and calls[0] == int(at):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,7 @@ from harness.testing import DEVICES
 from plugins.attention import (
     AttentionModel,
     AttentionTask,
+    glimpse_reading,
     per_sample_loss,
     register_tasks,
     saturated_fraction,
@@ -127,6 +130,8 @@ def test_task_contract() -> None:
     [
         ({"dataset": "cifar"}, "dataset = 'cifar'"),
         ({"loss": "mse"}, "loss = 'mse'"),
+        ({"glimpse_eval": "mean"}, "glimpse_eval = 'mean': choose one of rounded, sampled"),
+        ({"collapse": "reset"}, "collapse = 'reset': choose one of keep, drop"),
         ({"clutter": "dense"}, "clutter = 'dense'"),
         ({"canvas": 40, "clutter": "rotated-scaled"}, "canvas"),
         ({"train_images": 0}, "train_images"),
@@ -265,17 +270,57 @@ def test_bce_is_the_papers_objective_and_ce_is_not() -> None:
     assert (per_sample_loss(logits, labels, "bce") > ce).all()  # the extra wrong-class terms
 
 
+def test_authors_loss_is_cross_entropy_on_softmax_probabilities() -> None:
+    """attention.experiment.py at the preprint: F.softmax at the model's end, F.cross_entropy on
+    top. Never below log(1 + 9/e), however confident and right the model is."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 10) * 3, torch.randint(0, 10, (6,))
+    twice = -logits.softmax(1).softmax(1).log().gather(1, labels[:, None]).squeeze(1)
+    torch.testing.assert_close(per_sample_loss(logits, labels, "authors"), twice)
+    sure = torch.tensor([[50.0] + [0.0] * 9])
+    floor = math.log(1 + 9 / math.e)
+    assert per_sample_loss(sure, torch.tensor([0]), "authors").item() == pytest.approx(floor, abs=1e-6)
+    assert per_sample_loss(sure, torch.tensor([0]), "ce").item() < 1e-6
+
+
 def test_bce_stays_finite_on_confident_logits() -> None:
     logits = torch.tensor([[200.0] + [0.0] * 9, [-200.0] + [0.0] * 9])
     loss = per_sample_loss(logits, torch.tensor([1, 0]), "bce")
     assert torch.isfinite(loss).all() and (loss > 50).all()
 
 
-@pytest.mark.parametrize("loss", ["ce", "bce"])
+@pytest.mark.parametrize("loss", ["ce", "bce", "authors"])
 def test_both_losses_train(loss: str, cache_dir: Path) -> None:
     run, params = _setup("bilinear", cache_dir, loss=loss)
     losses = _train(run, params["lr"], 20)
     assert np.isfinite(losses).all() and np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+@pytest.mark.parametrize("estimator", ["sparse", "reinforce"])
+def test_sampled_glimpse_evaluation_is_reproducible_and_draws_nothing_from_training(
+    estimator: str, cache_dir: Path
+) -> None:
+    run, _ = _setup(estimator, cache_dir, glimpse_eval="sampled", glimpses=1, glimpse=6)
+    state = torch.get_rng_state()
+    first = _evaluate(run)
+    assert torch.equal(torch.get_rng_state(), state)  # the training stream is untouched
+    assert _evaluate(run) == first  # two evaluations of one model agree
+    model, cpu = run.model, torch.device("cpu")
+    images = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        rounded = model(images).glimpses
+        with glimpse_reading(model, "sampled", 5, cpu):
+            assert model.layer.training and not model.source.training  # only the glimpse samples
+            sampled = model(images).glimpses
+        assert not model.layer.training  # the layer's eval mode is back
+        with glimpse_reading(model, "sampled", 5, cpu):
+            again = model(images).glimpses
+        with glimpse_reading(model, "rounded", 5, cpu):
+            assert torch.equal(model(images).glimpses, rounded)
+    model.train()
+    assert not torch.equal(sampled, rounded)  # a sampled read is not the rounded one
+    assert torch.equal(sampled, again)  # the same seed, the same read
 
 
 def test_layer_kinds_the_task_builds() -> None:
@@ -285,3 +330,26 @@ def test_layer_kinds_the_task_builds() -> None:
     assert isinstance(built["reinforce"], ReinforceGlimpse)
     assert isinstance(built["bilinear"], BilinearGlimpse)
     assert isinstance(built["dense"], FullImageReadout)
+
+
+def _runs(collapse: str) -> pd.DataFrame:
+    """Three finished seeds of the 1-glimpse sparse cell as the report's runs table holds them;
+    seed 2's last evaluation logged a collapse (and the error such a run ends at)."""
+    return pd.DataFrame({
+        "experiment": "paper", "task": "attention", "variant": "glimpses=1,glimpse=32",
+        "estimator": "sparse", "sweep": "", "settings": "", "status": "finished",
+        "seed": [0, 1, 2], "data_source": "mnist",
+        "params.task.glimpses": "1", "params.task.glimpse": "32", "params.task.collapse": collapse,
+        "metrics.eval/error_pct": [1.0, 3.0, 88.65], "metrics.eval/collapsed": [0.0, 0.0, 1.0],
+    })
+
+
+def test_table1_drops_collapsed_seeds_only_when_the_policy_says_so() -> None:
+    from plugins.attention_figures import table1
+
+    kept = table1(_runs("keep")).set_index("section").loc["ours"]
+    assert kept["error_pct_mean"] == pytest.approx((1.0 + 3.0 + 88.65) / 3) and kept["dropped"] == ""
+    dropped = table1(_runs("drop")).set_index("section").loc["ours"]
+    assert dropped["error_pct_mean"] == pytest.approx(2.0)
+    assert dropped["error_pct"] == "2 ± 1.4" and dropped["seeds"] == 3
+    assert dropped["dropped"] == "seed 2 (collapsed: every box corner saturated, A.1)"

