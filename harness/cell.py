@@ -32,9 +32,17 @@ import numpy as np
 import torch
 
 from estimators.base import Unsupported
-from harness.checkpoint import CheckpointPolicy, Checkpoints, checkpoints_for, restore_rng, training_state
+from harness.checkpoint import (
+    CheckpointPolicy,
+    Checkpoints,
+    CorruptCheckpoint,
+    checkpoints_for,
+    restore_rng,
+    training_state,
+)
 from harness.claims import STATUS_TAG, Claim
 from harness.errors import UsageError
+from harness.faults import store_fault
 from harness.lease import Heartbeat
 from harness.matrix import Cell
 from harness.plugins import Registry
@@ -177,6 +185,13 @@ def _execute(
             store.prune(run_id)
         return CellResult(cell, "diverged", reason=str(e), run_id=run_id)
     except Exception as e:
+        lost = store_fault(e)
+        if lost is not None:  # not the cell's fault: KILLED if that can still be written, resumable
+            with guard.deferred(), contextlib.suppress(Exception):
+                why = f"the store failed: {lost.cause}; `sparsebench run` resumes it"
+                tracker.set_tags(run_id, {STATUS_TAG: "killed", "sparsebench.reason": why})
+                tracker.end(run_id, "KILLED")
+            raise lost from None
         reason = f"{type(e).__name__}: {e}"
         with guard.atomic():
             tracker.log_text(run_id, "traceback.txt", traceback.format_exc())
@@ -300,7 +315,7 @@ class _Training:
         restored = False
         if self.job.resume:
             logged = self.tracker.logged_metrics(self.run_id)
-            state = self.store.load(self.run_id, device)
+            state = self._load_checkpoint()
             if state is not None:
                 self._restore(state)
                 restored = True
@@ -333,6 +348,21 @@ class _Training:
             )
         primary = self.registry.task(cell.task).primary_metric
         return CellResult(cell, "finished", self.last_eval.get(primary), wall, run_id=self.run_id)
+
+    def _load_checkpoint(self) -> dict[str, Any] | None:
+        """The run's checkpoint; a corrupt one (set aside by the store) means step 0 in this run.
+
+        Replaying from step 0 with the cell's seed recomputes exactly the metrics the run already
+        holds (on CPU, bit for bit): the sink leaves those steps out, so each step stays logged once
+        with its first value, and any value that came out different is counted as a mismatch."""
+        try:
+            return self.store.load(self.run_id, self.device)
+        except CorruptCheckpoint as e:
+            print(
+                f"sparsebench: warning: {e}; cell {self.cell.name} restarts from step 0 in the same run",
+                file=sys.stderr,
+            )
+            return None
 
     def _train(self, restored: bool) -> None:
         run, model, optimiser = self.task_run, self.model, self.optimiser

@@ -34,6 +34,7 @@ __all__ = [
     "ArtifactCheckpoints",
     "CheckpointPolicy",
     "Checkpoints",
+    "CorruptCheckpoint",
     "LocalCheckpoints",
     "capture_rng",
     "checkpoints_for",
@@ -81,11 +82,26 @@ class Checkpoints:
         raise NotImplementedError
 
 
+class CorruptCheckpoint(Exception):
+    """A checkpoint that cannot be read back (random bytes, truncated, not ours); it has been set
+    aside, and the message names it and where it went."""
+
+
+KEYS = ("cell_id", "step", "elapsed_s", "model", "optimiser", "task", "rng", "pending", "last_eval")
+
+
 def _read(path: Path, device: torch.device) -> dict[str, Any]:
     state = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} checkpoint")
+        raise ValueError(f"not a {FORMAT} checkpoint")
+    missing = [k for k in KEYS if k not in state]
+    if missing:
+        raise ValueError(f"it lacks {', '.join(missing)}")
     return state
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
 class LocalCheckpoints(Checkpoints):
@@ -116,7 +132,18 @@ class LocalCheckpoints(Checkpoints):
 
     def load(self, run_id: str, device: torch.device) -> dict[str, Any] | None:
         path = self.path(run_id)
-        return _read(path, device) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            return _read(path, device)
+        except Exception as e:  # unpickling, zip, EOF, permission errors: all mean "cannot resume"
+            aside = path.with_name(path.name + ".corrupt")
+            try:
+                os.replace(path, aside)  # kept for a post-mortem; the next save starts clean
+                where = f"set aside as {aside.name}"
+            except OSError as moved:
+                where = f"could not set it aside ({moved.strerror})"
+            raise CorruptCheckpoint(f"checkpoint {path} is corrupt: {_why(e)}; {where}") from None
 
     def prune(self, run_id: str) -> None:
         self.path(run_id).unlink(missing_ok=True)
@@ -151,7 +178,15 @@ class ArtifactCheckpoints(Checkpoints):
             return None
         with tempfile.TemporaryDirectory(prefix="sparsebench-ckpt-") as tmp:
             local = self.client.download_artifacts(run_id, pointer, tmp)
-            return _read(Path(local), device)
+            try:
+                return _read(Path(local), device)
+            except Exception as e:  # the artifact stays; the pointer moves aside so no one loads it
+                self.client.set_tag(run_id, POINTER_TAG + "_corrupt", pointer)
+                self.client.delete_tag(run_id, POINTER_TAG)
+                raise CorruptCheckpoint(
+                    f"checkpoint {pointer} of run {run_id} is corrupt: {_why(e)}; set aside (tag "
+                    f"{POINTER_TAG}_corrupt)"
+                ) from None
 
     def prune(self, run_id: str) -> None:
         if self.client.get_run(run_id).data.tags.get(POINTER_TAG):

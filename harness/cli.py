@@ -293,6 +293,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         interrupted = e if isinstance(e, Interrupted) else Interrupted()
         print(_interrupted_line(interrupted, args.command, argv), file=sys.stderr)
         return interrupted.exit_code
+    except Exception as e:
+        from harness.faults import EXIT_STORE, store_fault
+
+        lost = store_fault(e)
+        if lost is None:
+            raise
+        print(_one_line(_store_lost_line(lost, args, argv)), file=sys.stderr)
+        return EXIT_STORE
+
+
+def _store_lost_line(lost, args: argparse.Namespace, argv: list[str]) -> str:  # lost: StoreLost
+    """One line: the store or disk failed; what is kept; what to rerun once it is fixed."""
+    from harness.store import sqlite_path
+    from harness.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    db = sqlite_path(uri)
+    gone = db is not None and not db.exists()
+    cause = f"its file {db} was deleted" if gone else lost.cause
+    line = f"sparsebench: error: the tracking store {uri} failed mid-run: {cause} ({lost.detail})"
+    if gone:
+        line += (
+            f"; its checkpoints in {db.parent / 'checkpoints'} belong to the runs of the lost store "
+            "(delete them unless you put the store back)"
+        )
+    elif args.command == "run":
+        line += "; unfinished cells keep their last checkpoint"
+    return f"{line}; once fixed, rerun: sparsebench {shlex.join(argv)}"
 
 
 def _guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

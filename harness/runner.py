@@ -31,6 +31,7 @@ from harness.cell import CellJob, CellResult
 from harness.checkpoint import CheckpointPolicy, checkpoints_for
 from harness.claims import LOST_TAG, STATUS_TAG, TERMINAL, Decision, Owner
 from harness.errors import UsageError
+from harness.faults import StoreLost, store_fault
 from harness.lease import Heartbeat
 from harness.matrix import Cell
 from harness.plugins import Registry
@@ -142,6 +143,7 @@ class _Launch:
         self.in_flight: dict[str, CellJob] = {}
         self.results: list[CellResult] = []
         self.usage_error = ""
+        self.store_lost: StoreLost | None = None
         self.stopping = False
 
     def run(self, todo: list[Cell], preset: str, backend: Backend | None) -> list[CellResult]:
@@ -160,28 +162,39 @@ class _Launch:
                     self._loop(list(todo))
                 except KeyboardInterrupt as e:
                     raise Interrupted(*self._stop(e)) from None
+            if self.store_lost is not None:
+                raise self.store_lost
             if self.usage_error:
                 raise UsageError(self.usage_error)
         except KeyboardInterrupt:
             status = "killed"
             raise
-        except BaseException:
-            status = "failed"
+        except BaseException as e:
+            status = "killed" if isinstance(e, Exception) and store_fault(e) else "failed"
             raise
         finally:
             if parent is not None:
                 if status == "finished" and any(r.status == "failed" for r in self.results):
                     status = "failed"
                 with guard.deferred():
-                    tracker.set_tags(parent, {STATUS_TAG: status})
-                    tracker.end(parent, {"finished": "FINISHED", "killed": "KILLED"}.get(status, "FAILED"))
+                    self._end_parent(parent, status)
         return self.results
+
+    def _end_parent(self, parent: str, status: str) -> None:
+        """The parent run's final status; a store that fails here is already being reported."""
+        try:
+            self.tracker.set_tags(parent, {STATUS_TAG: status})
+            self.tracker.end(parent, {"finished": "FINISHED", "killed": "KILLED"}.get(status, "FAILED"))
+        except Exception as e:
+            if store_fault(e) is None:
+                raise
 
     def _loop(self, pending: list[Cell]) -> None:
         backend = self.backend
         while pending or backend.busy():
             self.guard.raise_pending()
-            while pending and len(self.in_flight) < backend.slots and not self.usage_error:
+            halted = self.usage_error or self.store_lost
+            while pending and len(self.in_flight) < backend.slots and not halted:
                 outcome = self._claim(pending.pop(0))
                 if isinstance(outcome, CellResult):
                     self._ended(None, outcome)
@@ -189,8 +202,8 @@ class _Launch:
                 self.in_flight[outcome.run_id] = outcome
                 self.heartbeat.hold(outcome.run_id, outcome.claim)  # until its worker beats for it
                 backend.submit(outcome)
-            if self.usage_error:
-                pending.clear()  # a cell found bad input: start nothing more, let the others end
+            if self.usage_error or self.store_lost:
+                pending.clear()  # bad input or a failed store: start nothing more, let the others end
             # Workers elsewhere: a signal waits for this poll to end (half a second), so that no
             # event is half delivered. In this process, the cell handles signals itself.
             with self.guard.deferred() if backend.remote else contextlib.nullcontext():
@@ -250,6 +263,8 @@ class _Launch:
             assert event.result is not None
             if event.usage_error and not self.usage_error:
                 self.usage_error = event.usage_error
+            if event.store_lost is not None and self.store_lost is None:
+                self.store_lost = event.store_lost
             self.in_flight.pop(event.key)
             self._ended(event.key, event.result)
         elif event.kind == "lost" and event.key in self.in_flight:
