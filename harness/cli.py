@@ -13,7 +13,6 @@ import contextlib
 import math
 import os
 import shlex
-import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -75,6 +74,24 @@ def _number(kind: type, minimum: float, strict: bool = False) -> Callable[[str],
     return parse
 
 
+def _uri(text: str) -> str:
+    """``--tracking-uri``: an empty one (an unset variable in a script) is not "the default"."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; give a store or drop the option")
+    return text
+
+
+def _port(text: str) -> int:
+    """A TCP port, 1 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give 1 to 65535")
+    return value
+
+
 RETRY = ("diverged", "failed", "n/a")
 
 
@@ -113,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--tracking-uri",
+        type=_uri,
         default=None,
         help="MLflow store or server (default: $MLFLOW_TRACKING_URI, else "
         "sqlite under $SPARSEBENCH_HOME or ./sparsebench-runs)",
@@ -249,7 +267,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--out", type=Path, default=None, help="output folder (default: <home>/report)")
     ui = sub.add_parser("ui", parents=[common], help="serve the MLflow dashboard for the store")
-    ui.add_argument("--port", type=_number(int, 1), default=5000)
+    ui.add_argument("--port", type=_port, default=5000)
     ui.add_argument("--host", default="127.0.0.1")
     return parser
 
@@ -257,11 +275,11 @@ def _parser() -> argparse.ArgumentParser:
 @contextlib.contextmanager
 def _data_root(path: Path | None) -> Iterator[None]:
     """``--data-root`` as ``$SPARSEBENCH_DATA_ROOT`` for this command (workers inherit it)."""
-    from harness.task import DATA_ROOT_ENV
-
-    if path is None:
+    if path is None:  # before importing harness.task, which imports torch: `ui` answers at once
         yield
         return
+    from harness.task import DATA_ROOT_ENV
+
     if not path.expanduser().is_dir():
         raise UsageError(f"--data-root {str(path)!r} is not a directory")
     before = os.environ.get(DATA_ROOT_ENV)
@@ -528,9 +546,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from harness.dashboard import ui_url
     from harness.tracking import Tracker, resolve_tracking_uri
+    from harness.ui import check_address, serve
 
+    loopback = check_address(args.host, args.port)  # a taken port or a bad host: one line, at once
     uri = resolve_tracking_uri(args.tracking_uri)
-    tracker = Tracker(uri)
+    tracker = Tracker(uri, create=False)  # as report: a missing store is refused, never created
+    if not loopback:
+        print(
+            f"sparsebench: warning: --host {args.host} serves the dashboard beyond this machine, and it "
+            "has no authentication: anyone who reaches the port can read and change the store",
+            file=sys.stderr,
+        )
     experiments = [e for e in tracker.client.search_experiments() if e.name.startswith("sparsebench-")]
     for exp in experiments:
         tracker.offer_cells_view(exp)
@@ -554,12 +580,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if tracker.artifact_root:
         command += ["--default-artifact-root", tracker.artifact_root]
     print(f"dashboard: {ui_url(args.port, host=args.host)}  (Ctrl-C stops it)", flush=True)
-    try:
-        # One worker and no background job runners: a local dashboard, not a shared service.
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        return subprocess.call(command, env=env)
-    except KeyboardInterrupt:
-        return 0
+    # One worker and no background job runners: a local dashboard, not a shared service.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return serve(command, env)
 
 
 COMMANDS = {

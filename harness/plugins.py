@@ -14,6 +14,7 @@ import difflib
 import importlib
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ __all__ = [
     "DEFAULT_PLUGINS",
     "DISABLE_ENV_VAR",
     "DISABLE_PREFIX",
+    "NAME",
     "ENTRY_POINT_GROUP",
     "ENV_VAR",
     "HOOKS",
@@ -175,13 +177,25 @@ def _split(items: Iterable[str]) -> tuple[list[str], set[str]]:
     return modules, off
 
 
+NAME = re.compile(r"[a-z][a-z0-9_]*")  # a task or estimator name: config keys, run names, ids
+
+
+def _check_name(what: str, name: Any, where: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"{where} registered {what} without a name")
+    if not NAME.fullmatch(name):
+        raise PluginError(
+            f"{where} registered {what} named {name!r}; names must match [a-z][a-z0-9_]* "
+            "(they are config keys and parts of run names)"
+        )
+
+
 def _check_task(task: Any, plugin: str, source: str) -> None:
     where = f"plugin {plugin!r} ({source})"
     if not isinstance(task, Task):
         raise PluginError(f"{where} registered {task!r}, which is not a harness.task.Task")
     name = getattr(task, "name", None)
-    if not isinstance(name, str) or not name:
-        raise PluginError(f"{where} registered a task without a name")
+    _check_name("a task", name, where)
     if not task.kinds or set(task.kinds) - set(KINDS):
         raise PluginError(f"{where}: task {name!r} kinds {task.kinds!r} must be among {KINDS}")
     missing = [k for k in (*REQUIRED_TASK_PARAMS, task.size_key) if k not in task.defaults]
@@ -194,8 +208,7 @@ def _check_estimator(est: Any, plugin: str, source: str) -> None:
     if not isinstance(est, Estimator):
         raise PluginError(f"{where} registered {est!r}, which is not an estimators.base.Estimator")
     name = getattr(est, "name", None)
-    if not isinstance(name, str) or not name:
-        raise PluginError(f"{where} registered an estimator without a name")
+    _check_name("an estimator", name, where)
     if not est.kinds or set(est.kinds) - set(KINDS):
         raise PluginError(f"{where}: estimator {name!r} kinds {set(est.kinds)} not among {KINDS}")
 

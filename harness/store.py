@@ -64,16 +64,17 @@ def open_client(uri: str, *, create: bool, write: bool = True) -> MlflowClient:
     (``report``). ``write``: a local store must be writable. Every problem is a
     ``TrackingError`` naming the store and what to do.
     """
-    quiet_mlflow()
     scheme = urlsplit(uri).scheme.split("+", 1)[0]
+    path = sqlite_path(uri)
+    if scheme == "sqlite" and path is not None:
+        _check_sqlite(path, create, write)  # before MLflow's seconds of imports: a missing store at once
+    quiet_mlflow()
     if scheme in ("http", "https"):
         _check_server(uri)
         return _read_once(uri)
     if scheme == "sqlite":
-        path = sqlite_path(uri)
         if path is None:
             raise TrackingError(f"tracking URI {uri!r}: write a sqlite store as sqlite:///path/to/mlflow.db")
-        _check_sqlite(path, create, write)
         with schema_lock(path):  # the first process creates the store; the others wait for it
             ensure_store(path, create=create)  # whole, or built whole; never half, never foreign
             return _read_once(uri)
