@@ -329,7 +329,11 @@ def _store_lost_line(lost, args: argparse.Namespace, argv: list[str]) -> str:  #
     uri = resolve_tracking_uri(args.tracking_uri)
     db = sqlite_path(uri)
     gone = db is not None and not db.exists()
-    cause = f"its file {db} was deleted" if gone else lost.cause
+    cause = lost.cause  # sqlite's words; the file itself says better what happened to it
+    if gone:
+        cause = f"its file {db} was deleted"
+    elif db is not None and not (os.access(db, os.W_OK) and os.access(db.parent, os.W_OK)):
+        cause = "the store became read-only"
     line = f"sparsebench: error: the tracking store {uri} failed mid-run: {cause} ({lost.detail})"
     if gone:
         line += (

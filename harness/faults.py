@@ -28,10 +28,11 @@ _ERRNO = {
 _TEXT = (
     ("database or disk is full", "the disk is full"),
     ("no space left on device", "the disk is full"),
+    ("file write failed", "the disk is full"),  # torch.save's writer on ENOSPC
     ("attempt to write a readonly database", "the store became read-only"),
     ("read-only file system", "the file system became read-only"),
     ("disk i/o error", "a disk I/O error"),
-    ("unable to open database file", "the store's file or folder is gone"),
+    ("unable to open database file", "the store's file or folder cannot be opened"),
     ("no such table", "the store's file was deleted or replaced"),
     ("database disk image is malformed", "the store's file is corrupt"),
 )
