@@ -46,7 +46,7 @@ def mounted(tmp_path):
     yield folder
     mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
     for point in reversed([m for m in mounts if m == str(folder) or m.startswith(f"{folder}/")]):
-        subprocess.run(["umount", point], capture_output=True)
+        subprocess.run(["umount", "--lazy", point], capture_output=True)  # this process may hold the store
 
 
 def _run_until_checkpoint(home: Path, probe: Path, err: Path) -> subprocess.Popen[bytes]:
@@ -122,7 +122,12 @@ def test_a_store_made_read_only_is_one_line_and_the_next_run_resumes(
     home = seeded(mounted / "home")
     proc = _run_until_checkpoint(home, probe, tmp_path / "err")
     _mount("--bind", str(home), str(home))
-    _mount("-o", "remount,ro,bind", str(home))
+    for _ in range(100):  # EBUSY while the run has a file open for writing through the new mount
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(home)], capture_output=True).returncode == 0:
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail("could not make the store's folder read-only")
     line = _one_line(proc, tmp_path / "err")
     assert "failed mid-run: the store became read-only" in line
     subprocess.run(["umount", str(home)], check=True)
