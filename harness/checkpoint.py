@@ -87,16 +87,10 @@ class CorruptCheckpoint(Exception):
     aside, and the message names it and where it went."""
 
 
-KEYS = ("cell_id", "step", "elapsed_s", "model", "optimiser", "task", "rng", "pending", "last_eval")
-
-
 def _read(path: Path, device: torch.device) -> dict[str, Any]:
     state = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} checkpoint")
-    missing = [k for k in KEYS if k not in state]
-    if missing:
-        raise ValueError(f"it lacks {', '.join(missing)}")
     return state
 
 
