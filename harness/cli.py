@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, NoReturn
 from harness.errors import UsageError
 
 if TYPE_CHECKING:
+    from harness.faults import StoreLost
     from harness.signals import Interrupted
 
 __all__ = ["main"]
@@ -321,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_STORE
 
 
-def _store_lost_line(lost, args: argparse.Namespace, argv: list[str]) -> str:  # lost: StoreLost
+def _store_lost_line(lost: StoreLost, args: argparse.Namespace, argv: list[str]) -> str:
     """One line: the store or disk failed; what is kept; what to rerun once it is fixed."""
     from harness.store import sqlite_path
     from harness.tracking import resolve_tracking_uri

@@ -147,7 +147,7 @@ def _migrate(uri: str) -> None:
         detail = " ".join(str(e).split())[:300]
         raise TrackingError(f"cannot create the tracking store: {type(e).__name__}: {detail}") from None
     finally:
-        engine = SqlAlchemyStore._engine_map.pop(uri, None)
+        engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(uri, None)  # MLflow's engine cache
         if engine is not None:
             engine.dispose()
 
