@@ -38,7 +38,7 @@ def trial(sig: signal.Signals, delay: float) -> tuple[bool, str]:
         env.pop("MLFLOW_TRACKING_URI", None)
         child = subprocess.Popen([sys.executable, *RUN], env=env, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE)  # fmt: skip
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a busy machine takes minutes to import MLflow
         while not _creation_began(home) and child.poll() is None:
             if time.monotonic() > deadline:
                 child.kill()
