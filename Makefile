@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CHROMIUM := /usr/bin/chromium
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test lint bench ui clean
@@ -18,8 +19,8 @@ demo: $(STAMP)  ## the quick comparison matrix on the embedded MNIST digits, the
 	$(BIN)/sparsebench run --preset quick --jobs auto
 	$(BIN)/sparsebench report --preset quick
 
-test: $(STAMP) $(CHROMIUM)  ## the whole test suite (CPU; CUDA variants run where a GPU is present)
-	SPARSEBENCH_REQUIRE_BROWSER=1 $(BIN)/pytest -q
+test: $(STAMP) $(CHROMIUM) $(FASHION_MNIST)  ## the whole test suite (CPU; CUDA variants run where a GPU is present)
+	SPARSEBENCH_REQUIRE_BROWSER=1 $(BIN)/pytest -q -rs
 
 # The dashboard test drives Debian's Chromium (never a browser that Playwright downloads); without
 # it `make test` installs it, or stops here saying why, rather than skip that test in silence.
@@ -28,6 +29,15 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null
 	@test -x $(CHROMIUM) || { echo "make test: apt-get did not provide $(CHROMIUM)" >&2; exit 1; }
+
+# The Fashion-MNIST tests read Debian's dataset-fashion-mnist (full-size real data, no download);
+# installed the same way, so that they run rather than skip. `-rs` above lists any test that still
+# skips, and why, at the end of the run.
+$(FASHION_MNIST):
+	@command -v apt-get >/dev/null || { echo "make test: $(FASHION_MNIST) is missing; install Debian's dataset-fashion-mnist" >&2; exit 1; }
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null
+	@test -d $(FASHION_MNIST) || { echo "make test: apt-get did not provide $(FASHION_MNIST)" >&2; exit 1; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

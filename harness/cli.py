@@ -13,7 +13,6 @@ import contextlib
 import math
 import os
 import shlex
-import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from harness.errors import UsageError
 from reports.schema import FAILED, RETRYABLE
 
 if TYPE_CHECKING:
+    from harness.faults import StoreLost
     from harness.signals import Interrupted
 
 __all__ = ["main"]
@@ -76,6 +76,22 @@ def _number(kind: type, minimum: float, strict: bool = False) -> Callable[[str],
     return parse
 
 
+def _uri(text: str) -> str:
+    """``--tracking-uri``: an empty one (an unset variable in a script) is not "the default"."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; give a store or drop the option")
+    return text
+
+
+def _port(text: str) -> int:
+    """A TCP port, 1 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give 1 to 65535")
+    return value
 
 
 def _jobs(text: str) -> int:
@@ -113,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--tracking-uri",
+        type=_uri,
         default=None,
         help="MLflow store or server (default: $MLFLOW_TRACKING_URI, else "
         "sqlite under $SPARSEBENCH_HOME or ./sparsebench-runs)",
@@ -249,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--out", type=Path, default=None, help="output folder (default: <home>/report)")
     ui = sub.add_parser("ui", parents=[common], help="serve the MLflow dashboard for the store")
-    ui.add_argument("--port", type=_number(int, 1), default=5000)
+    ui.add_argument("--port", type=_port, default=5000)
     ui.add_argument("--host", default="127.0.0.1")
     return parser
 
@@ -257,11 +274,11 @@ def _parser() -> argparse.ArgumentParser:
 @contextlib.contextmanager
 def _data_root(path: Path | None) -> Iterator[None]:
     """``--data-root`` as ``$SPARSEBENCH_DATA_ROOT`` for this command (workers inherit it)."""
-    from harness.task import DATA_ROOT_ENV
-
-    if path is None:
+    if path is None:  # before importing harness.task, which imports torch: `ui` answers at once
         yield
         return
+    from harness.task import DATA_ROOT_ENV
+
     if not path.expanduser().is_dir():
         raise UsageError(f"--data-root {str(path)!r} is not a directory")
     before = os.environ.get(DATA_ROOT_ENV)
@@ -293,6 +310,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         interrupted = e if isinstance(e, Interrupted) else Interrupted()
         print(_interrupted_line(interrupted, args.command, argv), file=sys.stderr)
         return interrupted.exit_code
+    except Exception as e:
+        from harness.faults import EXIT_STORE, store_fault
+
+        lost = store_fault(e)
+        if lost is None:
+            raise
+        print(_one_line(_store_lost_line(lost, args, argv)), file=sys.stderr)
+        return EXIT_STORE
+
+
+def _store_lost_line(lost: StoreLost, args: argparse.Namespace, argv: list[str]) -> str:
+    """One line: the store or disk failed; what is kept; what to rerun once it is fixed."""
+    from harness.store import sqlite_path
+    from harness.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    db = sqlite_path(uri)
+    gone = db is not None and not db.exists()
+    cause = lost.cause  # sqlite's words; the file itself says better what happened to it
+    if gone:
+        cause = f"its file {db} was deleted"
+    elif db is not None and not (os.access(db, os.W_OK) and os.access(db.parent, os.W_OK)):
+        cause = "the store became read-only"
+    line = f"sparsebench: error: the tracking store {uri} failed mid-run: {cause} ({lost.detail})"
+    if gone:
+        line += (
+            f"; its checkpoints in {db.parent / 'checkpoints'} belong to the runs of the lost store "
+            "(delete them unless you put the store back)"
+        )
+    elif args.command == "run":
+        line += "; unfinished cells keep their last checkpoint"
+    return f"{line}; once fixed, rerun: sparsebench {shlex.join(argv)}"
 
 
 def _guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -473,9 +522,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from harness.store.dashboard import ui_url
     from harness.store.tracking import Tracker, resolve_tracking_uri
+    from harness.ui import check_address, serve
 
+    loopback = check_address(args.host, args.port)  # a taken port or a bad host: one line, at once
     uri = resolve_tracking_uri(args.tracking_uri)
-    tracker = Tracker(uri)
+    tracker = Tracker(uri, create=False)  # as report: a missing store is refused, never created
+    if not loopback:
+        print(
+            f"sparsebench: warning: --host {args.host} serves the dashboard beyond this machine, and it "
+            "has no authentication: anyone who reaches the port can read and change the store",
+            file=sys.stderr,
+        )
     experiments = [e for e in tracker.client.search_experiments() if e.name.startswith("sparsebench-")]
     for exp in experiments:
         tracker.offer_cells_view(exp)
@@ -499,12 +556,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if tracker.artifact_root:
         command += ["--default-artifact-root", tracker.artifact_root]
     print(f"dashboard: {ui_url(args.port, host=args.host)}  (Ctrl-C stops it)", flush=True)
-    try:
-        # One worker and no background job runners: a local dashboard, not a shared service.
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        return subprocess.call(command, env=env)
-    except KeyboardInterrupt:
-        return 0
+    # One worker and no background job runners: a local dashboard, not a shared service.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return serve(command, env)
 
 
 COMMANDS = {

@@ -23,6 +23,7 @@ from typing import Any
 
 from estimators.base import Estimator, Spec
 from estimators.params import ParamError, check_numbers
+from harness.capacity import check_fits, machine_memory
 from harness.errors import ConfigError, UsageError
 from harness.plugins import REQUIRED_TASK_PARAMS as RUNNER_PARAMS
 from harness.plugins import Registry
@@ -301,7 +302,9 @@ def resolve_cells(
         for key, values in ov.get("sweep", {}).items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"[[overrides]] #{i + 1} sweep {key!r} must be a non-empty list of values")
+        _check_match(f"[[overrides]] #{i + 1} match", ov.get("match", {}), registry)
 
+    _check_sizes(selection.sizes, task_names, variants_of, registry)
     cells: dict[str, Cell] = {}  # by id: identical cells are listed once
     for task_name in task_names:
         size_key = registry.task(task_name).size_key
@@ -319,6 +322,32 @@ def resolve_cells(
     if not cells:
         raise ConfigError("the selection matches no cell: check --task, --estimator and --size")
     return list(cells.values())
+
+
+def _check_match(where: str, match: Mapping[str, Any], registry: Registry) -> None:
+    """A match key must be ``task``, ``estimator`` or a task parameter: any other key would
+    match no cell, and the override would be dropped without a word."""
+    known = {"task", "estimator"} | {k for r in registry.tasks.values() for k in r.obj.defaults}
+    for key in match:
+        if key not in known:
+            raise ConfigError(
+                f"{where}: {key!r} is not a task parameter of any task, so it would match no cell; "
+                "match on task, estimator or a task parameter (n, lr, ...)"
+            )
+
+
+def _check_sizes(
+    sizes: Iterable[int], task_names: list[str], variants_of: Mapping[str, Any], registry: Registry
+) -> None:
+    """``--size`` values that no selected task's variant has: named, with the sizes there are."""
+    have = {params[registry.task(name).size_key] for name in task_names for _, params, _ in variants_of[name]}
+    missing = [s for s in sizes if s not in have]
+    if missing:
+        raise ConfigError(
+            f"--size {','.join(map(str, missing))}: no variant of {', '.join(task_names)} has that size; "
+            f"the sizes configured are {', '.join(map(str, sorted(have)))} "
+            "(add one with --set 'tasks.NAME.variants=[...]')"
+        )
 
 
 def _resolved(where: str, extra: Mapping[str, Any], owner: Task | Estimator) -> dict[str, Any]:
@@ -406,6 +435,8 @@ def _expand(
     cells = []
     for sw, tp, ep in points:
         kind, spec, reason = choose_kind(task, est, tp, ep)
+        if spec is not None:
+            check_fits(f"{where}{'/' + sw if sw else ''}", tp, task.size_key, spec, machine_memory())
         cells += [
             Cell(
                 task_name, label, est_name, seed, tp, ep,

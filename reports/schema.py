@@ -92,6 +92,7 @@ RAY_ATTEMPT_TAG: Final = PREFIX + "ray_attempt"  # the claim generation a Ray ta
 RESUMES_TAG: Final = PREFIX + "resumes"
 CHECKPOINT_TAG: Final = PREFIX + "checkpoint"  # where the run's latest checkpoint is
 CHECKPOINT_STEP_TAG: Final = PREFIX + "checkpoint_step"
+CHECKPOINT_CORRUPT_TAG: Final = PREFIX + "checkpoint_corrupt"  # a checkpoint set aside as unreadable
 CHECKPOINT_FORMAT: Final = PREFIX + "checkpoint/1"  # the format id inside every checkpoint file
 
 # ---- the parent (matrix) and report runs ---------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 
 from harness.errors import UsageError
 from harness.run.cell import CellJob, CellResult, execute
+from harness.faults import StoreLost
 from harness.signals import Interrupted, SignalGuard
 from reports.schema import FAILED, KILLED
 
@@ -45,6 +46,7 @@ class Event:
     usage_error: str = ""  # done: the cell found bad input (a ``UsageError``) only when it ran
     worker: str = ""  # start: host:pid of the process running the cell
     elapsed: float = 0.0  # seconds since the cell started in its worker (rates, ETAs: not the wire's)
+    store_lost: StoreLost | None = None  # done: the store or its disk failed under the cell
 
 
 Deliver = Callable[[Event], None]
@@ -116,6 +118,9 @@ def run_in_worker(job: CellJob, guard: SignalGuard, deliver: Deliver, worker: st
     except UsageError as e:
         result = CellResult(job.cell, FAILED, reason=str(e), run_id=job.run_id)
         return Event(job.run_id, "done", result=result, usage_error=str(e))
+    except StoreLost as e:  # recorded KILLED where the store still took it; the launcher stops
+        result = CellResult(job.cell, KILLED, reason=f"the store failed: {e.cause}", run_id=job.run_id)
+        return Event(job.run_id, "done", result=result, store_lost=e)
     except Exception as e:  # noqa: BLE001 - reported to the launcher, which records it on the run
         return Event(job.run_id, "lost", reason=f"the worker failed: {type(e).__name__}: {e}"[:2000])
     return Event(job.run_id, "done", result=result)

@@ -14,6 +14,7 @@ import difflib
 import importlib
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ __all__ = [
     "DEFAULT_PLUGINS",
     "DISABLE_ENV_VAR",
     "DISABLE_PREFIX",
+    "NAME",
     "ENTRY_POINT_GROUP",
     "ENV_VAR",
     "HOOKS",
@@ -176,13 +178,25 @@ def _split(items: Iterable[str]) -> tuple[list[str], set[str]]:
     return modules, off
 
 
+NAME = re.compile(r"[a-z][a-z0-9_]*")  # a task or estimator name: config keys, run names, ids
+
+
+def _check_name(what: str, name: Any, where: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"{where} registered {what} without a name")
+    if not NAME.fullmatch(name):
+        raise PluginError(
+            f"{where} registered {what} named {name!r}; names must match [a-z][a-z0-9_]* "
+            "(they are config keys and parts of run names)"
+        )
+
+
 def _check_task(task: Any, plugin: str, source: str) -> None:
     where = f"plugin {plugin!r} ({source})"
     if not isinstance(task, Task):
         raise PluginError(f"{where} registered {task!r}, which is not a harness.task.Task")
     name = getattr(task, "name", None)
-    if not isinstance(name, str) or not name:
-        raise PluginError(f"{where} registered a task without a name")
+    _check_name("a task", name, where)
     problem = kinds_problem(task.kinds)
     if problem:
         raise PluginError(f"{where}: task {name!r} {problem}")
@@ -196,8 +210,7 @@ def _check_estimator(est: Any, plugin: str, source: str) -> None:
     if not isinstance(est, Estimator):
         raise PluginError(f"{where} registered {est!r}, which is not an estimators.base.Estimator")
     name = getattr(est, "name", None)
-    if not isinstance(name, str) or not name:
-        raise PluginError(f"{where} registered an estimator without a name")
+    _check_name("an estimator", name, where)
     problem = kinds_problem(est.kinds)
     if problem:
         raise PluginError(f"{where}: estimator {name!r} {problem}")

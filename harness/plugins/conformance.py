@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import tempfile
 import time
 import traceback
@@ -47,14 +46,13 @@ from estimators.base import (
 from estimators.params import kinds_problem
 from harness.errors import UsageError
 from harness.matrix import choose_kind
-from harness.plugins import DEFAULT_PLUGINS, REQUIRED_TASK_PARAMS, Registry
+from harness.plugins import DEFAULT_PLUGINS, NAME, REQUIRED_TASK_PARAMS, Registry
 from harness.run.loop import BadObjective, Diverged, Loop
 from harness.task import CellSetup, Task
 
 __all__ = ["PROBES", "Check", "Report", "check_estimator", "check_plugin", "check_task"]
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
-NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 BATCH = 3
 SMOKE_STEPS = 3
 
@@ -205,7 +203,7 @@ def _registration_problems(plugin: Estimator | Task) -> list[str]:
     kinds = kinds_problem(plugin.kinds)
     if kinds:
         problems.append(kinds)
-    if not NAME.match(getattr(plugin, "name", "") or ""):
+    if not NAME.fullmatch(getattr(plugin, "name", "") or ""):
         problems.insert(0, f"name {getattr(plugin, 'name', None)!r} must be a lower-case identifier")
     if not plugin.description:
         problems.append("description is empty (it is the line `sparsebench list` shows)")

@@ -32,6 +32,7 @@ import torch
 
 from estimators.base import Unsupported
 from harness.errors import UsageError
+from harness.faults import store_fault
 from harness.matrix import Cell
 from harness.plugins import Registry
 from harness.run.loop import Diverged, Hooks, Loop
@@ -39,6 +40,7 @@ from harness.signals import Interrupted, SignalGuard
 from harness.store.checkpoint import (
     CheckpointPolicy,
     Checkpoints,
+    CorruptCheckpoint,
     checkpoints_for,
     restore_rng,
     training_state,
@@ -190,6 +192,12 @@ def _execute(
             tracker.end_run(run_id, DIVERGED, str(e), checkpoints=store)  # a result, not an error
         return CellResult(cell, DIVERGED, reason=str(e), run_id=run_id)
     except Exception as e:
+        lost = store_fault(e)
+        if lost is not None:  # not the cell's fault: KILLED if that can still be written, resumable
+            with guard.deferred(), contextlib.suppress(Exception):
+                why = f"the store failed: {lost.cause}; `sparsebench run` resumes it"
+                tracker.end_run(run_id, KILLED, why)  # its checkpoint stays: the next run resumes it
+            raise lost from None
         reason = f"{type(e).__name__}: {e}"
         with guard.atomic():
             tracker.log_text(run_id, "traceback.txt", traceback.format_exc())
@@ -307,7 +315,7 @@ class _Training(Hooks):
         restored = False
         if self.job.resume:
             logged = self.tracker.logged_metrics(self.run_id)
-            state = self.store.load(self.run_id, device)
+            state = self._load_checkpoint()
             if state is not None:
                 self._restore(state)
                 restored = True
@@ -340,6 +348,21 @@ class _Training(Hooks):
             )
         primary = self.registry.task(cell.task).primary_metric
         return CellResult(cell, FINISHED, self.last_eval.get(primary), wall, run_id=self.run_id)
+
+    def _load_checkpoint(self) -> dict[str, Any] | None:
+        """The run's checkpoint; a corrupt one (set aside by the store) means step 0 in this run.
+
+        Replaying from step 0 with the cell's seed recomputes exactly the metrics the run already
+        holds (on CPU, bit for bit): the sink leaves those steps out, so each step stays logged once
+        with its first value, and any value that came out different is counted as a mismatch."""
+        try:
+            return self.store.load(self.run_id, self.device)
+        except CorruptCheckpoint as e:
+            print(
+                f"sparsebench: warning: {e}; cell {self.cell.name} restarts from step 0 in the same run",
+                file=sys.stderr,
+            )
+            return None
 
     def boundary(self, step: int, last: bool = False) -> None:
         """Between two steps: stop if superseded, checkpoint if due or interrupted."""

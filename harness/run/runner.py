@@ -28,6 +28,7 @@ import torch
 from harness.backends import schedule
 from harness.backends.base import Backend, Event, LocalBackend
 from harness.errors import UsageError
+from harness.faults import StoreLost, store_fault
 from harness.matrix import Cell
 from harness.plugins import Registry
 from harness.run.cell import CellJob, CellResult
@@ -133,6 +134,7 @@ class _Launch:
         self.in_flight: dict[str, CellJob] = {}
         self.results: list[CellResult] = []
         self.usage_error = ""
+        self.store_lost: StoreLost | None = None
         self.stopping = False
 
     def run(self, todo: list[Cell], preset: str, backend: Backend | None) -> list[CellResult]:
@@ -151,27 +153,38 @@ class _Launch:
                     self._loop(list(todo))
                 except KeyboardInterrupt as e:
                     raise Interrupted(*self._stop(e)) from None
+            if self.store_lost is not None:
+                raise self.store_lost
             if self.usage_error:
                 raise UsageError(self.usage_error)
         except KeyboardInterrupt:
             status = KILLED
             raise
-        except BaseException:
-            status = FAILED
+        except BaseException as e:
+            status = KILLED if isinstance(e, Exception) and store_fault(e) else FAILED
             raise
         finally:
             if parent is not None:
                 if status == FINISHED and any(r.status == FAILED for r in self.results):
                     status = FAILED
                 with guard.deferred():
-                    tracker.end_run(parent, status)
+                    self._end_parent(parent, status)
         return self.results
+
+    def _end_parent(self, parent: str, status: CellStatus) -> None:
+        """The parent run's final status; a store that fails here is already being reported."""
+        try:
+            self.tracker.end_run(parent, status)
+        except Exception as e:
+            if store_fault(e) is None:
+                raise
 
     def _loop(self, pending: list[Cell]) -> None:
         backend = self.backend
         while pending or backend.busy():
             self.guard.raise_pending()
-            while pending and len(self.in_flight) < backend.slots and not self.usage_error:
+            halted = self.usage_error or self.store_lost
+            while pending and len(self.in_flight) < backend.slots and not halted:
                 outcome = self._claim(pending.pop(0))
                 if isinstance(outcome, CellResult):
                     self._ended(None, outcome)
@@ -179,8 +192,8 @@ class _Launch:
                 self.in_flight[outcome.run_id] = outcome
                 self.heartbeat.hold(outcome.run_id, outcome.claim)  # until its worker beats for it
                 backend.submit(outcome)
-            if self.usage_error:
-                pending.clear()  # a cell found bad input: start nothing more, let the others end
+            if self.usage_error or self.store_lost:
+                pending.clear()  # bad input or a failed store: start nothing more, let the others end
             # Workers elsewhere: a signal waits for this poll to end (half a second), so that no
             # event is half delivered. In this process, the cell handles signals itself.
             with self.guard.deferred() if backend.remote else contextlib.nullcontext():
@@ -239,6 +252,8 @@ class _Launch:
             assert event.result is not None
             if event.usage_error and not self.usage_error:
                 self.usage_error = event.usage_error
+            if event.store_lost is not None and self.store_lost is None:
+                self.store_lost = event.store_lost
             self.in_flight.pop(event.key)
             self._ended(event.key, event.result)
         elif event.kind == "lost" and event.key in self.in_flight:

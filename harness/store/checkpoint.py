@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from harness.store.client import sqlite_path
-from reports.schema import CHECKPOINT_FORMAT, CHECKPOINT_TAG
+from reports.schema import CHECKPOINT_CORRUPT_TAG, CHECKPOINT_FORMAT, CHECKPOINT_TAG
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -34,6 +34,7 @@ __all__ = [
     "ArtifactCheckpoints",
     "CheckpointPolicy",
     "Checkpoints",
+    "CorruptCheckpoint",
     "LocalCheckpoints",
     "capture_rng",
     "checkpoints_for",
@@ -79,11 +80,20 @@ class Checkpoints:
         raise NotImplementedError
 
 
+class CorruptCheckpoint(Exception):
+    """A checkpoint that cannot be read back (random bytes, truncated, not ours); it has been set
+    aside, and the message names it and where it went."""
+
+
 def _read(path: Path, device: torch.device) -> dict[str, Any]:
     state = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+        raise ValueError(f"not a {CHECKPOINT_FORMAT} checkpoint")
     return state
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
 class LocalCheckpoints(Checkpoints):
@@ -114,7 +124,18 @@ class LocalCheckpoints(Checkpoints):
 
     def load(self, run_id: str, device: torch.device) -> dict[str, Any] | None:
         path = self.path(run_id)
-        return _read(path, device) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            return _read(path, device)
+        except Exception as e:  # unpickling, zip, EOF, permission errors: all mean "cannot resume"
+            aside = path.with_name(path.name + ".corrupt")
+            try:
+                os.replace(path, aside)  # kept for a post-mortem; the next save starts clean
+                where = f"set aside as {aside.name}"
+            except OSError as moved:
+                where = f"could not set it aside ({moved.strerror})"
+            raise CorruptCheckpoint(f"checkpoint {path} is corrupt: {_why(e)}; {where}") from None
 
     def prune(self, run_id: str) -> None:
         self.path(run_id).unlink(missing_ok=True)
@@ -149,7 +170,15 @@ class ArtifactCheckpoints(Checkpoints):
             return None
         with tempfile.TemporaryDirectory(prefix="sparsebench-ckpt-") as tmp:
             local = self.client.download_artifacts(run_id, pointer, tmp)
-            return _read(Path(local), device)
+            try:
+                return _read(Path(local), device)
+            except Exception as e:  # the artifact stays; the pointer moves aside so no one loads it
+                self.client.set_tag(run_id, CHECKPOINT_CORRUPT_TAG, pointer)
+                self.client.delete_tag(run_id, CHECKPOINT_TAG)
+                raise CorruptCheckpoint(
+                    f"checkpoint {pointer} of run {run_id} is corrupt: {_why(e)}; set aside (tag "
+                    f"{CHECKPOINT_CORRUPT_TAG})"
+                ) from None
 
     def prune(self, run_id: str) -> None:
         if self.client.get_run(run_id).data.tags.get(CHECKPOINT_TAG):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from harness.errors import TrackingError
+from harness.sqlite_birth import ensure_store
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -49,6 +50,11 @@ def quiet_mlflow() -> None:
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow logs every database error with its traceback before raising it; the error reaches
+    # the caller anyway (a store that fails mid-run is one line, ``harness.faults``). urllib3
+    # warns on each retry of a request to a server that answers 500.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def open_client(uri: str, *, create: bool, write: bool = True) -> MlflowClient:
@@ -58,17 +64,19 @@ def open_client(uri: str, *, create: bool, write: bool = True) -> MlflowClient:
     (``report``). ``write``: a local store must be writable. Every problem is a
     ``TrackingError`` naming the store and what to do.
     """
-    quiet_mlflow()
     scheme = urlsplit(uri).scheme.split("+", 1)[0]
+    path = sqlite_path(uri)
+    if scheme == "sqlite" and path is not None:
+        _check_sqlite(path, create, write)  # before MLflow's seconds of imports: a missing store at once
+    quiet_mlflow()
     if scheme in ("http", "https"):
         _check_server(uri)
         return _read_once(uri)
     if scheme == "sqlite":
-        path = sqlite_path(uri)
         if path is None:
             raise TrackingError(f"tracking URI {uri!r}: write a sqlite store as sqlite:///path/to/mlflow.db")
-        _check_sqlite(path, create, write)
-        with schema_lock(path):  # the first process creates the tables; the others wait for it
+        with schema_lock(path):  # the first process creates the store; the others wait for it
+            ensure_store(path, create=create)  # whole, or built whole; never half, never foreign
             return _read_once(uri)
     if scheme in SQL_SCHEMES:
         return _read_once(uri)
@@ -123,10 +131,10 @@ def _check_sqlite(path: Path, create: bool, write: bool) -> None:
 
 @contextlib.contextmanager
 def schema_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` beside the database while MLflow creates or migrates its tables.
+    """An exclusive ``flock`` beside the database while a store is inspected or built.
 
-    Two processes that open a fresh store at once would otherwise both run the schema creation
-    and one dies on ``duplicate column name``. Read-only stores (nothing to create) skip it.
+    Two processes that open a fresh store at once would otherwise both build it
+    (``harness.sqlite_birth``). Read-only stores (nothing to create) skip it.
     """
     lock = path.with_name(path.name + ".lock")
     try:

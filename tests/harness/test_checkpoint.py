@@ -12,6 +12,7 @@ import torch
 from harness.store.checkpoint import (
     ArtifactCheckpoints,
     CheckpointPolicy,
+    CorruptCheckpoint,
     LocalCheckpoints,
     capture_rng,
     restore_rng,
@@ -73,8 +74,9 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     torch.save({"step": 3}, tmp_path / "run1.pt")
-    with pytest.raises(ValueError, match="is not a sparsebench.checkpoint/1 checkpoint"):
+    with pytest.raises(CorruptCheckpoint, match="corrupt: ValueError: not a sparsebench.checkpoint/1"):
         LocalCheckpoints(tmp_path).load("run1", CPU)
+    assert (tmp_path / "run1.pt.corrupt").exists()  # set aside, so the cell can start afresh
 
 
 def test_artifact_checkpoints_point_at_the_newest_upload_and_prune(store_home):

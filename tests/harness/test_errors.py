@@ -94,6 +94,21 @@ def recorded(home, recorded_home):
         (["--no-such-option"], "unrecognized arguments: --no-such-option"),
         (["--tracking-uri", "bogus://x"], "tracking URI 'bogus://x': unsupported store"),
         (["--tracking-uri", "sqlite://relative.db"], "write a sqlite store as sqlite:///"),
+        (["--tracking-uri", ""], "argument --tracking-uri: '' is empty; give a store or drop the option"),
+        (
+            ["--set", "overrides=[{match = {nosuch_param = 3}, task = {lr = 0.1}}]"],
+            "match: 'nosuch_param' is not a task parameter of any task, so it would match no cell",
+        ),
+        (
+            ["--set", "tasks.identity.variants=[{n = 100000000000000}]"],
+            "identity/n=100000000000000/dense: batch_size = 64 with n = 100000000000000 needs a 64 x "
+            "100000000000000 float32 tensor",
+        ),
+        (
+            ["--set", "tasks.identity.batch_size=100000000000000"],
+            "batch_size = 100000000000000 with n = 8 needs a 100000000000000 x 8 float32 tensor",
+        ),
+        (["--size", "999"], "--size 999: no variant of identity has that size; the sizes configured are 8"),
     ],
 )
 def test_bad_input_exits_2_and_leaves_the_store_alone(recorded, home, capsys, args, message):

@@ -101,8 +101,21 @@ def test_plugin_option_and_env_var(third_party, monkeypatch):
             "@hookimpl\ndef register_estimators(register):\n    register(E())\n",
             "without a name",
         ),
+        (
+            "from estimators.base import hookimpl\nfrom estimators.plugins.dense import DenseEstimator\n"
+            "class E(DenseEstimator):\n    name = 'has space/slash'\n"
+            "@hookimpl\ndef register_estimators(register):\n    register(E())\n",
+            "registered an estimator named 'has space/slash'; names must match [a-z][a-z0-9_]*",
+        ),
+        (
+            "from estimators.base import hookimpl\nfrom plugins.identity import IdentityTask\n"
+            "class T(IdentityTask):\n    name = 'Mine'\n"
+            "@hookimpl\ndef register_tasks(register):\n    register(T())\n",
+            "registered a task named 'Mine'; names must match [a-z][a-z0-9_]*",
+        ),
     ],
-    ids=["import-error", "not-an-estimator", "duplicate-name", "bad-hook-signature", "missing-name"],
+    ids=["import-error", "not-an-estimator", "duplicate-name", "bad-hook-signature", "missing-name",
+         "bad-estimator-name", "bad-task-name"],  # fmt: skip
 )
 def test_broken_plugin_is_one_line_naming_it(plugin_dir, home, capsys, source, message):
     plugin_dir("sb_broken", source)
@@ -113,6 +126,8 @@ def test_broken_plugin_is_one_line_naming_it(plugin_dir, home, capsys, source, m
     assert len(err.splitlines()) == 1
     assert "sb_broken" in err and "module sb_broken" in err and message in err
     assert not (home / "mlflow.db").exists()
+    assert main(["list", "--plugin", "sb_broken"]) == 2  # list loads the same way
+    assert message in capsys.readouterr().err
 
 
 def test_list_shows_cells_and_na_reasons(capsys):
