@@ -23,7 +23,7 @@ from pathlib import Path
 
 RUN = ["-m", "harness.cli", "run", "--task", "identity", "--estimator", "sparse", "--size", "8",
        "--set", "tasks.identity.steps=20", "--no-progress", "--threads", "1"]  # fmt: skip
-OPEN = "import sys; from harness.store import open_client; open_client(sys.argv[1], create=True)"
+OPEN = "import sys; from harness.store.client import open_client; open_client(sys.argv[1], create=True)"
 
 
 def _creation_began(home: Path) -> bool:

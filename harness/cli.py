@@ -22,8 +22,8 @@ from harness.errors import UsageError
 from reports.schema import FAILED, RETRYABLE
 
 if TYPE_CHECKING:
-    from harness.faults import StoreLost
     from harness.signals import Interrupted
+    from harness.store.faults import StoreLost
 
 __all__ = ["main"]
 
@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_interrupted_line(interrupted, args.command, argv), file=sys.stderr)
         return interrupted.exit_code
     except Exception as e:
-        from harness.faults import EXIT_STORE, store_fault
+        from harness.store.faults import EXIT_STORE, store_fault
 
         lost = store_fault(e)
         if lost is None:
@@ -323,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _store_lost_line(lost: StoreLost, args: argparse.Namespace, argv: list[str]) -> str:
     """One line: the store or disk failed; what is kept; what to rerun once it is fixed."""
     from harness.store import sqlite_path
-    from harness.tracking import resolve_tracking_uri
+    from harness.store.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     db = sqlite_path(uri)
@@ -522,7 +522,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from harness.store.dashboard import ui_url
     from harness.store.tracking import Tracker, resolve_tracking_uri
-    from harness.ui import check_address, serve
+    from harness.store.ui import check_address, serve
 
     loopback = check_address(args.host, args.port)  # a taken port or a bad host: one line, at once
     uri = resolve_tracking_uri(args.tracking_uri)

@@ -21,8 +21,8 @@ from typing import Any, Literal, Protocol
 
 from harness.errors import UsageError
 from harness.run.cell import CellJob, CellResult, execute
-from harness.faults import StoreLost
 from harness.signals import Interrupted, SignalGuard
+from harness.store.faults import StoreLost
 from reports.schema import FAILED, KILLED
 
 __all__ = ["Backend", "Event", "LocalBackend", "Reporter", "run_in_worker"]

@@ -32,7 +32,6 @@ import torch
 
 from estimators.base import Unsupported
 from harness.errors import UsageError
-from harness.faults import store_fault
 from harness.matrix import Cell
 from harness.plugins import Registry
 from harness.run.loop import Diverged, Hooks, Loop
@@ -46,6 +45,7 @@ from harness.store.checkpoint import (
     training_state,
 )
 from harness.store.claims import Claim
+from harness.store.faults import store_fault
 from harness.store.lease import Heartbeat
 from harness.store.tracking import Tracker
 from harness.task import CellSetup, TaskRun

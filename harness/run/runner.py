@@ -28,7 +28,6 @@ import torch
 from harness.backends import schedule
 from harness.backends.base import Backend, Event, LocalBackend
 from harness.errors import UsageError
-from harness.faults import StoreLost, store_fault
 from harness.matrix import Cell
 from harness.plugins import Registry
 from harness.run.cell import CellJob, CellResult
@@ -38,6 +37,7 @@ from harness.store import claims
 from harness.store.checkpoint import CheckpointPolicy, checkpoints_for
 from harness.store.claims import Decision, Owner
 from harness.store.client import sqlite_path
+from harness.store.faults import StoreLost, store_fault
 from harness.store.lease import Heartbeat
 from harness.store.server import TrackingServer
 from harness.store.tracking import Tracker, environment_tags

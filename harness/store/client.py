@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from harness.errors import TrackingError
-from harness.sqlite_birth import ensure_store
+from harness.store.birth import ensure_store
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -51,7 +51,7 @@ def quiet_mlflow() -> None:
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # MLflow logs every database error with its traceback before raising it; the error reaches
-    # the caller anyway (a store that fails mid-run is one line, ``harness.faults``). urllib3
+    # the caller anyway (a store that fails mid-run is one line, ``harness.store.faults``). urllib3
     # warns on each retry of a request to a server that answers 500.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
@@ -134,7 +134,7 @@ def schema_lock(path: Path) -> Iterator[None]:
     """An exclusive ``flock`` beside the database while a store is inspected or built.
 
     Two processes that open a fresh store at once would otherwise both build it
-    (``harness.sqlite_birth``). Read-only stores (nothing to create) skip it.
+    (``harness.store.birth``). Read-only stores (nothing to create) skip it.
     """
     lock = path.with_name(path.name + ".lock")
     try:

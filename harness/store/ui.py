@@ -46,7 +46,7 @@ def check_address(host: str, port: int) -> bool:
 
 
 def _die_with_parent() -> None:
-    from harness.pool import die_with_parent
+    from harness.signals import die_with_parent
 
     die_with_parent()
 

@@ -10,8 +10,8 @@ import signal
 import pytest
 import torch
 
-from harness.checkpoint import CorruptCheckpoint, LocalCheckpoints
 from harness.cli import main
+from harness.store.checkpoint import CorruptCheckpoint, LocalCheckpoints
 
 ARGS = [
     "run", "--task", "identity", "--estimator", "sparse_probe", "--plugin", "sb_probe",

@@ -1,5 +1,5 @@
 """A store is born whole or not at all; a half-born one is rebuilt or refused; a foreign sqlite
-file is refused untouched (``harness.sqlite_birth``), all on real sqlite files and real MLflow.
+file is refused untouched (``harness.store.birth``), all on real sqlite files and real MLflow.
 
 The signal trials hook sqlalchemy in a child process: it sends itself TERM, INT or KILL as
 MLflow executes its K-th statement of the store's creation, for K early, midway and at the
@@ -23,8 +23,8 @@ import pytest
 
 from harness.cli import main
 from harness.errors import TrackingError
-from harness.sqlite_birth import inspect_store
-from harness.store import open_client
+from harness.store.birth import inspect_store
+from harness.store.client import open_client
 
 RUN = ["run", "--task", "identity", "--estimator", "dense", "--size", "8", "--set", "tasks.identity.steps=2",
        "--no-progress", "--threads", "1"]  # fmt: skip
@@ -37,7 +37,7 @@ CHILD = textwrap.dedent(
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
     from harness.signals import SignalGuard
-    from harness.store import open_client
+    from harness.store.client import open_client
 
     count = [0]
     sig, at = (getattr(signal, sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 2 else (None, 0)
@@ -135,7 +135,7 @@ def test_a_half_migrated_store_with_runs_is_refused_untouched(schema_db, tmp_pat
 
 @pytest.mark.parametrize("command", ["run", "report", "ui"])
 def test_an_sqlite_file_that_is_not_a_store_is_refused_untouched(home, capsys, command):
-    from harness.server import free_port
+    from harness.store.server import free_port
 
     home.mkdir()
     db = home / "mlflow.db"

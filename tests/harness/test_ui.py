@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.server import answers, free_port
+from harness.store.server import answers, free_port
 
 START_S = 240  # an MLflow server imports its whole app: a minute or more on a busy machine
 
