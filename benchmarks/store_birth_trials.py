@@ -3,7 +3,7 @@
 Each trial starts ``sparsebench run`` on a fresh home, waits until the store's database file
 appears (``mlflow.db``, or the temporary ``.mlflow.db.creating-<pid>`` it is built in: the moment
 MLflow starts creating tables), sleeps a delay, sends a signal (TERM, INT or KILL), then opens
-the store as the next ``run`` would (``harness.store.open_client``, in a fresh process with the
+the store as the next ``run`` would (``harness.store.client.open_client``, in a fresh process with the
 same code). Usable: that open succeeds (no store is fine: the next run creates one). Run it
 against any checkout, from outside it (``-m harness.cli`` looks in the working folder first):
 

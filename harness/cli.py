@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _store_lost_line(lost: StoreLost, args: argparse.Namespace, argv: list[str]) -> str:
     """One line: the store or disk failed; what is kept; what to rerun once it is fixed."""
-    from harness.store import sqlite_path
+    from harness.store.client import sqlite_path
     from harness.store.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
