@@ -327,6 +327,7 @@ class _Training(Hooks):
                     "summary/peak_mem_mb": _peak_mem_mb(device),
                     "summary/steps_per_s": steps / wall if wall > 0 else 0.0,
                 }
+                why = ""
                 if self.loop.stopped is not None:
                     summary["summary/stopped_step"] = float(self.loop.stopped)
                     why = f"solved for {run.stop_after} evaluations ({run.target})"
@@ -342,7 +343,8 @@ class _Training(Hooks):
                 file=sys.stderr,
             )
         primary = self.registry.task(cell.task).primary_metric
-        return CellResult(cell, FINISHED, self.last_eval.get(primary), wall, run_id=self.run_id)
+        stopped = "" if self.loop.stopped is None else f"stopped at step {self.loop.stopped}: {why}"
+        return CellResult(cell, FINISHED, self.last_eval.get(primary), wall, stopped, self.run_id)
 
     def boundary(self, step: int, last: bool = False) -> None:
         """Between two steps: stop if superseded, checkpoint if due or interrupted."""

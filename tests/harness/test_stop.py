@@ -88,3 +88,15 @@ def test_a_resume_between_the_first_solved_evaluation_and_the_stop_stops_where_i
     for key in ("summary/stopped_step", "summary/target_step"):
         assert _metric(store, resumed, key) == _metric(reference_store, reference, key)
     assert store.history(resumed.info.run_id) == reference_store.history(reference.info.run_id)
+
+
+def test_the_summary_and_the_report_say_where_and_why_a_cell_stopped(probe, store_home, store, capsys):
+    from reports.frame import read_store
+    from reports.tables import matrix_summary
+
+    assert main(_args(K)) == 0
+    stopped = int(store.cell().data.metrics["summary/stopped_step"])
+    note = f"stopped at step {stopped}: solved for {K} evaluations (eval/mse <= 0)"
+    assert f"stopped at step {stopped}" in capsys.readouterr().out  # the run's own summary table
+    summary = matrix_summary(read_store(store.uri, ["sparsebench-quick"]).runs)
+    assert summary["stopped"].tolist() == [f"seed 0 {note}"]
