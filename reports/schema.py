@@ -79,6 +79,7 @@ DEVICE_TAG: Final = PREFIX + "device"
 TORCH_TAG: Final = PREFIX + "torch"
 CUDA_TAG: Final = PREFIX + "cuda"
 GPU_TAG: Final = PREFIX + "gpu"
+CPU_TAG: Final = PREFIX + "cpu"  # the CPU model and the cores the process could use
 PYTHON_TAG: Final = PREFIX + "python"
 MLFLOW_TAG: Final = PREFIX + "mlflow"
 GIT_SHA_TAG: Final = PREFIX + "git_sha"
