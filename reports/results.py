@@ -29,9 +29,11 @@ __all__ = ["IDENTITY_SIZES", "PowerLaw", "build_results", "fit_power_law", "step
 
 #: The identity sizes the page reports on: the paper's 4 .. 64 and issue 23's 128 .. 1024.
 IDENTITY_SIZES = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
-#: The runs that fill sizes no store holds yet: the identity-large preset (two seeds, n = 64 .. 512,
-#: stopped once solved) and n = 1024 on one seed with the sample counts the preset's rule gives.
+#: The runs that fill sizes no store holds yet: the paper's sizes at the paper's budgets, the
+#: identity-large preset (two seeds, n = 64 .. 512, stopped once solved) and n = 1024 on one seed with
+#: the sample counts the preset's rule gives (a_g = 2 log2 n - 2, region log2 n).
 FILL_COMMANDS = (
+    "sparsebench run --preset paper --task identity --estimator sparse --size 4,8,16,32 --threads 1",
     "sparsebench run --preset identity-large --threads 1 --checkpoint-minutes 10",
     "sparsebench run --preset identity-large --threads 1 --checkpoint-minutes 10 --seeds 0 "
     "--set 'tasks.identity.variants=[{n = 1024, steps = 200000}]' "
@@ -159,7 +161,8 @@ def _identity_section(
     if missing:
         lines += [
             f"Not in the stores yet (empty below): n = {', '.join(map(str, missing))}. "
-            "These commands fill them (CPU-days at n >= 256; each cell checkpoints and resumes):",
+            "These commands fill them (CPU-days at n >= 256; each cell checkpoints and resumes), "
+            "then rerun the command at the top with their stores:",
             "",
             *[f"    {c}" for c in FILL_COMMANDS],
             "",
