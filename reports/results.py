@@ -207,9 +207,9 @@ def _cell_table(reached: pd.DataFrame) -> pd.DataFrame:
             exact = f"{int(r['target_step']):,}"
         elif pd.notna(r["last_rows"]):
             rows_right = round(r["last_rows"] * r["n"])
-            exact = f"not yet: {rows_right} of {r['n']} rows at step {int(r['last_step']):,}"
+            exact = f"not met by step {int(r['last_step']):,} ({rows_right} of {r['n']} rows right)"
         else:
-            exact = "not yet"
+            exact = "not met"
         rate = r.get("metrics.summary/steps_per_s", np.nan)
         rows.append({
             "n": r["n"],
@@ -221,7 +221,7 @@ def _cell_table(reached: pd.DataFrame) -> pd.DataFrame:
             "wall s to exact I": _num(r["target_wall_s"]),
             "steps run": _num(r["last_step"], "{:,.0f}"),
             "wall s per cell": _num(r.get("metrics.summary/wall_s", np.nan)),
-            "ms per step": _num(1000 / rate if rate and pd.notna(rate) else np.nan),
+            "ms per step (wall / steps)": _num(1000 / rate if rate and pd.notna(rate) else np.nan),
             "final eval MSE": _num(r["last_mse"], "{:.3g}"),
             "note": stop_note(r),
         })
