@@ -131,7 +131,7 @@ def _provenance(runs: pd.DataFrame, command: str) -> list[str]:
     """The machine, the command, the commit and the dates of ``runs``, as a list under a table."""
 
     def distinct(column: str) -> str:
-        values = sorted(set(runs[column].dropna().astype(str)) - {"", "none"}) if column in runs else []
+        values = sorted(set(runs[column].dropna().astype(str)) - {""}) if column in runs else []
         return ", ".join(values) if values else "not recorded"
 
     cpu = distinct(f"tags.{schema.CPU_TAG}")
@@ -287,7 +287,8 @@ def _quick_section(runs: pd.DataFrame, store: str) -> list[str]:
     keys = zip(summary["task"], summary["variant"], strict=True)
     summary["entry"] = [f"{t} {v} ({metric[(t, v)]})" for t, v in keys]
     stopped = summary["stopped"].ne("")
-    summary["cell"] = summary["result"].where(~stopped, summary["result"] + " (" + summary["stopped"] + ")")
+    result = summary["result"].mask(summary["result"].str.startswith("n/a"), "n/a")  # reasons: the report
+    summary["cell"] = result.where(~stopped, result + " (" + summary["stopped"] + ")")
     table = summary.pivot_table(index="entry", columns="estimator", values="cell", aggfunc=" / ".join)
     table = table.reindex(sorted(table.index, key=natural_key)).fillna("").reset_index()
     table = table.rename(columns={"entry": "task / variant (metric)"})
