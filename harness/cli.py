@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from harness.errors import UsageError
+from harness.errors import TrackingError, UsageError
 from reports.schema import FAILED, RETRYABLE
 
 if TYPE_CHECKING:
@@ -265,6 +265,16 @@ def _parser() -> argparse.ArgumentParser:
         "--preset", action="append", default=[], help="report only these presets' experiments (default: all)"
     )
     report.add_argument("--out", type=Path, default=None, help="output folder (default: <home>/report)")
+    report.add_argument(
+        "--results", type=Path, default=None, metavar="PAGE",
+        help="write the results page PAGE (e.g. docs/results.md, figures beside it in docs/results/) "
+        "instead of the report; reads the stores only",
+    )
+    report.add_argument(
+        "--store", action="append", default=[], metavar="HOME_OR_URI",
+        help="with --results: a store to read (a sparsebench home folder or a tracking URI); repeat for "
+        "several (default: the --tracking-uri / home store)",
+    )
     ui = sub.add_parser("ui", parents=[common], help="serve the MLflow dashboard for the store")
     ui.add_argument("--port", type=_port, default=5000)
     ui.add_argument("--host", default="127.0.0.1")
@@ -493,11 +503,14 @@ def cmd_check_plugin(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.errors import TrackingError
     from harness.store.tracking import EXPERIMENT_PREFIX, Tracker, default_home, resolve_tracking_uri
     from reports.build import build_report
     from reports.errors import ReportError, StoreReadError
 
+    if args.results is not None:
+        return _results_page(args)
+    if args.store:
+        raise UsageError("--store goes with --results; the report reads the --tracking-uri / home store")
     registry = _registry(args)
     uri = resolve_tracking_uri(args.tracking_uri)
     tracker = Tracker(uri, create=False)  # a dead server or a corrupt store: one line, at once
@@ -516,6 +529,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ReportError as e:
         raise UsageError(str(e)) from e
     _console().print(f"report: [bold]{result.index_html}[/]")
+    return 0
+
+
+def _store_uri(text: str) -> str:
+    """A ``--store`` value as a tracking URI: a URI as it is, a folder as the home it is."""
+    if "://" in text:
+        return text
+    return f"sqlite:///{(Path(text).expanduser().resolve() / 'mlflow.db')}"
+
+
+def _results_page(args: argparse.Namespace) -> int:
+    """``report --results PAGE``: the committed results page from one or more stores, read only
+    (no report run is logged and no stale run reconciled: the stores may be someone else's)."""
+    from harness.store.tracking import resolve_tracking_uri
+    from reports.errors import ReportError, StoreReadError
+    from reports.results import build_results
+
+    uris = [_store_uri(s) for s in args.store] or [resolve_tracking_uri(args.tracking_uri)]
+    shown = " ".join(f"--store {s}" for s in args.store)
+    command = f"sparsebench report --results {args.results} {shown}".strip()
+    try:
+        written = build_results(uris, args.results, command)
+    except StoreReadError as e:
+        raise TrackingError(str(e)) from e
+    except ReportError as e:
+        raise UsageError(str(e)) from e
+    _console().print(f"results: [bold]{written[0]}[/] and {len(written) - 1} figure files")
     return 0
 
 

@@ -20,7 +20,16 @@ from torch import nn
 from estimators.base import Spec, StructureLayer
 from estimators.params import Kinds, ParamError, Parameters
 
-__all__ = ["DATA_ROOT_ENV", "CellSetup", "ParamError", "Task", "TaskRun", "data_root", "evaluating"]
+__all__ = [
+    "DATA_ROOT_ENV",
+    "CellSetup",
+    "ParamError",
+    "Target",
+    "Task",
+    "TaskRun",
+    "data_root",
+    "evaluating",
+]
 
 #: Where datasets live on this machine (``sparsebench run --data-root`` sets it for the run).
 DATA_ROOT_ENV = "SPARSEBENCH_DATA_ROOT"
@@ -63,6 +72,21 @@ class CellSetup:
     spec: Spec | None = None  # ``Task.spec(kind, params)``, as the layer was built for it (the runner's)
 
 
+@dataclass(frozen=True)
+class Target:
+    """A goal on one eval metric (lower is better): met once ``metric <= value``. A task declares it
+    so that the loop can record when a cell first got there and, if asked, stop a solved cell."""
+
+    metric: str
+    value: float
+
+    def met(self, metrics: Mapping[str, float]) -> bool:
+        return self.metric in metrics and metrics[self.metric] <= self.value
+
+    def __str__(self) -> str:
+        return f"{self.metric} <= {self.value:g}"
+
+
 @dataclass
 class TaskRun:
     """One cell's model and the three callables the runner drives.
@@ -81,6 +105,9 @@ class TaskRun:
       and restores it before a resumed cell's first step, and a resumed cell must then train
       exactly as an uninterrupted one: a task whose batches are not a pure function of the step
       must provide both. Tensors, numbers, strings and lists/dicts of them only.
+    - ``target``: the goal an evaluation may meet (``Target``); the loop logs the first step it
+      was met at. ``stop_after`` > 0 ends the cell once the target has held for that many
+      evaluations in a row (0: train the full ``steps``).
     """
 
     model: nn.Module
@@ -93,6 +120,8 @@ class TaskRun:
     snapshot_steps: tuple[int, ...] = ()
     state_dict: Callable[[], dict[str, Any]] | None = None
     load_state_dict: Callable[[dict[str, Any]], None] | None = None
+    target: Target | None = None
+    stop_after: int = 0
 
 
 class Task(Parameters):

@@ -9,6 +9,9 @@ entry sits on the diagonal and carries at least 90% of the row's absolute mass. 
 sparse layer this is exact structure (one tuple per row at the right column); the mass rule lets a
 dense ``W`` count only once it is near-diagonal. ``W`` is read column by column by feeding basis
 vectors through the layer, so the metric uses the same forward pass that is being judged.
+
+Target: ``eval/mse <= 0``, the rounded structure exactly I. ``stop_after`` = K > 0 ends a cell once
+K evaluations in a row met it (the harness's stop rule); 0 trains the full ``steps``.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ import torch
 
 from estimators.base import PermutationSpec, SparseMatrixSpec, Spec, StructureLayer
 from harness.hookspecs import hookimpl
-from harness.task import CellSetup, Task, TaskRun
+from harness.task import CellSetup, Target, Task, TaskRun
 
 __all__ = ["IdentityTask", "rows_correct"]
 
 EVAL_SEED_OFFSET = 1_000_003  # eval vectors never coincide with the training stream
 SNAPSHOT_SEED_OFFSET = 2_000_003  # the step-0 snapshot's own draw (Fig. 3), apart from both
 ROW_MASS = 0.9
+TARGET = Target("eval/mse", 0.0)  # exact I: the rounded structure reproduces every eval vector
 
 
 def rows_correct(weight: torch.Tensor) -> float:
@@ -55,10 +59,11 @@ class IdentityTask(Task):
         "batch_size": 64,
         "eval_samples": 10000,
         "snapshots": [0, 1000, 5000, 9000, 13000],  # the steps of the paper's Fig. 3
+        "stop_after": 0,  # K > 0: stop once exact I has held for K evaluations in a row
     }
     smoke: Mapping[str, Any] = {"n": 4, "steps": 3, "eval_every": 3, "batch_size": 8, "eval_samples": 64}
     positive = ("n", "steps", "eval_every", "lr", "batch_size", "eval_samples")
-    non_negative = ("snapshots",)
+    non_negative = ("snapshots", "stop_after")
     resources: Mapping[str, float] = {"num_cpus": 1, "num_gpus": 0.25}  # four small cells share a GPU
 
     def expected_seconds(self, params: Mapping[str, Any]) -> float:
@@ -108,6 +113,8 @@ class IdentityTask(Task):
             # the training vectors are a stream: a resumed cell continues it where it stopped
             state_dict=lambda: {"train_gen": train_gen.get_state()},
             load_state_dict=lambda state: train_gen.set_state(state["train_gen"].cpu()),
+            target=TARGET,
+            stop_after=cell.params["stop_after"],
         )
 
 

@@ -35,6 +35,7 @@ CELL_COLUMNS: dict[str, str] = {
     "kind": schema.KIND_TAG,
     "status": schema.STATUS_TAG,
     "reason": schema.REASON_TAG,
+    "stopped": schema.STOPPED_TAG,  # why the stop rule ended the cell early, else ""
     "primary_metric": schema.PRIMARY_METRIC_TAG,
     "device": schema.DEVICE_TAG,
     "data_source": schema.DATA_TAG_PREFIX + "source",

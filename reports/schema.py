@@ -68,6 +68,10 @@ SWEEP_TAG: Final = PREFIX + "sweep"
 KIND_TAG: Final = PREFIX + "kind"
 CODE_TAG_PREFIX: Final = PREFIX + "code."  # + "task" / "estimator": the plugin's distribution and version
 PRIMARY_METRIC_TAG: Final = PREFIX + "primary_metric"
+TARGET_TAG: Final = PREFIX + "target"  # the task's target on an eval metric, e.g. "eval/mse <= 0"
+#: On a cell the stop rule ended early: why ("solved for K evaluations (eval/mse <= 0)"); the
+#: step is the metric ``summary/stopped_step``, the first step that met the target ``summary/target_step``.
+STOPPED_TAG: Final = PREFIX + "stopped"
 DATA_TAG_PREFIX: Final = "data."  # a task's data provenance (source, folder, sizes, sha256)
 
 # ---- where and with what it ran ------------------------------------------------------------------
@@ -75,6 +79,7 @@ DEVICE_TAG: Final = PREFIX + "device"
 TORCH_TAG: Final = PREFIX + "torch"
 CUDA_TAG: Final = PREFIX + "cuda"
 GPU_TAG: Final = PREFIX + "gpu"
+CPU_TAG: Final = PREFIX + "cpu"  # the CPU model and the cores the process could use
 PYTHON_TAG: Final = PREFIX + "python"
 MLFLOW_TAG: Final = PREFIX + "mlflow"
 GIT_SHA_TAG: Final = PREFIX + "git_sha"

@@ -84,10 +84,23 @@ def _result(group: pd.DataFrame) -> str:
     return text
 
 
+def stop_note(run: pd.Series) -> str:
+    """"stopped at step N: solved for K evaluations (...)" for a cell the stop rule ended, else ""."""
+    if not run.get("stopped"):
+        return ""
+    step = run.get("metrics.summary/stopped_step")
+    where = f"step {int(step)}" if pd.notna(step) else "an unrecorded step"
+    return f"stopped at {where}: {run['stopped']}"
+
+
+def _stops(group: pd.DataFrame) -> str:
+    return "; ".join(f"seed {run['seed']} {note}" for _, run in group.iterrows() if (note := stop_note(run)))
+
+
 def matrix_summary(runs: pd.DataFrame) -> pd.DataFrame:
     """A row per task variant x estimator x configuration (sweep point, other settings, plugin
     versions): final primary metric mean and std over finished seeds, wall time, peak memory,
-    status counts, the code that ran, data source and reasons."""
+    status counts, where the stop rule ended seeds early, the code that ran, data source and reasons."""
     scored = runs.assign(_final=final_value(runs))
     rows = []
     for key, group in scored.groupby(GROUP, dropna=False, sort=False):
@@ -100,6 +113,7 @@ def matrix_summary(runs: pd.DataFrame) -> pd.DataFrame:
             "final_mean": finished["_final"].mean(),
             "final_std": finished["_final"].std(),
             "result": _result(group),
+            "stopped": _stops(group),
             "wall_s_mean": _mean(finished, "metrics.summary/wall_s"),
             "peak_mem_mb_max": _max(group, "metrics.summary/peak_mem_mb"),
             "steps_per_s_mean": _mean(finished, "metrics.summary/steps_per_s"),

@@ -57,6 +57,8 @@ from reports.schema import (
     KILLED,
     NA,
     PRIMARY_METRIC_TAG,
+    STOPPED_TAG,
+    TARGET_TAG,
     THREADS_TAG,
     WORKER_TAG,
     CellStatus,
@@ -298,6 +300,7 @@ class _Training(Hooks):
             {
                 **run.provenance,
                 PRIMARY_METRIC_TAG: task.primary_metric,
+                **({TARGET_TAG: str(run.target)} if run.target is not None else {}),
                 THREADS_TAG: str(torch.get_num_threads()),
                 WORKER_TAG: f"{socket.gethostname()}:{os.getpid()}",
             },
@@ -326,17 +329,18 @@ class _Training(Hooks):
         try:  # whatever ends the loop, the metrics computed so far reach the store
             self.loop.train(evaluate_first=not restored)
             with self.guard.deferred():
-                wall = self.elapsed()
-                self.pending.append(
-                    (
-                        run.steps,
-                        {
-                            "summary/wall_s": wall,
-                            "summary/peak_mem_mb": _peak_mem_mb(device),
-                            "summary/steps_per_s": run.steps / wall if wall > 0 else 0.0,
-                        },
-                    )
-                )
+                wall, steps = self.elapsed(), self.loop.step  # the task's steps unless the stop rule ended it
+                summary = {
+                    "summary/wall_s": wall,
+                    "summary/peak_mem_mb": _peak_mem_mb(device),
+                    "summary/steps_per_s": steps / wall if wall > 0 else 0.0,
+                }
+                why = ""
+                if self.loop.stopped is not None:
+                    summary["summary/stopped_step"] = float(self.loop.stopped)
+                    why = f"solved for {run.stop_after} evaluations ({run.target})"
+                    self.tracker.set_tags(self.run_id, {STOPPED_TAG: why})
+                self.pending.append((steps, summary))
         finally:
             if self.heartbeat.lost(self.run_id) is None:
                 self.sink.log(self.pending)
@@ -347,7 +351,8 @@ class _Training(Hooks):
                 file=sys.stderr,
             )
         primary = self.registry.task(cell.task).primary_metric
-        return CellResult(cell, FINISHED, self.last_eval.get(primary), wall, run_id=self.run_id)
+        stopped = "" if self.loop.stopped is None else f"stopped at step {self.loop.stopped}: {why}"
+        return CellResult(cell, FINISHED, self.last_eval.get(primary), wall, stopped, self.run_id)
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
         """The run's checkpoint; a corrupt one (set aside by the store) means step 0 in this run.
@@ -387,7 +392,11 @@ class _Training(Hooks):
 
     def evaluated(self, step: int, metrics: dict[str, float]) -> None:
         self.last_eval = metrics
-        self.pending.append((step, {**metrics, "time/elapsed_s": self.elapsed()}))
+        elapsed = self.elapsed()
+        row = {**metrics, "time/elapsed_s": elapsed}
+        if self.loop.first_met == step and self.loop.streak == 1:  # the target met for the first time
+            row |= {"summary/target_step": float(step), "summary/target_wall_s": elapsed}
+        self.pending.append((step, row))
         self.sink.log(self.pending)  # each evaluation makes the dashboard current
         self.pending.clear()
         if self.progress:
@@ -416,6 +425,7 @@ class _Training(Hooks):
             pending=self.pending,
             last_eval=self.last_eval,
         )
+        state["target"] = self.loop.target_state()  # the stop rule's count continues after a resume
         with self.guard.deferred():
             self.store.save(self.run_id, state)
             self.tracker.set_tags(self.run_id, {CHECKPOINT_STEP_TAG: str(step)})
@@ -435,3 +445,4 @@ class _Training(Hooks):
         self.elapsed_before = float(state["elapsed_s"])
         self.pending = [(int(s), dict(m)) for s, m in state["pending"]]
         self.last_eval = dict(state["last_eval"])
+        self.loop.load_target_state(state.get("target", {}))

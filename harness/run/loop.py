@@ -7,6 +7,11 @@ sink, checkpoints when due, the heartbeat and its fencing, signals, snapshots, p
 ``Hooks``; ``check-plugin`` passes none. The order of random draws, optimiser steps, evaluations
 and hook calls is part of the contract: a resumed cell must train bit for bit as an uninterrupted
 one, so change it only knowing that every stored metric moves with it.
+
+After each evaluation the loop judges the task's ``Target``: it remembers the first step the target
+was met at and how many evaluations in a row it has held (``streak``); with ``stop_after`` = K > 0
+it ends the cell once K evaluations in a row met it. ``target_state`` goes into every checkpoint,
+so a resumed cell continues the count exactly where it was.
 """
 
 from __future__ import annotations
@@ -75,6 +80,29 @@ class Loop:
         self.run, self.hooks = run, hooks or Hooks()
         self.optimiser = torch.optim.Adam(run.model.parameters(), lr=lr)
         self.step = 0
+        self.streak = 0  # evaluations in a row that met the task's target
+        self.first_met: int | None = None  # the first step whose evaluation met it
+        self.stopped: int | None = None  # the step the stop rule ended the cell at
+
+    def target_state(self) -> dict[str, int | None]:
+        """What a checkpoint keeps of the stop rule's count."""
+        return {"streak": self.streak, "first_met": self.first_met}
+
+    def load_target_state(self, state: Mapping[str, int | None]) -> None:
+        self.streak, self.first_met = int(state.get("streak") or 0), state.get("first_met")
+
+    def _judge(self, step: int, metrics: Mapping[str, float]) -> bool:
+        """Count ``step``'s evaluation against the target; whether the stop rule ends the cell."""
+        target = self.run.target
+        if target is None:
+            return False
+        if target.met(metrics):
+            self.streak += 1
+            if self.first_met is None:
+                self.first_met = step
+        else:
+            self.streak = 0
+        return 0 < self.run.stop_after <= self.streak
 
     def evaluate(self) -> dict[str, float]:
         """The task's metrics, in eval mode without gradients; raises ``Diverged`` if any is not finite."""
@@ -85,13 +113,20 @@ class Loop:
 
     def train(self, stop: int | None = None, evaluate_first: bool = True) -> None:
         """Train from ``step`` to ``stop`` (default: the task's steps), evaluating first (a fresh
-        start: the untrained model's metrics at step 0) and every ``eval_every`` steps."""
+        start: the untrained model's metrics at step 0) and every ``eval_every`` steps; earlier
+        (``stopped``) if the stop rule ends the cell."""
         run, hooks, optimiser = self.run, self.hooks, self.optimiser
         stop = run.steps if stop is None else stop
         run.model.train()
+        solved = False
         if evaluate_first:
-            hooks.evaluated(0, self.evaluate())
+            metrics = self.evaluate()
+            solved = self._judge(0, metrics)
+            hooks.evaluated(0, metrics)
         for step in range(self.step, stop):
+            if solved:
+                self.stopped, stop = self.step, self.step
+                break
             hooks.boundary(step)
             with hooks.section():
                 if step in run.snapshot_steps:
@@ -108,7 +143,9 @@ class Loop:
                 done = step + 1
                 self.step = done
                 if done % run.eval_every == 0 or done == run.steps:
-                    hooks.evaluated(done, self.evaluate())
+                    metrics = self.evaluate()
+                    solved = self._judge(done, metrics)
+                    hooks.evaluated(done, metrics)
                 hooks.advanced(loss)
         hooks.boundary(stop, last=True)
         if stop in run.snapshot_steps:

@@ -4,6 +4,7 @@ state), so a parent and its children can be written from one process or from sev
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -70,6 +71,18 @@ def _git_sha() -> str:
     return out.stdout.strip() if out.returncode == 0 else "none"
 
 
+def _cpu() -> str:
+    """The CPU model and how many cores this process may use: a wall time means little without it."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model} ({cores} cores)"
+
+
 def environment_tags(device: str) -> dict[str, str]:
     """Versions and device, logged on every cell so a number can be traced to its software."""
     import mlflow
@@ -80,6 +93,7 @@ def environment_tags(device: str) -> dict[str, str]:
         schema.TORCH_TAG: torch.__version__,
         schema.CUDA_TAG: torch.version.cuda or "none",
         schema.GPU_TAG: torch.cuda.get_device_name() if device.startswith("cuda") else "none",
+        schema.CPU_TAG: _cpu(),
         schema.PYTHON_TAG: platform.python_version(),
         schema.MLFLOW_TAG: mlflow.__version__,
         schema.GIT_SHA_TAG: _git_sha(),
