@@ -191,29 +191,33 @@ def _check_name(what: str, name: Any, where: str) -> None:
         )
 
 
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def _check_registered(obj: Any, cls: type, what: str, where: str) -> str:
+    """What a task and an estimator share: the right class, a name by the rule, kinds by the rule."""
+    if not isinstance(obj, cls):
+        expected = _a(f"{cls.__module__}.{cls.__name__}")
+        raise PluginError(f"{where} registered {obj!r}, which is not {expected}")
+    name = getattr(obj, "name", None)
+    _check_name(_a(what), name, where)
+    problem = kinds_problem(obj.kinds)
+    if problem:
+        raise PluginError(f"{where}: {what} {name!r} {problem}")
+    return name
+
+
 def _check_task(task: Any, plugin: str, source: str) -> None:
     where = f"plugin {plugin!r} ({source})"
-    if not isinstance(task, Task):
-        raise PluginError(f"{where} registered {task!r}, which is not a harness.task.Task")
-    name = getattr(task, "name", None)
-    _check_name("a task", name, where)
-    problem = kinds_problem(task.kinds)
-    if problem:
-        raise PluginError(f"{where}: task {name!r} {problem}")
+    name = _check_registered(task, Task, "task", where)
     missing = [k for k in (*REQUIRED_TASK_PARAMS, task.size_key) if k not in task.defaults]
     if missing:
         raise PluginError(f"{where}: task {name!r} defaults lack {', '.join(missing)}")
 
 
 def _check_estimator(est: Any, plugin: str, source: str) -> None:
-    where = f"plugin {plugin!r} ({source})"
-    if not isinstance(est, Estimator):
-        raise PluginError(f"{where} registered {est!r}, which is not an estimators.base.Estimator")
-    name = getattr(est, "name", None)
-    _check_name("an estimator", name, where)
-    problem = kinds_problem(est.kinds)
-    if problem:
-        raise PluginError(f"{where}: estimator {name!r} {problem}")
+    _check_registered(est, Estimator, "estimator", f"plugin {plugin!r} ({source})")
 
 
 def load(extra: Iterable[str] = ()) -> Registry:
