@@ -502,10 +502,23 @@ def cmd_check_plugin(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_FAILED_CELLS
 
 
+@contextlib.contextmanager
+def _report_errors() -> Iterator[None]:
+    """The report's own errors as the CLI's: an unreadable store (TrackingError), anything else the
+    user can fix (UsageError); both one line and exit 2."""
+    from reports.errors import ReportError, StoreReadError
+
+    try:
+        yield
+    except StoreReadError as e:
+        raise TrackingError(str(e)) from e
+    except ReportError as e:
+        raise UsageError(str(e)) from e
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.store.tracking import EXPERIMENT_PREFIX, Tracker, default_home, resolve_tracking_uri
     from reports.build import build_report
-    from reports.errors import ReportError, StoreReadError
 
     if args.results is not None:
         return _results_page(args)
@@ -522,39 +535,30 @@ def cmd_report(args: argparse.Namespace) -> int:
         if (e.name in experiments if experiments else e.name.startswith(EXPERIMENT_PREFIX))
     ]
     _reconcile(tracker, wanted, args.stale_after)
-    try:
+    with _report_errors():
         result = build_report(uri, experiments, out, [r.obj for r in registry.figures])
-    except StoreReadError as e:
-        raise TrackingError(str(e)) from e
-    except ReportError as e:
-        raise UsageError(str(e)) from e
     _console().print(f"report: [bold]{result.index_html}[/]")
     return 0
 
 
 def _store_uri(text: str) -> str:
     """A ``--store`` value as a tracking URI: a URI as it is, a folder as the home it is."""
-    if "://" in text:
-        return text
-    return f"sqlite:///{(Path(text).expanduser().resolve() / 'mlflow.db')}"
+    from harness.store.tracking import home_uri
+
+    return text if "://" in text else home_uri(Path(text).expanduser().resolve())
 
 
 def _results_page(args: argparse.Namespace) -> int:
     """``report --results PAGE``: the committed results page from one or more stores, read only
     (no report run is logged and no stale run reconciled: the stores may be someone else's)."""
     from harness.store.tracking import resolve_tracking_uri
-    from reports.errors import ReportError, StoreReadError
     from reports.results import build_results
 
     uris = [_store_uri(s) for s in args.store] or [resolve_tracking_uri(args.tracking_uri)]
     shown = " ".join(f"--store {s}" for s in args.store)
     command = f"sparsebench report --results {args.results} {shown}".strip()
-    try:
+    with _report_errors():
         written = build_results(uris, args.results, command)
-    except StoreReadError as e:
-        raise TrackingError(str(e)) from e
-    except ReportError as e:
-        raise UsageError(str(e)) from e
     _console().print(f"results: [bold]{written[0]}[/] and {len(written) - 1} figure files")
     return 0
 

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from harness.matrix import Cell
     from harness.store.checkpoint import Checkpoints
 
-__all__ = ["Tracker", "default_home", "resolve_tracking_uri"]
+__all__ = ["Tracker", "default_home", "home_uri", "resolve_tracking_uri"]
 
 HOME_ENV = "SPARSEBENCH_HOME"
 EXPERIMENT_PREFIX = "sparsebench-"
@@ -52,12 +52,17 @@ def default_home() -> Path:
     return Path(os.environ.get(HOME_ENV, "sparsebench-runs")).resolve()
 
 
+def home_uri(home: Path) -> str:
+    """The sqlite store a sparsebench home holds."""
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
 def resolve_tracking_uri(cli_uri: str | None) -> str:
     """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > sqlite store under the sparsebench home."""
     uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    return f"sqlite:///{default_home() / 'mlflow.db'}"
+    return home_uri(default_home())
 
 
 def _git_sha() -> str:
