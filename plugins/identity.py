@@ -1,16 +1,20 @@
 """The identity task (paper §3.1): learn ``W`` with ``W x = x`` from ``x ~ N(0, I_n)``.
 
-Loss: per-instance MSE between ``W x`` and ``x``. Evaluation: 10,000 vectors drawn once per seed
-(from a generator separate from the training stream), with the structure made deterministic
-(``eval()``: rounded means for sampled estimators, Hungarian for Gumbel-Sinkhorn).
+Loss: per-instance MSE between ``W x`` and ``x``. Evaluation: ``eval_samples`` test vectors and as
+many validation vectors, each drawn once per seed from a generator of its own (apart from the
+training stream and from each other), with the structure made deterministic (``eval()``: rounded
+means for sampled estimators, Hungarian for Gumbel-Sinkhorn). ``val/mse`` and ``test/mse`` are the
+MSE on each; the validation generator draws nothing from the training stream, so training is
+bit-identical with or without it.
 
-``eval/rows_correct``: the fraction of rows of the deterministic ``W`` whose largest-magnitude
+``val/rows_correct`` and ``test/rows_correct`` (one number, logged under both keys: it reads ``W``,
+not the data): the fraction of rows of the deterministic ``W`` whose largest-magnitude
 entry sits on the diagonal and carries at least 90% of the row's absolute mass. For the sampled
 sparse layer this is exact structure (one tuple per row at the right column); the mass rule lets a
 dense ``W`` count only once it is near-diagonal. ``W`` is read column by column by feeding basis
 vectors through the layer, so the metric uses the same forward pass that is being judged.
 
-Target: ``eval/mse <= 0``, the rounded structure exactly I. ``stop_after`` = K > 0 ends a cell once
+Target: ``val/mse <= 0``, the rounded structure exactly I. ``stop_after`` = K > 0 ends a cell once
 K evaluations in a row met it (the harness's stop rule); 0 trains the full ``steps``.
 """
 
@@ -29,10 +33,11 @@ from harness.task import CellSetup, Target, Task, TaskRun
 
 __all__ = ["IdentityTask", "rows_correct"]
 
-EVAL_SEED_OFFSET = 1_000_003  # eval vectors never coincide with the training stream
+EVAL_SEED_OFFSET = 1_000_003  # test vectors never coincide with the training stream
+VAL_SEED_OFFSET = 4_000_037  # nor validation vectors with either
 SNAPSHOT_SEED_OFFSET = 2_000_003  # the step-0 snapshot's own draw (Fig. 3), apart from both
 ROW_MASS = 0.9
-TARGET = Target("eval/mse", 0.0)  # exact I: the rounded structure reproduces every eval vector
+TARGET = Target("val/mse", 0.0)  # exact I: the rounded structure reproduces every validation vector
 
 
 def rows_correct(weight: torch.Tensor) -> float:
@@ -50,7 +55,8 @@ class IdentityTask(Task):
     description = "learn the n x n identity from x ~ N(0, I) (paper §3.1, Fig. 2/3)"
     kinds = ("sparse_matrix", "permutation")
     size_key = "n"
-    primary_metric = "eval/mse"
+    primary_metric = "test/mse"
+    select_metric = "val/mse"
     defaults: Mapping[str, Any] = {
         "n": 8,
         "steps": 2000,
@@ -81,6 +87,8 @@ class IdentityTask(Task):
         train_gen = torch.Generator(device=device).manual_seed(cell.seed)
         eval_gen = torch.Generator(device=device).manual_seed(cell.seed + EVAL_SEED_OFFSET)
         x_eval = torch.randn(cell.params["eval_samples"], n, generator=eval_gen, device=device)
+        val_gen = torch.Generator(device=device).manual_seed(cell.seed + VAL_SEED_OFFSET)
+        x_val = torch.randn(cell.params["eval_samples"], n, generator=val_gen, device=device)
         apply = _apply_permutation if cell.kind == "permutation" else _apply_matrix
 
         def train_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -88,10 +96,15 @@ class IdentityTask(Task):
             per_sample = ((apply(layer, x) - x) ** 2).mean(dim=1)  # (b,)
             return layer.objective(per_sample), {"train/mse": per_sample.mean().item()}
 
+        def mse(x: torch.Tensor) -> float:
+            per_vector = [((apply(layer, xb) - xb) ** 2).mean(dim=1) for xb in x.split(2048)]
+            return torch.cat(per_vector).mean().item()
+
         def evaluate() -> dict[str, float]:
-            mse = torch.cat([((apply(layer, xb) - xb) ** 2).mean(dim=1) for xb in x_eval.split(2048)])
             weight = apply(layer, torch.eye(n, device=device)).T  # row j of the output = W e_j
-            return {"eval/mse": mse.mean().item(), "eval/rows_correct": rows_correct(weight)}
+            rows = rows_correct(weight)
+            return {"val/mse": mse(x_val), "val/rows_correct": rows,
+                    "test/mse": mse(x_eval), "test/rows_correct": rows}
 
         def write_artifacts(step: int, out_dir: Path) -> None:
             snap = layer.snapshot()
@@ -109,7 +122,8 @@ class IdentityTask(Task):
             evaluate=evaluate,
             write_artifacts=write_artifacts,
             snapshot_steps=tuple(cell.params["snapshots"]),
-            provenance={"data.source": "synthetic-normal", "data.eval_size": str(len(x_eval))},
+            provenance={"data.source": "synthetic-normal", "data.eval_size": str(len(x_eval)),
+                        "data.val_size": str(len(x_val))},
             # the training vectors are a stream: a resumed cell continues it where it stopped
             state_dict=lambda: {"train_gen": train_gen.get_state()},
             load_state_dict=lambda state: train_gen.set_state(state["train_gen"].cpu()),

@@ -1,4 +1,4 @@
-"""Report figures of the identity task: Fig. 2 (eval MSE against iterations) and Fig. 3
+"""Report figures of the identity task: Fig. 2 (test MSE against iterations) and Fig. 3
 (snapshots of the sparse layer).
 
 Fig. 3 reads ``snapshots/step=<n>/layer.json`` of an identity cell, as ``plugins.identity``
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["draw_fig2", "draw_fig3", "fig2_grid", "register_figures"]
 
-METRIC = "eval/mse"
+METRIC = "test/mse"
 SNAPSHOT = "layer.json"
 FIG3_N = 32  # the paper's Fig. 3 shows the size-32 layer
 FIG3_PANELS = 5  # the paper shows five moments of training
@@ -39,19 +39,19 @@ def draw_fig2(ctx: ReportContext) -> list[Path]:
 
 
 def fig2_grid(ctx: ReportContext):  # -> seaborn.FacetGrid, one facet per experiment
-    """Fig. 2 as the authors drew it (sparse-hyper ``plot.identity.py`` at the preprint): eval MSE
+    """Fig. 2 as the authors drew it (sparse-hyper ``plot.identity.py`` at the preprint): test MSE
     against iterations, both axes linear (the script sets no x scale), MSE from 0
     (``set_ylim(bottom=0)``), every evaluation from step 0 on (``np.arange(ndots) * dot_every``),
     colour by size, the sparse layer solid and REINFORCE dashed; every other estimator has its own
-    dash pattern and marker. Error bars: std over seeds. Per size, each estimator's best sweep
-    (the paper reports REINFORCE at its best learning rate)."""
+    dash pattern and marker. Error bars: std over seeds. Per size, each estimator's best sweep on
+    validation MSE (the paper reports REINFORCE at its best learning rate)."""
     import numpy as np
     import pandas as pd
 
     from reports.plotting import dashes_for, markers_for, sns
     from reports.tables import best_sweeps
 
-    runs = best_sweeps(_identity_runs(ctx), METRIC)
+    runs = best_sweeps(_identity_runs(ctx))  # chosen on val/mse, shown on test/mse
     frame = ctx.frame
     logged = frame[METRIC].notna() if METRIC in frame else pd.Series(False, index=frame.index)
     data = frame[frame["run_id"].isin(runs["run_id"]) & logged]
@@ -73,13 +73,13 @@ def fig2_grid(ctx: ReportContext):  # -> seaborn.FacetGrid, one facet per experi
     )
     for ax in grid.axes.flat:
         ax.set_ylim(bottom=0)
-    grid.set_axis_labels("iterations", "eval MSE (rounded means, 10,000 vectors)")
+    grid.set_axis_labels("iterations", "test MSE (rounded means)")
     swept = runs[runs["sweep"].ne("")].drop_duplicates(["experiment", "variant", "estimator"])
     if len(swept):
         chosen = "; ".join(f"{r.variant} {r.estimator}: {r.sweep}" for r in swept.itertuples())
-        grid.figure.text(0.01, -0.02, f"best sweep per n (lowest final {METRIC}): {chosen}",
+        grid.figure.text(0.01, -0.02, f"best sweep per n (lowest final val/mse): {chosen}",
                          fontsize=7, ha="left", va="top", wrap=True)
-    grid.figure.suptitle("Fig. 2: identity, eval MSE against iterations (colour: size; sparse "
+    grid.figure.suptitle("Fig. 2: identity, test MSE against iterations (colour: size; sparse "
                          "solid, REINFORCE dashed; std over seeds)", y=1.03)
     return grid
 
@@ -152,7 +152,7 @@ FIGURES = (
     Figure(
         name="fig2_identity",
         task="identity",
-        title="Fig. 2: identity, eval MSE against iterations",
+        title="Fig. 2: identity, test MSE against iterations",
         paper_note=(
             "Mean-squared error (linear, from 0) against iterations (linear, 0 to 120k), "
             "colour = size: REINFORCE dashed at n = 4, 8, 16 (best of nine learning rates, 120k "

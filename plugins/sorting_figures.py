@@ -5,9 +5,10 @@ intermediate steps of differentiable quicksort) and the NeuralSort-protocol tabl
 Fig. 6 shows the paper's experiment: cells of the ``bloem`` protocol with 3-digit numbers, every
 evaluation the cells logged (the ``paper`` preset evaluates every 500/500/1000 steps at n = 4/8/16,
 the resolution of the authors' Fig. 6 script, sparse-hyper ``plot.sort.py`` at the preprint).
-Its error is the one the cells' ``ties`` param names: ``eval/error_strict_pct`` (the authors'
+Its error is the one the cells' ``ties`` param names: ``test/error_strict_pct`` (the authors'
 index comparison, tied numbers in input order) when every cell asks for ``"strict"``, else
-``eval/error_pct`` (tied numbers in any order); the title says which.
+``test/error_pct`` (tied numbers in any order); the title says which. A sweep's best configuration
+is chosen on the same error on the validation instances (``val/...``).
 
 Fig. 7 reads ``snapshots/step=<n>/quicksort_steps.json`` and its ``quicksort_steps.npz`` in the
 schema ``plugins.sorting`` documents (``sparsebench.sorting.quicksort_steps/2``): the images as
@@ -32,8 +33,8 @@ if TYPE_CHECKING:
 
 __all__ = ["draw_fig6", "draw_fig7", "draw_neuralsort_table", "fig6_metric", "register_figures"]
 
-METRIC = "eval/error_pct"
-STRICT_METRIC = "eval/error_strict_pct"
+METRIC = "test/error_pct"
+STRICT_METRIC = "test/error_strict_pct"
 FIG6_DIGITS = 3  # the paper's Fig. 6 sorts 3-digit numbers
 FIG7_N, FIG7_DIGITS = 8, 1  # the paper's Fig. 7 sorts 8 single-digit numbers
 _GAP = 4  # pixels between the images of Fig. 7
@@ -76,7 +77,7 @@ def draw_fig6(ctx: ReportContext) -> list[Path]:
     from reports.tables import best_sweeps, final_value
 
     metric, ties = fig6_metric(_fig6_runs(ctx))
-    runs = best_sweeps(_fig6_runs(ctx), metric)
+    runs = best_sweeps(_fig6_runs(ctx), metric.replace("test/", "val/", 1))  # chosen on validation
     frame = ctx.frame
     curves = (frame[frame["run_id"].isin(runs["run_id"]) & frame[metric].notna()]
               if metric in frame else frame.iloc[:0])

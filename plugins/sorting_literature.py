@@ -6,8 +6,8 @@ individual element ranks correctly identified), checked against the ICLR 2019 pa
 
 Our rows follow the paper's model selection (appendix D.1; ``tf/run_sort.py`` of
 ermongroup/neuralsort): per cell, the evaluation (checkpoint) with the best validation
-all-correct (``eval/val_all_correct``; the first such on ties) and its test numbers
-(``eval/all_correct``, ``eval/per_element_correct``); per ``n`` and estimator, the temperature
+all-correct (``val/all_correct``; the first such on ties) and its test numbers
+(``test/all_correct``, ``test/per_element_correct``); per ``n`` and estimator, the temperature
 (sweep) with the best mean validation all-correct over its seeds. Test numbers never choose
 anything.
 """
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["GROVER_TABLE1", "OUR_METHODS", "SIZES", "neuralsort_table", "selected_cells"]
 
 SIZES = (3, 5, 7, 9, 15)
-VAL, TEST, TEST_ITEM = "eval/val_all_correct", "eval/all_correct", "eval/per_element_correct"
+VAL, TEST, TEST_ITEM = "val/all_correct", "test/all_correct", "test/per_element_correct"
 
 #: Grover et al. 2019, Table 1: method -> (all-correct, per-element) at n = 3, 5, 7, 9, 15.
 GROVER_TABLE1: dict[str, tuple[tuple[float, float], ...]] = {

@@ -22,8 +22,16 @@ from mlflow.tracking import MlflowClient
 from reports import schema
 from reports.figure import Figure, FigureEntry, NoFigureData, ReportContext, ReportResult
 from reports.frame import StoreData, display_uri, natural_key, read_store
-from reports.html import PresetProtocol, Protocols, Provenance, render_index
+from reports.html import PresetProtocol, Protocols, Provenance, Scores, render_index
 from reports.protocols import DOCUMENT, departures, deviations, load, logged_value
+from reports.scores import (
+    MEASURES,
+    draw_profile,
+    performance_profile,
+    performance_ratios,
+    profile_taus,
+    score_table,
+)
 from reports.tables import EMBEDDED_PREFIX, draw_heatmap, matrix_summary, write_table
 
 __all__ = ["REPORT_RUN_NAME", "REPORTS_EXPERIMENT", "build_report"]
@@ -36,6 +44,8 @@ REPORTS_EXPERIMENT = "sparsebench-reports"
 _RUN_VERSION_TAGS = ("torch", "cuda", "python", "git_sha")
 _EXPERIMENT_PREFIX = "sparsebench-"
 _REPORT_PACKAGES = ("sparsebench", "mlflow", "pandas", "seaborn", "matplotlib")
+#: The profile's values in its table (the figure draws a fine grid).
+PROFILE_TABLE_TAUS = (1.0, 1.1, 1.5, 2.0, 4.0, 10.0, 100.0)
 
 
 def build_report(
@@ -195,6 +205,8 @@ def _write(
     tables = {p.name: p for p in write_table(summary, out_dir, "matrix_summary", "Matrix summary")}
     heatmap = draw_heatmap(summary, out_dir)
     tables.update({p.name: p for p in heatmap})
+    scores = _scores(store, out_dir)
+    tables.update({p.name: p for p in (*scores.tables, *scores.figure)})
     tasks = set(store.runs["task"])
     with tempfile.TemporaryDirectory(prefix="sparsebench-report-") as scratch:
         ctx = ReportContext(store.frame, store.runs, client, out_dir, Path(scratch))
@@ -207,10 +219,32 @@ def _write(
         files.append(protocols.document)
     index = render_index(
         out_dir, _provenance(store, run_id), summary, heatmap[0], list(entries.values()), files,
-        protocols,
+        protocols, scores,
     )
     return ReportResult(
         out_dir=out_dir, index_html=index, csv=csv, parquet=parquet, tables=tables,
         figures=entries, run_id=run_id, experiment_id=experiment_id,
         documents=(protocols.document,) if protocols.document else (),
     )
+
+
+def _scores(store: StoreData, out_dir: Path) -> Scores:
+    """``scores.csv`` (the validation-selected configuration per entry, its test metric with a 95%
+    t interval, steps and time to target), the performance profiles on each measure
+    (``performance_profile.csv`` and ``.png``/``.svg``) and the ratios behind them
+    (``performance_ratios.csv``)."""
+    table = score_table(store.runs)
+    paths = write_table(table, out_dir, "scores", "Scores: the validation-selected configuration")
+    ratios = {m: performance_ratios(table, m) for m in MEASURES}
+    ratios = {m: r for m, r in ratios.items() if len(r)}  # no variant with a target: no steps profile
+    if not ratios:
+        return Scores(table, tuple(paths), (), pd.DataFrame())
+    profiles = {m: performance_profile(r, profile_taus(r)) for m, r in ratios.items()}
+    at = pd.concat([performance_profile(r, list(PROFILE_TABLE_TAUS)).assign(measure=MEASURES[m][0])
+                    for m, r in ratios.items()], ignore_index=True)
+    at = at[["measure", *(c for c in at.columns if c != "measure")]]
+    paths += write_table(at, out_dir, "performance_profile", "Performance profile")
+    long = pd.concat([r.assign(measure=MEASURES[m][0]).rename_axis("variant").reset_index()
+                      for m, r in ratios.items()], ignore_index=True)
+    paths += write_table(long, out_dir, "performance_ratios", "Performance ratios")
+    return Scores(table, tuple(paths), tuple(draw_profile(profiles, ratios, out_dir)), at)

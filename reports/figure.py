@@ -67,7 +67,7 @@ class Figure:
 
     name: str  # file stem and anchor, e.g. "fig2_identity"
     task: str  # e.g. "identity"
-    title: str  # e.g. "Fig. 2: identity, eval MSE against iterations"
+    title: str  # e.g. "Fig. 2: identity, test MSE against iterations"
     paper_note: str  # how the paper's figure looks / its numbers, shown beside ours
     draw: Callable[[ReportContext], list[Path]]
 

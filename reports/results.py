@@ -2,7 +2,7 @@
 
 Where ``build_report`` writes a browsable report of one store and logs it as a run, this writes a
 markdown page meant to be committed: the identity task from n = 4 up to the largest size the
-stores hold (eval MSE against step, steps to exact I against n with a power-law fit, wall time per
+stores hold (test MSE against step, steps to exact I against n with a power-law fit, wall time per
 cell and per step) and the quick matrix's table, each with the machine, the command, the
 sparsebench commit and the dates of the runs behind it. It only reads the stores.
 
@@ -23,9 +23,12 @@ import pandas as pd
 
 from reports import schema
 from reports.frame import StoreData, display_uri, natural_key, read_store
+from reports.scores import score_table
 from reports.tables import matrix_summary, stop_note
 
-__all__ = ["IDENTITY_SIZES", "PowerLaw", "build_results", "fit_power_law", "steps_to_target"]
+__all__ = [
+    "IDENTITY_SIZES", "PowerLaw", "build_results", "fit_power_law", "steps_to_target", "with_legacy_eval",
+]
 
 #: The identity sizes the page reports on: the paper's 4 .. 64 and issue 23's 128 .. 1024.
 IDENTITY_SIZES = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -63,24 +66,42 @@ def fit_power_law(n: Sequence[float], steps: Sequence[float]) -> PowerLaw | None
     return PowerLaw(float(math.exp(log_a)), float(b), len(x))
 
 
+#: Stores written before issue 19 logged one evaluation set, ``eval/``: it stands for both splits.
+LEGACY_KEYS = ("mse", "rows_correct")
+
+
+def with_legacy_eval(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with ``val/<m>`` and ``test/<m>`` filled from ``eval/<m>`` where a cell logged
+    only the latter (a store written before validation splits), so old stores still make the page."""
+    frame = frame.copy()
+    for key in LEGACY_KEYS:
+        legacy = frame.get(f"eval/{key}")
+        if legacy is None:
+            continue
+        for split in ("val", "test"):
+            column = f"{split}/{key}"
+            frame[column] = frame[column].fillna(legacy) if column in frame else legacy
+    return frame
+
+
 def steps_to_target(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per identity cell: the first evaluated step with eval MSE 0 (exact I) and the training wall
-    time then, read from the eval history, so stores written before the runner logged
-    ``summary/target_step`` count too. NaN where the cell never got there."""
+    """Per identity cell: the first evaluated step with validation MSE 0 (exact I) and the
+    training wall time then, read from the evaluation history, so stores written before the runner
+    logged ``summary/target_step`` count too. NaN where the cell never got there."""
     rows = []
     for run_id, cell in frame.groupby("run_id", sort=False):
         cell = cell.sort_values("step")
-        exact = cell[cell.get("eval/mse", pd.Series(dtype=float)).eq(0.0)]
+        exact = cell[cell.get("val/mse", pd.Series(dtype=float)).eq(0.0)]
         first = exact.iloc[0] if len(exact) else None
         rows.append({
             "run_id": run_id,
             "target_step": float(first["step"]) if first is not None else np.nan,
             "target_wall_s": float(first.get("time/elapsed_s", np.nan)) if first is not None else np.nan,
             "last_step": float(cell["step"].max()) if cell["step"].notna().any() else np.nan,
-            "last_mse": float(cell["eval/mse"].dropna().iloc[-1]) if cell.get("eval/mse") is not None
-            and cell["eval/mse"].notna().any() else np.nan,
-            "last_rows": float(cell["eval/rows_correct"].dropna().iloc[-1])
-            if "eval/rows_correct" in cell and cell["eval/rows_correct"].notna().any() else np.nan,
+            "last_mse": float(cell["test/mse"].dropna().iloc[-1]) if cell.get("test/mse") is not None
+            and cell["test/mse"].notna().any() else np.nan,
+            "last_rows": float(cell["test/rows_correct"].dropna().iloc[-1])
+            if "test/rows_correct" in cell and cell["test/rows_correct"].notna().any() else np.nan,
         })
     return pd.DataFrame(rows)
 
@@ -95,7 +116,7 @@ def build_results(uris: Sequence[str], page: Path, command: str) -> list[Path]:
     labels = [_short_uri(s.uri) for s in stores]  # the same cell may be in two stores: keep them apart
     runs = pd.concat([s.runs.assign(store=label) for s, label in zip(stores, labels, strict=True)],
                      ignore_index=True)
-    frame = pd.concat([s.frame for s in stores], ignore_index=True)
+    frame = with_legacy_eval(pd.concat([s.frame for s in stores], ignore_index=True))
     figures = page.parent / page.stem
     figures.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -174,9 +195,9 @@ def _identity_section(
     reached = runs.merge(steps_to_target(frame), on="run_id", how="left")
     rel = figures.name
     written += _draw_curves(runs, frame, figures)
-    lines += [f"![eval MSE against step, per n and estimator]({rel}/identity_mse.png)", ""]
+    lines += [f"![test MSE against step, per n and estimator]({rel}/identity_mse.png)", ""]
     lines += [
-        "Steps to exact I (the first evaluation with eval MSE 0, rounded structure exactly I), "
+        "Steps to exact I (the first evaluation with validation MSE 0, rounded structure exactly I), "
         "wall time per cell and per step:",
         "",
         *_markdown(_cell_table(reached)),
@@ -222,7 +243,7 @@ def _cell_table(reached: pd.DataFrame) -> pd.DataFrame:
             "steps run": _num(r["last_step"], "{:,.0f}"),
             "wall s per cell": _num(r.get("metrics.summary/wall_s", np.nan)),
             "ms per step (wall / steps)": _num(1000 / rate if rate and pd.notna(rate) else np.nan),
-            "final eval MSE": _num(r["last_mse"], "{:.3g}"),
+            "final test MSE": _num(r["last_mse"], "{:.3g}"),
             "note": stop_note(r),
         })
     return pd.DataFrame(rows)
@@ -235,7 +256,7 @@ def _num(value: float, fmt: str = "{:,.1f}") -> str:
 def _draw_curves(runs: pd.DataFrame, frame: pd.DataFrame, figures: Path) -> list[Path]:
     from reports.plotting import dashes_for, plt, save, sns
 
-    frame = frame.merge(runs[["run_id", "n"]], on="run_id").dropna(subset=["eval/mse"])
+    frame = frame.merge(runs[["run_id", "n"]], on="run_id").dropna(subset=["test/mse"])
     sizes = sorted(frame["n"].unique())
     estimators = sorted(frame["estimator"].unique())
     dashes = dashes_for(estimators)
@@ -248,13 +269,13 @@ def _draw_curves(runs: pd.DataFrame, frame: pd.DataFrame, figures: Path) -> list
             label = estimator if estimator not in labelled else None
             labelled.add(estimator)
             cell = cell.sort_values("step")
-            line, = ax.plot(cell["step"], cell["eval/mse"], label=label, lw=1, color=colours[estimator])
+            line, = ax.plot(cell["step"], cell["test/mse"], label=label, lw=1, color=colours[estimator])
             if dashes[estimator]:
                 line.set_dashes(dashes[estimator])
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_title(f"n = {n}")
         ax.set_xlabel("step")
-    axes[0][0].set_ylabel("eval MSE (0: exactly I)")
+    axes[0][0].set_ylabel("test MSE (0: exactly I)")
     axes[0][-1].legend(fontsize=6)
     return save(fig, figures, "identity_mse")
 
@@ -298,8 +319,29 @@ def _quick_section(runs: pd.DataFrame, store: str) -> list[str]:
         "",
         *_markdown(table),
         "",
+        "Scores: per estimator and task variant, the configuration chosen on the validation metric, "
+        "its test metric (mean [95% t interval] over seeds) and its steps to target (median over "
+        "seeds; inf: never met); the report adds the performance profiles:",
+        "",
+        *_markdown(_scores(runs)),
+        "",
         *_provenance(runs, _run_command(runs)),
     ]
+
+
+def _scores(runs: pd.DataFrame) -> pd.DataFrame:
+    scores = score_table(runs)
+    steps = scores["steps_to_target"].map(lambda v: "" if pd.isna(v) else "inf" if np.isinf(v)
+                                          else f"{v:,.0f}")
+    return pd.DataFrame({
+        "task / variant": scores["task"] + " " + scores["variant"],
+        "estimator": scores["estimator"],
+        "chosen on validation": scores["configuration"],
+        "test": scores["primary_metric"] + " " + scores["test"],
+        "target": scores["target"],
+        "met": scores["target_met"],
+        "steps to target": steps,
+    })
 
 
 def _run_command(runs: pd.DataFrame) -> str:

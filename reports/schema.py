@@ -67,9 +67,10 @@ SEED_TAG: Final = PREFIX + "seed"
 SWEEP_TAG: Final = PREFIX + "sweep"
 KIND_TAG: Final = PREFIX + "kind"
 CODE_TAG_PREFIX: Final = PREFIX + "code."  # + "task" / "estimator": the plugin's distribution and version
-PRIMARY_METRIC_TAG: Final = PREFIX + "primary_metric"
-TARGET_TAG: Final = PREFIX + "target"  # the task's target on an eval metric, e.g. "eval/mse <= 0"
-#: On a cell the stop rule ended early: why ("solved for K evaluations (eval/mse <= 0)"); the
+PRIMARY_METRIC_TAG: Final = PREFIX + "primary_metric"  # the test/ metric the report shows
+SELECT_METRIC_TAG: Final = PREFIX + "select_metric"  # the val/ metric every selection reads
+TARGET_TAG: Final = PREFIX + "target"  # the task's target on a val metric, e.g. "val/mse <= 0"
+#: On a cell the stop rule ended early: why ("solved for K evaluations (val/mse <= 0)"); the
 #: step is the metric ``summary/stopped_step``, the first step that met the target ``summary/target_step``.
 STOPPED_TAG: Final = PREFIX + "stopped"
 DATA_TAG_PREFIX: Final = "data."  # a task's data provenance (source, folder, sizes, sha256)

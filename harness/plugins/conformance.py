@@ -222,8 +222,10 @@ def _task_registration(task: Task) -> str:
     missing = [k for k in (*REQUIRED_TASK_PARAMS, task.size_key) if k not in task.defaults]
     if missing:
         problems.append(f"defaults lack {', '.join(missing)}")
-    if not task.primary_metric.startswith("eval/"):
-        problems.append(f"primary_metric {task.primary_metric!r} must be an eval/ metric")
+    if not task.primary_metric.startswith("test/"):
+        problems.append(f"primary_metric {task.primary_metric!r} must be a test/ metric")
+    if not task.select_metric.startswith("val/"):
+        problems.append(f"select_metric {task.select_metric!r} must be a val/ metric")
     unknown = sorted(set(task.smoke) - set(task.defaults))
     if unknown:
         problems.append(f"smoke sets {', '.join(unknown)}, which are not among the defaults")
@@ -586,8 +588,9 @@ def _train(task: Task, est: Estimator, cache: Path) -> str:
                 run.write_artifacts(steps, Path(out))
     first, second = results
     metric = task.primary_metric
-    if metric not in first or not math.isfinite(first[metric]):
-        raise _Failed(f"evaluate() gave no finite {metric}: {first}")
+    for key in (metric, task.select_metric):
+        if key not in first or not math.isfinite(first[key]):
+            raise _Failed(f"evaluate() gave no finite {key}: {first}")
     if first != second:
         raise _Failed(f"evaluate() twice gave different metrics: {first} then {second}")
     return f"{kind}, {steps} steps, {metric} {first[metric]:.4g}, evaluate() repeats"

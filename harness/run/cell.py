@@ -57,6 +57,7 @@ from reports.schema import (
     KILLED,
     NA,
     PRIMARY_METRIC_TAG,
+    SELECT_METRIC_TAG,
     STOPPED_TAG,
     TARGET_TAG,
     THREADS_TAG,
@@ -300,6 +301,7 @@ class _Training(Hooks):
             {
                 **run.provenance,
                 PRIMARY_METRIC_TAG: task.primary_metric,
+                SELECT_METRIC_TAG: task.select_metric,
                 **({TARGET_TAG: str(run.target)} if run.target is not None else {}),
                 THREADS_TAG: str(torch.get_num_threads()),
                 WORKER_TAG: f"{socket.gethostname()}:{os.getpid()}",

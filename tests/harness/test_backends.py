@@ -93,7 +93,7 @@ def test_pool_and_ray_run_each_cell_once_with_the_local_metrics(
         for name in local:
             assert any(f" start {name}: 30 steps" in line for line in lines), (backend, out)
             assert any(f" end   {name}: " in line for line in lines), (backend, out)
-        assert any(" eval  identity/n=4/dense/seed=0 step 30/30: eval/mse=" in line for line in lines)
+        assert any(" eval  identity/n=4/dense/seed=0 step 30/30: val/mse=" in line for line in lines)
     assert "with 2 worker processes x 1 threads" in logs["pool"]
     assert "with Ray (1 node" in logs["ray"]
 

@@ -52,18 +52,18 @@ def test_tiny_matrix_logs_parent_children_params_tags_metrics(home, third_party)
     assert dense["tags.sparsebench.torch"] == torch.__version__
     assert dense["tags.sparsebench.device"] == "cpu"
     assert len(dense["tags.sparsebench.cell_id"]) == 16
-    assert dense["metrics.eval/mse"] >= 0
-    assert 0 <= dense["metrics.eval/rows_correct"] <= 1
+    assert dense["metrics.test/mse"] >= 0
+    assert 0 <= dense["metrics.test/rows_correct"] <= 1
     assert dense["metrics.summary/wall_s"] > 0
     # Gumbel-Sinkhorn serves identity through the permutation kind.
     gs = cells[cells["tags.sparsebench.estimator"] == "gumbel_sinkhorn"].iloc[0]
     assert gs["tags.sparsebench.kind"] == "permutation"
-    history = mlflow.MlflowClient().get_metric_history(dense["run_id"], "eval/mse")
+    history = mlflow.MlflowClient().get_metric_history(dense["run_id"], "test/mse")
     assert [m.step for m in history] == [0, 10, 20, 30]
     scaled = cells[cells["tags.sparsebench.estimator"] == "scaled"].iloc[0]
     # W = a I starts at a = 0.2 (eval MSE 0.64); training must have lowered it.
-    first = mlflow.MlflowClient().get_metric_history(scaled["run_id"], "eval/mse")[0].value
-    assert scaled["metrics.eval/mse"] < first
+    first = mlflow.MlflowClient().get_metric_history(scaled["run_id"], "test/mse")[0].value
+    assert scaled["metrics.test/mse"] < first
 
 
 def test_second_run_skips_finished_and_force_reruns(home):
@@ -75,7 +75,7 @@ def test_second_run_skips_finished_and_force_reruns(home):
     cells = _runs(home, role="cell")
     assert len(cells) == 2
     # Reproducible: the same cell gives the same eval metric.
-    assert cells["metrics.eval/mse"].iloc[0] == pytest.approx(cells["metrics.eval/mse"].iloc[1], rel=1e-6)
+    assert cells["metrics.test/mse"].iloc[0] == pytest.approx(cells["metrics.test/mse"].iloc[1], rel=1e-6)
 
 
 def test_failed_and_diverged_cells_do_not_stop_the_matrix(home, third_party):

@@ -247,7 +247,7 @@ def test_check_plugin_passes_a_conforming_plugin(plugin_dir, home, capsys):
     assert out[0].startswith("checking sb_plain (module sb_plain; code module sb_plain src:")
     assert out[1] == "estimator plain"
     assert "  PASS  sparse_matrix (4,)->(4,) k=4 on cpu: eval: deterministic, linear in x" in out
-    assert any(line.startswith("  PASS  train on identity: sparse_matrix, 3 steps, eval/mse") for line in out)
+    assert any(line.startswith("  PASS  train on identity: sparse_matrix, 3 steps, test/mse") for line in out)
     assert any(line.startswith("  SKIP  train on sorting: n/a: plain builds sparse_matrix") for line in out)
     assert out[-1].startswith("sb_plain conforms: ") and ", 0 failed, 2 skipped in " in out[-1]
 
@@ -263,7 +263,7 @@ def test_check_plugin_fails_a_broken_plugin_with_exit_1(third_party, home, capsy
     assert "  FAIL  train on identity: RuntimeError: boom from the test estimator (at " \
            "sb_third_party.py:" in out
     assert "  FAIL  sparse_matrix (4,)->(4,) k=4 on cpu: eval: eval() output is not finite" in out
-    assert "  FAIL  train on identity: evaluate() gave no finite eval/mse: {'eval/mse': nan" in out
+    assert "  FAIL  train on identity: evaluate() gave no finite val/mse: {'val/mse': nan" in out
     assert out.strip().splitlines()[-1].startswith("sb_third_party does NOT conform: ")
 
 
@@ -296,7 +296,8 @@ class Echo(Task):
     name = "echo"
     description = "learn the identity on 4 numbers"
     kinds = ("sparse_matrix",)
-    primary_metric = "eval/mse"
+    primary_metric = "test/mse"
+    select_metric = "val/mse"
     defaults = {"n": 4, "steps": 50, "eval_every": 10, "lr": 0.05, "batch_size": 8}
     smoke = {"steps": 2, "eval_every": 2}
 
@@ -316,7 +317,8 @@ class Echo(Task):
 
         def evaluate():
             x_eval = self.eval_data(cell.params)
-            return {"eval/mse": ((layer(x_eval) - x_eval) ** 2).mean().item()}
+            mse = ((layer(x_eval) - x_eval) ** 2).mean().item()
+            return {"val/mse": mse, "test/mse": mse}
 
         return TaskRun(layer, cell.params["steps"], cell.params["eval_every"], train_step, evaluate)
 
@@ -330,7 +332,7 @@ def test_a_conforming_task_trains_with_every_estimator_that_serves_it():
     checks = check_task(Echo(), [Good()])
     assert [c.line() for c in checks if c.outcome == FAIL] == []
     train = next(c for c in checks if c.name == "train with good")
-    assert train.outcome == PASS and "sparse_matrix, 2 steps, eval/mse" in train.detail
+    assert train.outcome == PASS and "sparse_matrix, 2 steps, test/mse" in train.detail
 
 
 @pytest.mark.parametrize(
@@ -338,11 +340,14 @@ def test_a_conforming_task_trains_with_every_estimator_that_serves_it():
     [
         (FreshEvalData(), "evaluate() twice gave different metrics"),
         (type("T", (Echo,), {"smoke": {"stpes": 2}})(), "smoke sets stpes, which are not among the defaults"),
-        (type("T", (Echo,), {"primary_metric": "loss"})(), "primary_metric 'loss' must be an eval/ metric"),
+        (type("T", (Echo,), {"primary_metric": "loss"})(), "primary_metric 'loss' must be a test/ metric"),
+        (type("T", (Echo,), {"select_metric": "test/mse"})(),
+         "select_metric 'test/mse' must be a val/ metric"),
         (type("T", (Echo,), {"spec": lambda self, kind, p: PermutationSpec(4, "keys")})(),
          "spec('sparse_matrix') returned PermutationSpec"),
     ],
-    ids=["evaluate-does-not-repeat", "smoke-typo", "primary-metric", "spec-of-the-wrong-kind"],
+    ids=["evaluate-does-not-repeat", "smoke-typo", "primary-metric", "select-metric",
+         "spec-of-the-wrong-kind"],
 )
 def test_task_contract_breaches(task, message):
     failures = [f"{c.name}: {c.detail}" for c in check_task(task, [Good()]) if c.outcome == FAIL]

@@ -39,7 +39,7 @@ def test_attention_reads_a_third_party_glimpse_through_the_contract(tmp_path):
     layer = NearestGlimpse(spec)
     run = task.setup(CellSetup(params, layer, "glimpse", torch.device("cpu"), 0, tmp_path / "cache"))
     metrics = run.evaluate()
-    assert 0.0 <= metrics["eval/saturated_frac"] <= 1.0  # from the layer's own corners()
+    assert 0.0 <= metrics["test/saturated_frac"] <= 1.0  # from the layer's own corners()
     boxes = torch.full((1, spec.glimpses, 4), 5.0)  # 2 * 5 +- 1: saturated in this layer's geometry
     assert torch.equal(run.model.preactivations(boxes), layer.corners(boxes))
     run.write_artifacts(0, tmp_path)

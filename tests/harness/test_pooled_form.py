@@ -32,7 +32,7 @@ def test_every_cell_records_which_pooled_form_ran(home):
     # the default is the truncated form; the reference is a separate cell, not a rerun
     assert sorted(cells["params.estimator.pooled"]) == ["all_pairs", "truncated"]
     assert cells["tags.sparsebench.cell_id"].nunique() == 2
-    assert (cells["metrics.eval/mse"] >= 0).all()
+    assert (cells["metrics.test/mse"] >= 0).all()
 
 
 def test_an_unknown_pooled_form_is_refused(home, capsys):

@@ -103,14 +103,14 @@ def test_signal_checkpoint_resume_equals_uninterrupted(
 
     expected = store_at(tmp_path / "reference").history(reference.info.run_id)
     assert store.history(resumed.info.run_id) == expected  # every value, bit for bit; no step twice
-    assert any(step > stopped_at for step, _ in expected["eval/" + _primary(reference)])
+    assert any(step > stopped_at for step, _ in expected["test/" + _primary(reference)])
     assert _artifacts(store, resumed.info.run_id) == _artifacts(
         store_at(tmp_path / "reference"), reference.info.run_id
     )
 
 
 def _primary(run) -> str:
-    return run.data.tags["sparsebench.primary_metric"].removeprefix("eval/")
+    return run.data.tags["sparsebench.primary_metric"].removeprefix("test/")
 
 
 @pytest.mark.parametrize("name", ["SIGINT", "SIGHUP"])

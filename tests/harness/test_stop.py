@@ -32,13 +32,13 @@ def _metric(store, run, key: str) -> list[tuple[int, float]]:
 def test_a_solved_cell_stops_after_k_evaluations_and_says_why(probe, store_home, store):
     assert main(_args(K)) == 0
     run = store.cell()
-    mse = _metric(store, run, "eval/mse")
+    mse = _metric(store, run, "val/mse")
     solved = [step for step, value in mse if value == 0.0]
     first = solved[0]
     stopped = first + (K - 1) * 50
     assert run.data.tags["sparsebench.status"] == "finished"
-    assert run.data.tags["sparsebench.target"] == "eval/mse <= 0"
-    assert run.data.tags["sparsebench.stopped"] == f"solved for {K} evaluations (eval/mse <= 0)"
+    assert run.data.tags["sparsebench.target"] == "val/mse <= 0"
+    assert run.data.tags["sparsebench.stopped"] == f"solved for {K} evaluations (val/mse <= 0)"
     assert mse[-1][0] == stopped < 600  # no evaluation after the stop, well short of the budget
     assert solved[-K:] == [first + 50 * i for i in range(K)]
     assert _metric(store, run, "summary/stopped_step") == [(stopped, float(stopped))]
@@ -54,7 +54,7 @@ def test_a_solved_cell_stops_after_k_evaluations_and_says_why(probe, store_home,
 def test_with_the_rule_off_a_solved_cell_trains_its_full_budget(probe, store_home, store):
     assert main(_args(0)) == 0
     run = store.cell()
-    mse = _metric(store, run, "eval/mse")
+    mse = _metric(store, run, "val/mse")
     assert mse[-1] == (600, 0.0)  # solved long before, trained on
     assert "sparsebench.stopped" not in run.data.tags
     assert "summary/stopped_step" not in run.data.metrics
@@ -96,7 +96,7 @@ def test_the_summary_and_the_report_say_where_and_why_a_cell_stopped(probe, stor
 
     assert main(_args(K)) == 0
     stopped = int(store.cell().data.metrics["summary/stopped_step"])
-    note = f"stopped at step {stopped}: solved for {K} evaluations (eval/mse <= 0)"
+    note = f"stopped at step {stopped}: solved for {K} evaluations (val/mse <= 0)"
     assert f"stopped at step {stopped}" in capsys.readouterr().out  # the run's own summary table
     summary = matrix_summary(read_store(store.uri, ["sparsebench-quick"]).runs)
     assert summary["stopped"].tolist() == [f"seed 0 {note}"]

@@ -110,7 +110,7 @@ def _evaluate(run: TaskRun) -> dict[str, float]:
 def test_task_contract() -> None:
     task = AttentionTask()
     assert task.kinds == ("glimpse",) and task.size_key == "glimpse"
-    assert task.primary_metric == "eval/error_pct"
+    assert (task.primary_metric, task.select_metric) == ("test/error_pct", "val/error_pct")
     for key in ("steps", "eval_every", "lr", "batch_size", "glimpse", "glimpses", "epochs", "loss"):
         assert key in task.defaults
     # the paper's settings are the defaults (appendix A.1)
@@ -196,12 +196,11 @@ def test_each_estimator_trains_and_its_loss_falls(estimator: str, device: str, c
     first, last = np.mean(losses[:6]), np.mean(losses[-6:])
     assert last < first - 0.08, f"{estimator}: loss {first:.3f} -> {last:.3f}"  # seeds 0-3: > 0.11
     metrics = _evaluate(run)
-    assert 0.0 <= metrics["eval/error_pct"] <= 100.0
+    assert 0.0 <= metrics["val/error_pct"] <= 100.0 and 0.0 <= metrics["test/error_pct"] <= 100.0
+    names = {"error_pct"} if estimator == "dense" else {"error_pct", "saturated_frac", "collapsed"}
+    assert set(metrics) == {f"{split}/{m}" for split in ("val", "test") for m in names}
     if estimator == "dense":
         assert isinstance(model.layer, FullImageReadout)
-        assert set(metrics) == {"eval/error_pct"}
-    else:
-        assert set(metrics) == {"eval/error_pct", "eval/saturated_frac", "eval/collapsed"}
 
 
 def test_layers_are_trained_with_the_model(cache_dir: Path) -> None:
@@ -221,13 +220,14 @@ def test_saturated_fraction() -> None:
 def test_collapse_is_detected_on_a_saturated_box(cache_dir: Path) -> None:
     run, _ = _setup("bilinear", cache_dir, glimpses=1, glimpse=6)
     healthy = _evaluate(run)
-    assert healthy["eval/collapsed"] == 0.0 and healthy["eval/saturated_frac"] < 0.5
+    assert healthy["test/collapsed"] == 0.0 and healthy["test/saturated_frac"] < 0.5
     head = run.model.source.head
     with torch.no_grad():  # force every corner pre-activation far beyond |z| = 6
         head.weight.zero_()
         head.bias.copy_(torch.tensor([20.0, -20.0, 30.0, -30.0]))
     collapsed = _evaluate(run)
-    assert collapsed["eval/saturated_frac"] == 1.0 and collapsed["eval/collapsed"] == 1.0
+    assert collapsed["test/saturated_frac"] == 1.0 and collapsed["test/collapsed"] == 1.0
+    assert collapsed["val/saturated_frac"] == 1.0 and collapsed["val/collapsed"] == 1.0
 
 
 @pytest.mark.parametrize("estimator", ["sparse", "reinforce", "bilinear", "dense"])
@@ -340,7 +340,7 @@ def _runs(collapse: str) -> pd.DataFrame:
         "estimator": "sparse", "sweep": "", "settings": "", "status": "finished",
         "seed": [0, 1, 2], "data_source": "mnist",
         "params.task.glimpses": "1", "params.task.glimpse": "32", "params.task.collapse": collapse,
-        "metrics.eval/error_pct": [1.0, 3.0, 88.65], "metrics.eval/collapsed": [0.0, 0.0, 1.0],
+        "metrics.test/error_pct": [1.0, 3.0, 88.65], "metrics.val/collapsed": [0.0, 0.0, 1.0],
     })
 
 

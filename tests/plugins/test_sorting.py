@@ -418,9 +418,11 @@ def test_evaluation_equals_a_direct_recomputation(layer: str, device: str) -> No
     buffers = copy.deepcopy(dict(model.named_buffers()))
     with evaluating(model):  # as the runner calls it
         metrics = run.evaluate()
-    assert set(metrics) == {"eval/error_pct", "eval/error_strict_pct", "eval/per_element_acc"}
-    assert 0.0 <= metrics["eval/error_pct"] <= metrics["eval/error_strict_pct"] <= 100.0
-    assert 0.0 <= metrics["eval/per_element_acc"] <= 1.0
+    assert set(metrics) == {f"{split}/{m}" for split in ("val", "test")
+                            for m in ("error_pct", "error_strict_pct", "per_element_acc")}
+    for split in ("val", "test"):
+        assert 0.0 <= metrics[f"{split}/error_pct"] <= metrics[f"{split}/error_strict_pct"] <= 100.0
+        assert 0.0 <= metrics[f"{split}/per_element_acc"] <= 1.0
     assert model.training  # evaluating restores the mode it found
     for name, b in model.named_buffers():  # BatchNorm statistics untouched
         torch.testing.assert_close(b, buffers[name])
@@ -428,8 +430,14 @@ def test_evaluation_equals_a_direct_recomputation(layer: str, device: str) -> No
     test = load_mnist().test
     index, values = evaluation_instances(test, 40, params["n"], params["digits"])
     whole, item = _fractions(_orders_by_hand(run, test, index, device), values)
-    assert math.isclose(metrics["eval/error_pct"], 100.0 * (1 - whole), abs_tol=1e-9)
-    assert math.isclose(metrics["eval/per_element_acc"], item, abs_tol=1e-9)
+    assert math.isclose(metrics["test/error_pct"], 100.0 * (1 - whole), abs_tol=1e-9)
+    assert math.isclose(metrics["test/per_element_acc"], item, abs_tol=1e-9)
+    # the validation instances: the held-out training digits (every 6th), the paper's protocol too
+    _, val = validation_split(load_mnist().train)
+    index, values = evaluation_instances(val, 40, params["n"], params["digits"], tag=4)
+    whole, item = _fractions(_orders_by_hand(run, val, index, device), values)
+    assert math.isclose(metrics["val/error_pct"], 100.0 * (1 - whole), abs_tol=1e-9)
+    assert math.isclose(metrics["val/per_element_acc"], item, abs_tol=1e-9)
     with evaluating(model):
         assert run.evaluate() == metrics  # deterministic
 
@@ -442,18 +450,18 @@ def test_neuralsort_protocol_scores_validation_and_test(layer: str) -> None:
     with evaluating(run.model):
         metrics = run.evaluate()
     assert set(metrics) == {
-        "eval/error_pct", "eval/error_strict_pct", "eval/per_element_acc", "eval/all_correct",
-        "eval/per_element_correct", "eval/val_all_correct", "eval/val_per_element_correct",
+        f"{split}/{m}" for split in ("val", "test") for m in (
+            "error_pct", "error_strict_pct", "per_element_acc", "all_correct", "per_element_correct")
     }
-    assert math.isclose(metrics["eval/all_correct"], 1 - metrics["eval/error_pct"] / 100,
+    assert math.isclose(metrics["test/all_correct"], 1 - metrics["test/error_pct"] / 100,
                         abs_tol=1e-12)
-    assert metrics["eval/per_element_correct"] == metrics["eval/per_element_acc"]
+    assert metrics["test/per_element_correct"] == metrics["test/per_element_acc"]
     # the validation instances come from the held-out training digits, not the test digits
     _, val = validation_split(load_mnist().train)
     index, values = evaluation_instances(val, 20, 3, 4, tag=4)
     whole, item = _fractions(_orders_by_hand(run, val, index, "cpu"), values)
-    assert math.isclose(metrics["eval/val_all_correct"], whole, abs_tol=1e-9)
-    assert math.isclose(metrics["eval/val_per_element_correct"], item, abs_tol=1e-9)
+    assert math.isclose(metrics["val/all_correct"], whole, abs_tol=1e-9)
+    assert math.isclose(metrics["val/per_element_correct"], item, abs_tol=1e-9)
     assert "every 6th training digit" in run.provenance["data.validation"]
     reason = QuicksortLayer.unsupported(TASK.spec("permutation", small_params(n=3)))
     assert reason is not None and "power of two" in reason
@@ -488,7 +496,8 @@ def test_artifact_has_the_documented_schema(layer: str, tmp_path: Path) -> None:
     assert data["schema"] == ARTIFACT_SCHEMA and data["step"] == 0
     assert (data["n"], data["digits"], data["layer"]) == (n, 1, LAYERS[layer].__name__)
     assert data["protocol"] == "bloem" and data["images"] == ARTIFACT_IMAGES
-    index, values = _training_batches(load_mnist().train, params, seed=0)(0)
+    train, _ = validation_split(load_mnist().train)  # both protocols train without the val digits
+    index, values = _training_batches(train, params, seed=0)(0)
     assert data["values"] == values[0].tolist()  # instance 0 of the step's training batch
     assert data["order"] == torch.argsort(values[0], stable=True).tolist()
     per_item = n if layer == "gumbel_sinkhorn" else 1
@@ -508,7 +517,7 @@ def test_artifact_has_the_documented_schema(layer: str, tmp_path: Path) -> None:
     for d in range(1, steps + 1):  # x_d = P_d x_{d-1}; t_{d-1} = P_d^T t_d
         np.testing.assert_allclose(xv[d], mats[d - 1] @ xv[d - 1], atol=1e-9)
         np.testing.assert_allclose(tv[d - 1], mats[d - 1].T @ tv[d], atol=1e-9)
-    digit_images = load_mnist().train.images[index[0]]  # (n, 1, 28, 28)
+    digit_images = train.images[index[0]]  # (n, 1, 28, 28)
     intensity = digit_images.flatten(1).mean(1).double()  # (n,)
     np.testing.assert_allclose(data["x"]["intensity"][0], intensity.numpy(), rtol=1e-6)
 
@@ -526,7 +535,7 @@ def test_artifact_has_the_documented_schema(layer: str, tmp_path: Path) -> None:
     np.testing.assert_allclose(x.reshape(steps + 1, n, -1).mean(-1), data["x"]["intensity"],
                                atol=1e-6)
     # the scores are those train_step(0) computes: the same batch, BatchNorm in training mode
-    images = load_mnist().train.images[index]
+    images = train.images[index]
     with torch.no_grad():
         scores = copy.deepcopy(run.model.scorer)(images)[0]
     np.testing.assert_allclose(data["scores"], scores.numpy(), rtol=1e-5, atol=1e-6)
@@ -579,7 +588,7 @@ def test_registers_a_task_that_meets_the_contract() -> None:
     (task,) = found
     assert isinstance(task, SortingTask) and task.name == "sorting"
     assert task.kinds == ("permutation",) and task.size_key == "n"
-    assert task.primary_metric == "eval/error_pct"
+    assert (task.primary_metric, task.select_metric) == ("test/error_pct", "val/error_pct")
     assert {"steps", "eval_every", "lr", "batch_size", "n"} <= set(task.defaults)
     assert task.spec("permutation", {"n": 16}) == PermutationSpec(n=16, source="keys")
 
@@ -598,8 +607,8 @@ def test_fig6_shows_the_error_its_cells_ask_for() -> None:
     from plugins.sorting_figures import fig6_metric
 
     strict = pd.DataFrame({"params.task.ties": ["strict", "strict"]})
-    assert fig6_metric(strict)[0] == "eval/error_strict_pct"
+    assert fig6_metric(strict)[0] == "test/error_strict_pct"
     mixed = pd.DataFrame({"params.task.ties": ["strict", "any_order"]})
-    assert fig6_metric(mixed) == ("eval/error_pct", "tied numbers in any order (cells differ in ties)")
+    assert fig6_metric(mixed) == ("test/error_pct", "tied numbers in any order (cells differ in ties)")
     older = pd.DataFrame({"params.task.n": ["4"]})  # logged before the param existed
-    assert fig6_metric(older)[0] == "eval/error_pct"
+    assert fig6_metric(older)[0] == "test/error_pct"

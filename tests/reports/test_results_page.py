@@ -62,7 +62,12 @@ def test_the_results_page_from_a_real_store_lists_its_tables_fit_and_figures(tmp
     assert f"b = {fit.b:.2f}, 2 cells" in text
     assert "Not in the stores yet (empty below): n = 16, 32, 64, 128, 256, 512, 1024" in text
     assert "sparsebench run --preset identity-large" in text
-    assert "| identity n=4 (eval/mse) |" in text and "| identity n=8 (eval/mse) |" in text
+    assert "| identity n=4 (test/mse) |" in text and "| identity n=8 (test/mse) |" in text
+    header = "| task / variant | estimator | chosen on validation | test | target | met | steps to target |"
+    assert header in text
+    for n, step in targets.items():  # one seed: no interval
+        assert re.search(rf"\| identity n={n} \| sparse \|  \| test/mse \S+ \(1 seed\) \| val/mse <= 0 "
+                         rf"\| 1/1 \| {int(step):,} \|", text), n
     assert re.search(r"- machine: CPU .+ \(\d+ cores\)", text)
     assert re.search(r"- sparsebench commit: ([0-9a-f]{40}|not recorded)", text)
     assert "- command: `sparsebench run --preset quick`" in text
