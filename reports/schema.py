@@ -72,6 +72,10 @@ TARGET_TAG: Final = PREFIX + "target"  # the task's target on an eval metric, e.
 #: On a cell the stop rule ended early: why ("solved for K evaluations (eval/mse <= 0)"); the
 #: step is the metric ``summary/stopped_step``, the first step that met the target ``summary/target_step``.
 STOPPED_TAG: Final = PREFIX + "stopped"
+#: On a cell measured with ``[diagnostics]``: "every=E draws=R". Its metrics are ``grad/all/<stat>``
+#: and ``grad/layer/<stat>`` (harness.run.diagnostics) and ``time/diagnostics_s``, at the measured steps.
+DIAGNOSTICS_TAG: Final = PREFIX + "diagnostics"
+GRAD_METRIC_PREFIX: Final = "grad/"
 DATA_TAG_PREFIX: Final = "data."  # a task's data provenance (source, folder, sizes, sha256)
 
 # ---- where and with what it ran ------------------------------------------------------------------
