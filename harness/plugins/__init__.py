@@ -50,6 +50,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.identity",
     "plugins.attention",
     "plugins.sorting",
+    "plugins.gradient_study",
     "plugins.identity_figures",
     "plugins.attention_figures",
     "plugins.sorting_figures",
