@@ -140,7 +140,7 @@ def study_metrics(
     if outcomes is not None:
         expected = (outcomes.log_probs.exp() * losses(outcomes.structures)).sum()
         exact = _gradient(expected, params)
-        out |= {"eval/expected_loss": float(expected), "eval/exact_norm": float(exact.norm())}
+        out |= {"eval/expected_loss": expected.item(), "eval/exact_norm": float(exact.norm())}
     for s in p["samples"]:
         estimates = []
         for _ in range(p["draws"]):
