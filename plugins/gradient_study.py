@@ -23,9 +23,9 @@ estimator parameter, so the preset sweeps it like any other.
 
 Before the draws the layer trains ``warmup`` forwards (no optimiser step) so that a running
 baseline holds a typical value; every draw then starts from that same state. The study is a cell
-like any other (the matrix, n/a, the store, the report), computed once at the first evaluation
-and repeated at the second; training is one step with a zero objective, which leaves the
-parameters where they are.
+like any other (the matrix, n/a, the store, the report): its one training step computes it (in
+training mode, from the cell's seed, putting the layer's state back) and returns a zero objective,
+which leaves the parameters where they are; the evaluation after it reports it.
 """
 
 from __future__ import annotations
@@ -91,16 +91,14 @@ class _Study(Task):
         found: dict[str, float] = {}
 
         def train_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+            if not found:  # once, in training mode; seeded apart, so whoever calls first gets the same
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(cell.seed)
+                    found.update(study_metrics(cell.layer, params, draw, losses, inputs, cell.params))
             return torch.stack([p.sum() for p in params]).sum() * 0.0, {}
 
         def evaluate() -> dict[str, float]:
-            if not found:
-                with torch.enable_grad(), torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(cell.seed)
-                    model.train()
-                    found.update(study_metrics(cell.layer, params, draw, losses, inputs, cell.params))
-                    model.eval()
-            return dict(found)
+            return dict(found)  # nothing before the first step computes it
 
         return TaskRun(
             model=model,
@@ -131,6 +129,7 @@ def study_metrics(
     p: Mapping[str, Any],
 ) -> dict[str, float]:
     """The study's numbers for one layer (see the module's docstring)."""
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
     for _ in range(p["warmup"]):
         layer.objective(draw(1)).detach()
     state = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -159,7 +158,7 @@ def study_metrics(
             out[f"eval/mse_s{s}"] = (bias2 + var) / scale
             if mean.norm() > 0 and exact.norm() > 0:
                 out[f"eval/cos_s{s}"] = float(mean @ exact / (mean.norm() * exact.norm()))
-    layer.load_state_dict(state)
+    layer.load_state_dict(before)
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 

@@ -88,6 +88,8 @@ def _study(task, est, params, tmp_path, **extra):
     torch.manual_seed(0)
     layer = est.build(spec, {**est.defaults, **params})
     run = task.setup(CellSetup(p, layer, kind, torch.device("cpu"), 0, tmp_path, spec))
+    assert run.evaluate() == {}  # before its step: nothing computed yet
+    run.train_step(0)
     return run.evaluate()
 
 
