@@ -76,6 +76,7 @@ STOPPED_TAG: Final = PREFIX + "stopped"
 #: and ``grad/layer/<stat>`` (harness.run.diagnostics) and ``time/diagnostics_s``, at the measured steps.
 DIAGNOSTICS_TAG: Final = PREFIX + "diagnostics"
 GRAD_METRIC_PREFIX: Final = "grad/"
+DIAGNOSTICS_COST: Final = "time/diagnostics_s"  # seconds per measurement; wall clock, so under time/
 DATA_TAG_PREFIX: Final = "data."  # a task's data provenance (source, folder, sizes, sha256)
 
 # ---- where and with what it ran ------------------------------------------------------------------

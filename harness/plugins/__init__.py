@@ -54,6 +54,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.identity_figures",
     "plugins.attention_figures",
     "plugins.sorting_figures",
+    "plugins.diagnostics_figures",
     "estimators.plugins.sparse",
     "estimators.plugins.reinforce",
     "estimators.plugins.gumbel_sinkhorn",

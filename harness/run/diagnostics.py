@@ -46,12 +46,11 @@ from torch import nn
 from estimators.base import StructureLayer
 from harness.errors import ConfigError
 from harness.task import TaskRun
-from reports.schema import GRAD_METRIC_PREFIX
+from reports.schema import DIAGNOSTICS_COST, GRAD_METRIC_PREFIX
 
 __all__ = ["DIAGNOSTICS_KEYS", "Diagnose", "Diagnostics", "diagnose_config", "gradient_statistics"]
 
 DIAGNOSTICS_KEYS = ("every", "draws")
-COST_METRIC = "time/diagnostics_s"  # wall clock: under ``time/``, never expected to replay equal
 _STREAM = 0x6772_6164  # "grad": keeps the diagnostics' seeds apart from every other stream
 
 
@@ -226,5 +225,5 @@ class Diagnostics:
                     stats["sampling_share"] = stats["var_sampling"] / total
                 prefix = f"{GRAD_METRIC_PREFIX}{name}/"
                 metrics |= {prefix + k: v for k, v in stats.items() if math.isfinite(v)}
-        metrics[COST_METRIC] = time.perf_counter() - started
+        metrics[DIAGNOSTICS_COST] = time.perf_counter() - started
         return metrics
