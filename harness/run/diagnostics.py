@@ -48,7 +48,14 @@ from harness.errors import ConfigError
 from harness.task import TaskRun
 from reports.schema import DIAGNOSTICS_COST, GRAD_METRIC_PREFIX
 
-__all__ = ["DIAGNOSTICS_KEYS", "Diagnose", "Diagnostics", "diagnose_config", "gradient_statistics"]
+__all__ = [
+    "DIAGNOSTICS_KEYS",
+    "Diagnose",
+    "Diagnostics",
+    "diagnose_config",
+    "gradient_statistics",
+    "structure_layer",
+]
 
 DIAGNOSTICS_KEYS = ("every", "draws")
 _STREAM = 0x6772_6164  # "grad": keeps the diagnostics' seeds apart from every other stream
