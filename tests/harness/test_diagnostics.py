@@ -170,6 +170,7 @@ def test_the_cli_logs_the_measurements_and_leaves_the_training_metrics_alone(
     steady = {k for k in off if not k.startswith(("time/", "summary/"))}
     assert steady and all(on[k] == off[k] for k in steady)
     assert histories["on_tags"]["sparsebench.diagnostics"] == "every=10 draws=3"
+    assert histories["on_tags"]["sparsebench.cell_id"] == histories["off_tags"]["sparsebench.cell_id"]
     assert "sparsebench.diagnostics" not in histories["off_tags"]
 
 
