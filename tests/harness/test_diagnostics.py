@@ -6,6 +6,7 @@ the ``[diagnostics]`` table through the CLI (metrics and tag in a real store, ba
 from __future__ import annotations
 
 import itertools
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +188,35 @@ def test_a_bad_diagnostics_value_is_one_line_and_exit_2(setting, message, store_
     assert main(_cli("--set", setting, "--dry-run")) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_a_resumed_cell_measures_and_trains_as_an_uninterrupted_one(
+    probe, tmp_path, monkeypatch, capsys, store_at, seeded
+):
+    """Diagnostics on, a signal mid-cell, a resume: every training, evaluation and ``grad/``
+    value equals the uninterrupted cell's, each step logged once."""
+    args = [
+        "run", "--task", "identity", "--estimator", "sparse_probe", "--plugin", "sb_probe",
+        "--no-progress", "--threads", "1", "--checkpoint-steps", "10",
+        "--set", "tasks.identity.variants=[{n = 8}]", "--set", "tasks.identity.steps=60",
+        "--set", "tasks.identity.eval_every=20", "--set", "tasks.identity.eval_samples=200",
+        "--set", "tasks.identity.snapshots=[]",
+        "--set", "diagnostics.every=15", "--set", "diagnostics.draws=2",
+    ]  # fmt: skip
+    monkeypatch.setenv("SPARSEBENCH_HOME", str(seeded(tmp_path / "reference")))
+    assert main(args) == 0
+    reference = store_at(tmp_path / "reference")
+    expected = reference.history(reference.cell().info.run_id)
+    assert [s for s, _ in expected["grad/all/rel_var"]] == [0, 15, 30, 45]
+
+    home = seeded(tmp_path / "resumed")
+    monkeypatch.setenv("SPARSEBENCH_HOME", str(home))
+    monkeypatch.setenv("SB_PROBE_SIGNAL", "SIGTERM:50")  # a training forward past step 30's measurement
+    assert main(args) == 128 + signal.SIGTERM
+    stopped = int(store_at(home).cell().data.tags["sparsebench.checkpoint_step"])
+    assert 30 < stopped < 45  # measured at 30 before the signal, at 45 only after the resume
+    monkeypatch.delenv("SB_PROBE_SIGNAL")
+    assert main(args) == 0
+    capsys.readouterr()
+    store = store_at(home)
+    assert store.history(store.cell().info.run_id) == expected
