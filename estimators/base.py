@@ -20,7 +20,9 @@ from estimators.params import KINDS, Kinds, ParamError, Parameters
 
 __all__ = [
     "KINDS",
+    "MAX_OUTCOMES",
     "Estimator",
+    "Outcomes",
     "FullImageReadout",
     "GlimpseLayer",
     "GlimpseSpec",
@@ -148,6 +150,23 @@ def _apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (matrix @ flat).view_as(x)
 
 
+#: The most outcomes ``StructureLayer.outcomes`` lists; a layer raises ``ValueError`` beyond it.
+MAX_OUTCOMES = 20_000
+
+
+@dataclass
+class Outcomes:
+    """A layer's own distribution, listed: every hard structure its training forward can draw for
+    the given inputs and the log-probability of drawing it. ``structures`` is ``(m, n, n)``
+    permutation matrices (``permutation``) or ``(m, *out_shape, *in_shape)`` weights
+    (``sparse_matrix``); ``log_probs`` is ``(m,)``, differentiable in the layer's parameters and
+    its inputs, so that the exact gradient of an expected loss is ``grad sum_j p_j L(structure_j)``.
+    """
+
+    structures: torch.Tensor
+    log_probs: torch.Tensor
+
+
 class StructureLayer(nn.Module):
     """Base for the layers estimators build.
 
@@ -163,6 +182,14 @@ class StructureLayer(nn.Module):
       *detached* losses: the gradient of the result with respect to ``per_sample_loss`` must stay
       the mean's (``1/b`` each), so the task's own networks train alike under every estimator.
     - ``snapshot()``: tensors worth logging as an artifact at set steps (means, sigmas, samples).
+    - ``outcomes(*inputs)``: the layer's distribution over hard structures, enumerated
+      (``Outcomes``), for the gradient study (``plugins.gradient_study``) to compute the exact
+      gradient of the expected loss that the layer's gradient estimates; ``inputs`` are one
+      instance's forward inputs (keys ``(1, n)`` or scores ``(1, n, n)`` for a ``permutation``;
+      none for a ``sparse_matrix``). The default, ``None``, declares no distribution (a
+      deterministic relaxation, or probabilities with no closed form): the study then reports
+      what is defined without one (variance) and marks the estimator. Small problems only: the
+      study keeps ``m`` in the hundreds.
     - ``scores_per_item`` (``permutation`` kind, ``source="keys"``): how many scores per item
       ``forward`` reads, 1 (a scalar key, the default) or the spec's ``n`` (one score per output
       position). Set it in ``__init__``; tasks size their scoring network's head by it, so one
@@ -179,6 +206,9 @@ class StructureLayer(nn.Module):
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {}
+
+    def outcomes(self, *inputs: torch.Tensor) -> Outcomes | None:
+        return None
 
 
 class GlimpseLayer(StructureLayer):

@@ -7,7 +7,8 @@ types against the defaults, choices, finite floats, the signs a plugin declares 
 over variants and ``[[overrides]]``: they are applied last.
 
 A task table or a variant may also hold ``resources`` (what one cell asks of a Ray node): kept
-on the ``Cell`` apart from its parameters, so it never changes a cell's id.
+on the ``Cell`` apart from its parameters, so it never changes a cell's id. So is the
+``[diagnostics]`` table (``harness.run.diagnostics``): it adds measurements, not a different result.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from harness.capacity import check_fits, machine_memory
 from harness.errors import ConfigError, UsageError
 from harness.plugins import REQUIRED_TASK_PARAMS as RUNNER_PARAMS
 from harness.plugins import Registry
+from harness.run.diagnostics import Diagnose, diagnose_config
 from harness.task import Task
 
 __all__ = ["ALL", "Cell", "Selection", "check_data", "choose_kind", "resolve_cells"]
@@ -67,6 +69,8 @@ class Cell:
     spec: Spec | None = field(default=None, compare=False)
     # what the cell asks of a Ray node; where it runs, not what it computes: not in ``resolved()``
     resources: dict[str, float] = field(default_factory=dict, compare=False)
+    # gradient measurements during training; they leave its training bit-identical: not in ``resolved()``
+    diagnose: Diagnose = field(default_factory=Diagnose, compare=False)
 
     @property
     def name(self) -> str:
@@ -248,6 +252,7 @@ def resolve_cells(
         registry.estimators,
         "estimator",
     )
+    diagnose = diagnose_config(config.get("diagnostics"))
     seeds = list(selection.seeds) or matrix.get("seeds", [0])
     if not isinstance(seeds, list) or not all(
         isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds
@@ -318,7 +323,9 @@ def resolve_cells(
                     task_name, label, vparams, est_name, est_base[est_name], seeds, registry, overrides,
                     forced_task, forced_ests.get(est_name, {}),
                 ):
-                    cells.setdefault(cell.cell_id, dataclasses.replace(cell, resources=resources))
+                    cells.setdefault(
+                        cell.cell_id, dataclasses.replace(cell, resources=resources, diagnose=diagnose)
+                    )
     if not cells:
         raise ConfigError("the selection matches no cell: check --task, --estimator and --size")
     return list(cells.values())

@@ -109,6 +109,9 @@ class TaskRun:
       and restores it before a resumed cell's first step, and a resumed cell must then train
       exactly as an uninterrupted one: a task whose batches are not a pure function of the step
       must provide both. Tensors, numbers, strings and lists/dicts of them only.
+      Gradient diagnostics (``harness.run.diagnostics``) rely on the same: they call
+      ``load_state_dict(state_dict())`` and then ``train_step(step)`` again (and ``step + 1``, ...)
+      to draw extra gradients, and put everything back afterwards.
     - ``target``: the goal an evaluation may meet (``Target``); the loop logs the first step it
       was met at. ``stop_after`` > 0 ends the cell once the target has held for that many
       evaluations in a row (0: train the full ``steps``).

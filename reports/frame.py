@@ -154,7 +154,8 @@ def _history(client: MlflowClient, run_id: str, key: str) -> pd.DataFrame:
 
 def _cell_frame(client: MlflowClient, run: pd.Series, keys: list[str]) -> pd.DataFrame:
     """The evaluation rows of one cell; train metrics are taken at the latest step <= each row's."""
-    row_keys = [k for k in keys if k.startswith(_ROW_PREFIXES)]
+    # the diagnostics' cost is logged at measured steps, not evaluations: no rows of its own
+    row_keys = [k for k in keys if k.startswith(_ROW_PREFIXES) and k != schema.DIAGNOSTICS_COST]
     if row_keys:
         cell = _history(client, run["run_id"], row_keys[0])
         for key in row_keys[1:]:

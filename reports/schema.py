@@ -73,6 +73,11 @@ TARGET_TAG: Final = PREFIX + "target"  # the task's target on a val metric, e.g.
 #: On a cell the stop rule ended early: why ("solved for K evaluations (val/mse <= 0)"); the
 #: step is the metric ``summary/stopped_step``, the first step that met the target ``summary/target_step``.
 STOPPED_TAG: Final = PREFIX + "stopped"
+#: On a cell measured with ``[diagnostics]``: "every=E draws=R". Its metrics are ``grad/all/<stat>``
+#: and ``grad/layer/<stat>`` (harness.run.diagnostics) and ``time/diagnostics_s``, at the measured steps.
+DIAGNOSTICS_TAG: Final = PREFIX + "diagnostics"
+GRAD_METRIC_PREFIX: Final = "grad/"
+DIAGNOSTICS_COST: Final = "time/diagnostics_s"  # seconds per measurement; wall clock, so under time/
 DATA_TAG_PREFIX: Final = "data."  # a task's data provenance (source, folder, sizes, sha256)
 
 # ---- where and with what it ran ------------------------------------------------------------------

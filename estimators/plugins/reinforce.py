@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
@@ -23,9 +24,11 @@ from torch import Tensor, nn
 from torch.special import log_ndtr
 
 from estimators.base import (
+    MAX_OUTCOMES,
     Estimator,
     GlimpseLayer,
     GlimpseSpec,
+    Outcomes,
     PermutationOutput,
     PermutationSpec,
     SparseMatrixSpec,
@@ -272,6 +275,26 @@ class ReinforceMatrixLayer(StructureLayer):
         which = torch.arange(b, device=x.device) % draws_n  # (b,)
         return sparse_mv(x, draws[which], values.expand(b, -1), self.in_shape, self.out_shape)
 
+    def outcomes(self, *inputs: Tensor) -> Outcomes:
+        """Every draw of the k integer tuples (each the rounded, clamped Gaussian sample of its
+        continuous tuple, independently) with its probability: the distribution REINFORCE's
+        score estimates the gradient under, whichever ``log_prob`` form the score uses."""
+        cells = torch.cartesian_prod(*(torch.arange(h) for h in self.shape)).reshape(-1, len(self.shape))
+        k = self.means_raw.shape[0]
+        if cells.shape[0] ** k > MAX_OUTCOMES:
+            raise ValueError(f"{cells.shape[0]}^{k} outcomes is too many to list (at most {MAX_OUTCOMES})")
+        cells = cells.to(self.means_raw.device)
+        means, sigmas = self.means(), self.sigmas()  # (k, r)
+        table = discretised_log_prob(cells[:, None, :], means, sigmas, self.shape)  # (cells, k)
+        pick = torch.cartesian_prod(*(torch.arange(len(cells)) for _ in range(k))).reshape(-1, k)
+        log_probs = table.gather(0, pick.to(table.device)).sum(-1)  # (m,)
+        flat = torch.zeros(len(pick), math.prod(self.shape), dtype=means.dtype, device=means.device)
+        strides = torch.tensor([math.prod(self.shape[d + 1 :]) for d in range(len(self.shape))])
+        where = (cells[pick.to(cells.device)] * strides.to(cells.device)).sum(-1)  # (m, k) flat index
+        flat = flat.index_put((torch.arange(len(pick))[:, None].expand_as(where), where),
+                              self.values.expand(len(pick), -1), accumulate=True)
+        return Outcomes(flat.reshape(len(pick), *self.shape), log_probs)
+
     def objective(self, per_sample_loss: Tensor) -> Tensor:
         loss = per_sample_loss.mean()
         if self._log_prob is None:  # eval, or the surrogate was already used
@@ -477,6 +500,16 @@ class PlackettLuceLayer(StructureLayer):
                 self.updates.add_(1)
         self._log_prob = None  # one objective per forward
         return per_sample_loss.mean() + surrogate
+
+    def outcomes(self, *inputs: torch.Tensor) -> Outcomes:
+        """All ``n!`` orderings of one instance's keys ``(1, n)`` under Plackett-Luce."""
+        (keys,) = inputs
+        n = self.spec.n
+        if math.factorial(n) > MAX_OUTCOMES:
+            raise ValueError(f"{n}! orderings is too many to list (at most {MAX_OUTCOMES})")
+        perms = torch.tensor(list(itertools.permutations(range(n))), device=keys.device)  # (n!, n)
+        log_probs = plackett_luce_log_prob(keys.reshape(1, n).expand(len(perms), n), perms)
+        return Outcomes(perm_matrix(perms, keys.dtype), log_probs)
 
     def baseline(self) -> torch.Tensor:
         """The current (detached) baseline, a scalar."""

@@ -9,7 +9,9 @@ registration fields and defaults, ``check(defaults)``, ``unsupported()`` agreein
 gradients reaching its parameters (or the keys, scores and boxes it is fed; a permutation layer
 with ``scores_per_item = n`` gets ``n`` scores per item), ``objective()`` per the
 contract, a deterministic ``eval()``, registered tensors and a ``state_dict`` that rebuilds it;
-finally a few real training steps on every built-in task it can serve (``Task.smoke`` sizes).
+finally a few real training steps on every built-in task it can serve (``Task.smoke`` sizes),
+then the gradient diagnostics (``harness.run.diagnostics``) on that smoke cell, whose numbers the
+check prints (the built-in gradient-study tasks among them give the study's numbers).
 For a task: registration fields, ``check``, ``spec`` for each kind, and the same training steps
 with every built-in estimator that serves it.
 
@@ -47,14 +49,17 @@ from estimators.params import kinds_problem
 from harness.errors import UsageError
 from harness.matrix import choose_kind
 from harness.plugins import DEFAULT_PLUGINS, NAME, REQUIRED_TASK_PARAMS, Registry
+from harness.run.diagnostics import Diagnose, Diagnostics
 from harness.run.loop import BadObjective, Diverged, Loop
-from harness.task import CellSetup, Task
+from harness.task import CellSetup, Task, TaskRun
 
 __all__ = ["PROBES", "Check", "Report", "check_estimator", "check_plugin", "check_task"]
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 BATCH = 3
 SMOKE_STEPS = 3
+SMOKE_DIAGNOSE = Diagnose(every=1, draws=4)  # the gradient diagnostics after the smoke training
+DIAGNOSED = ("rel_var", "snr", "cosine", "sampling_share")  # what the check prints of them
 
 #: The small specs every estimator is tried on: a spec per kind and the variants tasks ask for.
 PROBES: tuple[Spec, ...] = (
@@ -593,7 +598,20 @@ def _train(task: Task, est: Estimator, cache: Path) -> str:
             raise _Failed(f"evaluate() gave no finite {key}: {first}")
     if first != second:
         raise _Failed(f"evaluate() twice gave different metrics: {first} then {second}")
-    return f"{kind}, {steps} steps, {metric} {first[metric]:.4g}, evaluate() repeats"
+    return f"{kind}, {steps} steps, {metric} {first[metric]:.4g}, evaluate() repeats; {_diagnose(run, steps)}"
+
+
+def _diagnose(run: TaskRun, step: int) -> str:
+    """The gradient diagnostics at the trained smoke cell, as a plugin author reads them."""
+    try:
+        with _seeded(0):
+            found = Diagnostics(SMOKE_DIAGNOSE, 0).measure(run, step)
+    except Exception as e:
+        why = f"{type(e).__name__}: {e}{_where(e)}"
+        raise _Failed(f"gradient diagnostics (train_step({step}) called again): {why}") from e
+    shown = [f"{name} {found[f'grad/all/{name}']:.3g}" for name in DIAGNOSED if f"grad/all/{name}" in found]
+    cost = found["time/diagnostics_s"]
+    return f"gradients ({SMOKE_DIAGNOSE.draws} draws): {', '.join(shown) or 'all zero'} ({cost:.2f} s)"
 
 
 class _Skipped(Exception):

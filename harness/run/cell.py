@@ -34,6 +34,7 @@ from estimators.base import Unsupported
 from harness.errors import UsageError
 from harness.matrix import Cell
 from harness.plugins import Registry
+from harness.run.diagnostics import Diagnostics
 from harness.run.loop import Diverged, Hooks, Loop
 from harness.signals import Interrupted, SignalGuard
 from harness.store.checkpoint import (
@@ -51,6 +52,7 @@ from harness.store.tracking import Tracker
 from harness.task import CellSetup, TaskRun
 from reports.schema import (
     CHECKPOINT_STEP_TAG,
+    DIAGNOSTICS_TAG,
     DIVERGED,
     FAILED,
     FINISHED,
@@ -310,7 +312,10 @@ class _Training(Hooks):
         if not self.job.resume:  # a resumed run already records its dataset
             self.tracker.log_dataset(self.run_id, run.provenance)
         run.model.to(device)
-        self.loop = Loop(run, cell.task_params["lr"], self)
+        diagnostics = Diagnostics(cell.diagnose, cell.seed) if cell.diagnose.on else None
+        if diagnostics is not None:
+            self.tracker.set_tags(self.run_id, {DIAGNOSTICS_TAG: str(cell.diagnose)})
+        self.loop = Loop(run, cell.task_params["lr"], self, diagnostics)
         return run
 
     def run(self) -> CellResult:
@@ -403,6 +408,9 @@ class _Training(Hooks):
         self.pending.clear()
         if self.progress:
             self.progress.evaluated(step, metrics)
+
+    def diagnosed(self, step: int, metrics: dict[str, float]) -> None:
+        self.pending.append((step, metrics))  # sent with the next evaluation's rows
 
     def advanced(self, loss: float) -> None:
         if self.progress:

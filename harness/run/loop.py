@@ -23,6 +23,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
+from harness.run.diagnostics import Diagnostics
 from harness.task import TaskRun, evaluating
 
 __all__ = ["BadObjective", "Diverged", "Hooks", "Loop"]
@@ -67,6 +68,9 @@ class Hooks:
     def advanced(self, loss: float) -> None:
         """At the very end of a step."""
 
+    def diagnosed(self, step: int, metrics: dict[str, float]) -> None:
+        """After a gradient measurement (``harness.run.diagnostics``) at ``step``, before it trains."""
+
 
 def _finite(values: Mapping[str, float], step: int, during: str) -> None:
     if not all(math.isfinite(value) for value in values.values()):
@@ -74,10 +78,16 @@ def _finite(values: Mapping[str, float], step: int, during: str) -> None:
 
 
 class Loop:
-    """``Loop(run, lr, hooks).train()``; ``step`` is the number of steps taken (a resume sets it)."""
+    """``Loop(run, lr, hooks).train()``; ``step`` is the number of steps taken (a resume sets it).
 
-    def __init__(self, run: TaskRun, lr: float, hooks: Hooks | None = None) -> None:
-        self.run, self.hooks = run, hooks or Hooks()
+    ``diagnostics`` (``harness.run.diagnostics``): measure the gradients before each step it makes
+    due, after that step's snapshot; it puts back everything it draws from or changes, so the
+    training it interleaves with is bit-identical to the training without it."""
+
+    def __init__(
+        self, run: TaskRun, lr: float, hooks: Hooks | None = None, diagnostics: Diagnostics | None = None
+    ) -> None:
+        self.run, self.hooks, self.diagnostics = run, hooks or Hooks(), diagnostics
         self.optimiser = torch.optim.Adam(run.model.parameters(), lr=lr)
         self.step = 0
         self.streak = 0  # evaluations in a row that met the task's target
@@ -131,6 +141,8 @@ class Loop:
             with hooks.section():
                 if step in run.snapshot_steps:
                     hooks.snapshot(step)
+                if self.diagnostics is not None and self.diagnostics.due(step):
+                    hooks.diagnosed(step, self.diagnostics.measure(run, step))
                 objective, metrics = run.train_step(step)
                 if not isinstance(objective, torch.Tensor) or objective.dim() != 0:
                     raise BadObjective(f"train_step returned objective {objective!r}, not a 0-dim tensor")

@@ -1,0 +1,241 @@
+"""The gradient study: each estimator's gradient against the exact one, on problems small enough to
+list every outcome (``sparsebench run --preset gradient-study``).
+
+Two tasks, one per structure kind with a listable support:
+
+- ``study_permutation``: sort ``n <= 5`` fixed values by learned keys ``theta`` (``(1, n)``, or
+  ``(1, n, n)`` scores for a layer reading one score per output position); the loss of a
+  permutation ``P`` is ``mean((P x - sorted(x))^2)``.
+- ``study_matrix``: a learned ``n x n`` sparse matrix with ``k`` tuples (``(n^2)^k`` outcomes)
+  applied to one fixed vector ``x``; the loss of ``W`` is ``mean((W x - x)^2)`` (the identity task's).
+
+The exact gradient is that of the expected loss under the layer's own distribution,
+``grad sum_j p_j L(structure_j)``, from ``StructureLayer.outcomes`` (the layer lists its outcomes
+and their log-probabilities); a layer that declares none (a deterministic relaxation, or
+probabilities with no closed form) gets no bias, only what is defined without it, and
+``eval/declared = 0`` marks it. An estimate from S samples is the gradient of the layer's own
+``objective`` on a batch of S copies of the instance (one structure drawn per instance), exactly as
+training takes it; ``draws`` such estimates give, for each S in ``samples``, the variance
+``tr Cov``, the squared bias ``||E g - g*||^2`` (less the ``var / draws`` its estimate carries, so it
+is unbiased) and their sum, the mean squared error, all relative to ``||g*||^2`` (to ``||E g||^2``
+without a distribution); and the cosine of ``E g`` to ``g*``. A relaxation's temperature is an
+estimator parameter, so the preset sweeps it like any other.
+
+Before the draws the layer trains ``warmup`` forwards (no optimiser step) so that a running
+baseline holds a typical value; every draw then starts from that same state. The study is a cell
+like any other (the matrix, n/a, the store, the report): its one training step computes it (in
+training mode, from the cell's seed, putting the layer's state back) and returns a zero objective,
+which leaves the parameters where they are; the evaluation after it reports it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from estimators.base import (
+    PermutationOutput,
+    PermutationSpec,
+    SparseMatrixSpec,
+    Spec,
+    StructureLayer,
+    hookimpl,
+)
+from harness.task import CellSetup, Task, TaskRun
+
+__all__ = ["MatrixStudy", "PermutationStudy", "register_tasks", "study_metrics"]
+
+#: (the model, S -> per-sample losses of S fresh draws (S,), structures -> their losses (m,), inputs
+#: of one instance for ``StructureLayer.outcomes``)
+Problem = tuple[nn.Module, Callable[[int], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], tuple]
+
+_COMMON: Mapping[str, Any] = {
+    "steps": 1,
+    "eval_every": 1,
+    "lr": 0.001,  # the runner's; the objective is zero, so nothing moves
+    "batch_size": 1,
+    "draws": 200,  # estimates per sample count
+    "samples": [1, 4, 16],  # S: structures per estimate
+    "warmup": 20,  # training forwards before the draws, for running baselines
+}
+
+
+class _Study(Task):
+    """What both studies share: the parameters, the metrics and the cell's shape."""
+
+    primary_metric = "eval/var_s1"
+    size_key = "n"
+    resources: Mapping[str, float] = {"num_cpus": 1, "num_gpus": 0.0}
+
+    def expected_seconds(self, params: Mapping[str, Any]) -> float:
+        return 0.002 * params["draws"] * sum(params["samples"])
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        if not params["samples"] or min(params["samples"]) < 1:
+            raise ValueError(f"samples = {params['samples']!r}: give sample counts >= 1")
+        if params["draws"] < 2:
+            raise ValueError(f"draws = {params['draws']}: the variance needs at least 2")
+
+    def problem(self, cell: CellSetup, gen: torch.Generator) -> Problem:
+        raise NotImplementedError
+
+    def setup(self, cell: CellSetup) -> TaskRun:
+        gen = torch.Generator().manual_seed(cell.seed)
+        model, draw, losses, inputs = self.problem(cell, gen)
+        model.to(cell.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        found: dict[str, float] = {}
+
+        def train_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+            if not found:  # once, in training mode; seeded apart, so whoever calls first gets the same
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(cell.seed)
+                    found.update(study_metrics(cell.layer, params, draw, losses, inputs, cell.params))
+            return torch.stack([p.sum() for p in params]).sum() * 0.0, {}
+
+        def evaluate() -> dict[str, float]:
+            return dict(found)  # nothing before the first step computes it
+
+        return TaskRun(
+            model=model,
+            steps=cell.params["steps"],
+            eval_every=cell.params["eval_every"],
+            train_step=train_step,
+            evaluate=evaluate,
+            provenance={"data.source": f"synthetic-{self.name}"},
+        )
+
+
+def _gradient(value: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+    if not value.requires_grad:
+        return torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    return torch.cat([
+        (g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+        for g, p in zip(grads, params, strict=True)
+    ])  # fmt: skip
+
+
+def study_metrics(
+    layer: StructureLayer,
+    params: list[nn.Parameter],
+    draw: Callable[[int], torch.Tensor],
+    losses: Callable[[torch.Tensor], torch.Tensor],
+    inputs: tuple,
+    p: Mapping[str, Any],
+) -> dict[str, float]:
+    """The study's numbers for one layer (see the module's docstring)."""
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for _ in range(p["warmup"]):
+        layer.objective(draw(1)).detach()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    outcomes = layer.outcomes(*inputs)
+    out: dict[str, float] = {"eval/declared": float(outcomes is not None)}
+    exact = None
+    if outcomes is not None:
+        expected = (outcomes.log_probs.exp() * losses(outcomes.structures)).sum()
+        exact = _gradient(expected, params)
+        out |= {"eval/expected_loss": expected.item(), "eval/exact_norm": float(exact.norm())}
+    for s in p["samples"]:
+        estimates = []
+        for _ in range(p["draws"]):
+            layer.load_state_dict(state)
+            estimates.append(_gradient(layer.objective(draw(s)), params))
+        g = torch.stack(estimates)  # (draws, d)
+        mean = g.mean(0)
+        var = float(((g - mean) ** 2).sum(1).mean() * p["draws"] / (p["draws"] - 1))
+        scale = float(exact @ exact) if exact is not None else float(mean @ mean)
+        if scale <= 0:
+            scale = 1.0  # nothing to be relative to: absolute numbers
+        out[f"eval/var_s{s}"] = var / scale
+        if exact is not None:
+            bias2 = max(float((mean - exact) @ (mean - exact)) - var / p["draws"], 0.0)
+            out[f"eval/bias2_s{s}"] = bias2 / scale
+            out[f"eval/mse_s{s}"] = (bias2 + var) / scale
+            if mean.norm() > 0 and exact.norm() > 0:
+                out[f"eval/cos_s{s}"] = float(mean @ exact / (mean.norm() * exact.norm()))
+    layer.load_state_dict(before)
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+class PermutationStudy(_Study):
+    name = "study_permutation"
+    description = "gradient study: sort n <= 5 values by learned keys, every ordering listed"
+    kinds = ("permutation",)
+    defaults: Mapping[str, Any] = {**_COMMON, "n": 4}
+    smoke: Mapping[str, Any] = {"n": 4, "draws": 4, "samples": [1, 2], "warmup": 2}
+    positive = ("n", "steps", "eval_every", "lr", "batch_size", "draws", "samples")
+    non_negative = ("warmup",)
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        super().check(params)
+        if params["n"] > 5:
+            raise ValueError(f"n = {params['n']}: the study lists all n! orderings, n <= 5")
+
+    def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
+        return PermutationSpec(n=params["n"], source="keys")
+
+    def problem(self, cell: CellSetup, gen: torch.Generator) -> Problem:
+        n, layer, device = cell.params["n"], cell.layer, cell.device
+        shape = (1, n) if layer.scores_per_item == 1 else (1, n, n)
+        model = _Keys(torch.randn(shape, generator=gen), layer)
+        x = torch.randn(n, generator=gen).to(device)
+        target = x.sort().values
+
+        def losses(matrices: torch.Tensor) -> torch.Tensor:  # (m, n, n) -> (m,)
+            return ((matrices @ x - target) ** 2).mean(-1)
+
+        def draw(s: int) -> torch.Tensor:
+            out: PermutationOutput = layer(model.theta.expand(s, *shape[1:]))
+            return losses(out.matrix)
+
+        return model, draw, losses, (model.theta,)
+
+
+class _Keys(nn.Module):
+    """The learned keys (or scores) and the layer: the study's model."""
+
+    def __init__(self, theta: torch.Tensor, layer: StructureLayer) -> None:
+        super().__init__()
+        self.theta, self.layer = nn.Parameter(theta), layer
+
+
+class MatrixStudy(_Study):
+    name = "study_matrix"
+    description = "gradient study: an n x n sparse matrix of k tuples on one vector, every draw listed"
+    kinds = ("sparse_matrix",)
+    defaults: Mapping[str, Any] = {**_COMMON, "n": 3, "k": 2}
+    smoke: Mapping[str, Any] = {"n": 2, "k": 2, "draws": 4, "samples": [1, 2], "warmup": 2}
+    positive = ("n", "k", "steps", "eval_every", "lr", "batch_size", "draws", "samples")
+    non_negative = ("warmup",)
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        super().check(params)
+        if params["n"] ** (2 * params["k"]) > 20_000:
+            raise ValueError(f"n = {params['n']}, k = {params['k']}: (n^2)^k outcomes, at most 20,000")
+
+    def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
+        n = params["n"]
+        return SparseMatrixSpec(in_shape=(n,), out_shape=(n,), k=params["k"])
+
+    def problem(self, cell: CellSetup, gen: torch.Generator) -> Problem:
+        n, layer = cell.params["n"], cell.layer
+        x = torch.randn(1, n, generator=gen).to(cell.device)
+
+        def losses(weights: torch.Tensor) -> torch.Tensor:  # (m, n, n) -> (m,)
+            return ((weights @ x[0] - x[0]) ** 2).mean(-1)
+
+        def draw(s: int) -> torch.Tensor:
+            return ((layer(x.expand(s, n)) - x) ** 2).mean(-1)
+
+        return layer, draw, losses, ()
+
+
+@hookimpl
+def register_tasks(register: Callable[[Task], None]) -> None:
+    register(PermutationStudy())
+    register(MatrixStudy())

@@ -1,0 +1,50 @@
+"""The gradient report items from a store that real runs wrote: the training diagnostics' figure and
+table (one line per estimator, a deterministic layer shown as zero variance, not dropped) and the
+gradient study's bias-variance figure and table (an estimator without a distribution marked)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from harness.cli import main
+
+COMMON = ["--no-progress", "--threads", "1"]
+
+
+def test_the_report_draws_the_gradient_figures_and_marks_what_has_no_distribution(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SPARSEBENCH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main([
+        "run", "--task", "identity", "--estimator", "reinforce", "--estimator", "dense", *COMMON,
+        "--set", "tasks.identity.variants=[{n = 4}]", "--set", "tasks.identity.steps=20",
+        "--set", "tasks.identity.eval_every=10", "--set", "tasks.identity.eval_samples=64",
+        "--set", "tasks.identity.snapshots=[]",
+        "--set", "diagnostics.every=10", "--set", "diagnostics.draws=3",
+    ]) == 0  # fmt: skip
+    assert main([
+        "run", "--preset", "gradient-study", "--task", "study_permutation", "--size", "3",
+        "--estimator", "reinforce", "--estimator", "dense", *COMMON,
+        "--set", "tasks.study_permutation.draws=20", "--set", "tasks.study_permutation.samples=[1, 4]",
+        "--set", "estimators.dense.tau=1.0",
+    ]) == 0  # fmt: skip
+    out = tmp_path / "report"
+    assert main(["report", "--out", str(out)]) == 0
+    for stem in ("grad_identity", "gradient_study_permutation"):
+        assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.svg").exists()
+    training = pd.read_csv(out / "grad_identity_table.csv")
+    assert set(training["estimator"]) == {"reinforce", "dense"}
+    dense = training[training["estimator"].eq("dense")].iloc[0]
+    assert dense["rel_var"] == 0.0 and dense["sampling_share"] == 0.0  # deterministic: no sampling noise
+    reinforce = training[training["estimator"].eq("reinforce")].iloc[0]
+    assert reinforce["rel_var"] > 0 and reinforce["seconds per measurement"] > 0
+    study = pd.read_csv(out / "gradient_study_permutation_table.csv")
+    assert set(study["estimator"]) == {"reinforce", "dense (no distribution)"}
+    assert sorted(study["samples"].unique()) == [1, 4]
+    marked = study[study["estimator"].eq("dense (no distribution)")]
+    assert marked["variance"].eq(0.0).all() and marked["bias2"].isna().all()
+    declared = study[study["estimator"].eq("reinforce")]
+    assert declared["mse"].notna().all() and (declared["variance"] > 0).all()
+    page = (out / "index.html").read_text()
+    assert "Gradient diagnostics: identity" in page and "Gradient study: study_permutation" in page
