@@ -117,8 +117,8 @@ def study_table(runs: pd.DataFrame) -> pd.DataFrame:
 
     rows = []
     for _, run in runs[runs["status"].eq("finished")].iterrows():
-        metrics = {k.removeprefix("metrics.eval/"): v for k, v in run.items()
-                   if k.startswith("metrics.eval/") and pd.notna(v)}
+        metrics = {k.removeprefix("metrics.test/"): v for k, v in run.items()
+                   if k.startswith("metrics.test/") and pd.notna(v)}
         declared = metrics.get("declared", 0.0) == 1.0
         counts = sorted({int(k.removeprefix("var_s")) for k in metrics if k.startswith("var_s")})
         for s in counts:

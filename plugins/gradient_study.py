@@ -13,7 +13,7 @@ The exact gradient is that of the expected loss under the layer's own distributi
 ``grad sum_j p_j L(structure_j)``, from ``StructureLayer.outcomes`` (the layer lists its outcomes
 and their log-probabilities); a layer that declares none (a deterministic relaxation, or
 probabilities with no closed form) gets no bias, only what is defined without it, and
-``eval/declared = 0`` marks it. An estimate from S samples is the gradient of the layer's own
+``test/declared = 0`` marks it. An estimate from S samples is the gradient of the layer's own
 ``objective`` on a batch of S copies of the instance (one structure drawn per instance), exactly as
 training takes it; ``draws`` such estimates give, for each S in ``samples``, the variance
 ``tr Cov``, the squared bias ``||E g - g*||^2`` (less the ``var / draws`` its estimate carries, so it
@@ -25,7 +25,9 @@ Before the draws the layer trains ``warmup`` forwards (no optimiser step) so tha
 baseline holds a typical value; every draw then starts from that same state. The study is a cell
 like any other (the matrix, n/a, the store, the report): its one training step computes it (in
 training mode, from the cell's seed, putting the layer's state back) and returns a zero objective,
-which leaves the parameters where they are; the evaluation after it reports it.
+which leaves the parameters where they are; the evaluation after it reports it. The numbers come
+twice, from two independent seeds of draws: ``test/*`` from the cell's seed and ``val/*`` from the
+next, so that a sweep (a relaxation's temperature) is chosen on draws the reported numbers never saw.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ _COMMON: Mapping[str, Any] = {
 class _Study(Task):
     """What both studies share: the parameters, the metrics and the cell's shape."""
 
-    primary_metric = "eval/var_s1"
+    primary_metric = "test/var_s1"
+    select_metric = "val/var_s1"
     size_key = "n"
     resources: Mapping[str, float] = {"num_cpus": 1, "num_gpus": 0.0}
 
@@ -92,9 +95,10 @@ class _Study(Task):
 
         def train_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
             if not found:  # once, in training mode; seeded apart, so whoever calls first gets the same
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(cell.seed)
-                    found.update(study_metrics(cell.layer, params, draw, losses, inputs, cell.params))
+                for split, seed in (("test", cell.seed), ("val", cell.seed + 1)):
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(seed)
+                        found.update(study_metrics(cell.layer, params, draw, losses, inputs, cell.params, split))
             return torch.stack([p.sum() for p in params]).sum() * 0.0, {}
 
         def evaluate() -> dict[str, float]:
@@ -127,19 +131,20 @@ def study_metrics(
     losses: Callable[[torch.Tensor], torch.Tensor],
     inputs: tuple,
     p: Mapping[str, Any],
+    split: str = "test",
 ) -> dict[str, float]:
-    """The study's numbers for one layer (see the module's docstring)."""
+    """The study's numbers for one layer (see the module's docstring), as ``<split>/<statistic>``."""
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     for _ in range(p["warmup"]):
         layer.objective(draw(1)).detach()
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     outcomes = layer.outcomes(*inputs)
-    out: dict[str, float] = {"eval/declared": float(outcomes is not None)}
+    out: dict[str, float] = {f"{split}/declared": float(outcomes is not None)}
     exact = None
     if outcomes is not None:
         expected = (outcomes.log_probs.exp() * losses(outcomes.structures)).sum()
         exact = _gradient(expected, params)
-        out |= {"eval/expected_loss": expected.item(), "eval/exact_norm": float(exact.norm())}
+        out |= {f"{split}/expected_loss": expected.item(), f"{split}/exact_norm": float(exact.norm())}
     for s in p["samples"]:
         estimates = []
         for _ in range(p["draws"]):
@@ -151,13 +156,13 @@ def study_metrics(
         scale = float(exact @ exact) if exact is not None else float(mean @ mean)
         if scale <= 0:
             scale = 1.0  # nothing to be relative to: absolute numbers
-        out[f"eval/var_s{s}"] = var / scale
+        out[f"{split}/var_s{s}"] = var / scale
         if exact is not None:
             bias2 = max(float((mean - exact) @ (mean - exact)) - var / p["draws"], 0.0)
-            out[f"eval/bias2_s{s}"] = bias2 / scale
-            out[f"eval/mse_s{s}"] = (bias2 + var) / scale
+            out[f"{split}/bias2_s{s}"] = bias2 / scale
+            out[f"{split}/mse_s{s}"] = (bias2 + var) / scale
             if mean.norm() > 0 and exact.norm() > 0:
-                out[f"eval/cos_s{s}"] = float(mean @ exact / (mean.norm() * exact.norm()))
+                out[f"{split}/cos_s{s}"] = float(mean @ exact / (mean.norm() * exact.norm()))
     layer.load_state_dict(before)
     return {k: v for k, v in out.items() if math.isfinite(v)}
 

@@ -95,23 +95,23 @@ def _study(task, est, params, tmp_path, **extra):
 
 def test_reinforce_is_unbiased_and_its_variance_falls_like_one_over_s(tmp_path):
     found = _study(PermutationStudy(), REINFORCE, {}, tmp_path, n=4, draws=300, samples=[1, 16])
-    assert found["eval/declared"] == 1.0
-    assert found["eval/bias2_s16"] < 0.05 * found["eval/var_s16"] + 1e-3  # bias within its noise
-    assert 8 < found["eval/var_s1"] / found["eval/var_s16"] < 32  # 16x fewer: 1/S
-    assert found["eval/cos_s16"] > 0.9
-    assert found["eval/mse_s1"] == pytest.approx(found["eval/var_s1"] + found["eval/bias2_s1"])
+    assert found["test/declared"] == 1.0
+    assert found["test/bias2_s16"] < 0.05 * found["test/var_s16"] + 1e-3  # bias within its noise
+    assert 8 < found["test/var_s1"] / found["test/var_s16"] < 32  # 16x fewer: 1/S
+    assert found["test/cos_s16"] > 0.9
+    assert found["test/mse_s1"] == pytest.approx(found["test/var_s1"] + found["test/bias2_s1"])
 
 
 def test_reinforce_on_the_matrix_agrees_with_its_listed_gradient(tmp_path):
     found = _study(MatrixStudy(), REINFORCE, {}, tmp_path, n=2, k=2, draws=300, samples=[16])
-    assert found["eval/declared"] == 1.0 and found["eval/cos_s16"] > 0.9
+    assert found["test/declared"] == 1.0 and found["test/cos_s16"] > 0.9
 
 
 def test_a_relaxation_without_a_distribution_is_marked_and_shows_its_variance(tmp_path):
     found = _study(PermutationStudy(), DenseEstimator(), {"tau": 0.3}, tmp_path, n=3, draws=5, samples=[1])
-    assert found["eval/declared"] == 0.0
-    assert found["eval/var_s1"] == 0.0  # deterministic: every estimate the same
-    assert "eval/bias2_s1" not in found and "eval/mse_s1" not in found
+    assert found["test/declared"] == 0.0
+    assert found["test/var_s1"] == 0.0  # deterministic: every estimate the same
+    assert "test/bias2_s1" not in found and "test/mse_s1" not in found
 
 
 def test_the_study_sizes_are_checked():
