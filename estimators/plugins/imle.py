@@ -190,13 +190,13 @@ class ImleMatrixLayer(StructureLayer):
         self.matrix.check(x)
         scores, k = self.matrix.scores, self.matrix.k
         if not self.training:
-            return self.matrix.apply(x, topk_mask(scores.detach(), k))
+            return self.matrix.product(x, topk_mask(scores.detach(), k))
         theta = scores.expand(x.shape[0], -1)  # (b, entries): each instance its own draws
         shape = (self.samples, *theta.shape)
         gumbel = self.noise == "gumbel"
         eps = _gumbel(shape, theta) if gumbel else sum_of_gamma_noise(shape, k, theta)
         mask = imle_topk(theta, self.tau * eps, k, self.lam, self.scale_grad)
-        return self.matrix.apply(x, mask)
+        return self.matrix.product(x, mask)
 
     def snapshot(self) -> dict[str, Tensor]:
         return self.matrix.snapshot()

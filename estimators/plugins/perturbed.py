@@ -110,10 +110,10 @@ class PerturbedMatrixLayer(StructureLayer):
         self.matrix.check(x)
         scores, k = self.matrix.scores, self.matrix.k
         if not self.training:
-            return self.matrix.apply(x, topk_mask(scores.detach(), k))
+            return self.matrix.product(x, topk_mask(scores.detach(), k))
         theta = scores.expand(x.shape[0], -1)  # (b, entries): each instance its own draws
         mask = perturbed(theta, lambda s: topk_mask(s, k), self.samples, self.sigma, generator)
-        return self.matrix.apply(x, mask)
+        return self.matrix.product(x, mask)
 
     def snapshot(self) -> dict[str, Tensor]:
         return self.matrix.snapshot()

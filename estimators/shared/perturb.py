@@ -8,7 +8,7 @@ structures ``y`` exactly (the *MAP oracle*): ``argmax_y <y, theta + noise>``.
   oracle is the top-``k`` mask (the ``k``-subset polytope, ``k = spec.k``), ``topk_mask``. ``W``
   is that mask times a free value per entry (``MaskedMatrix``).
 - ``permutation``: one key per item; the oracle is the ascending sort matrix, the assignment
-  problem ``argmax_P <P, w s^T>`` with increasing position weights ``w`` (``POSITION_WEIGHTS``)
+  problem ``argmax_P <P, w s^T>`` with increasing position weights ``w`` (``position_weights``)
   and rank-1 cost. ``source="free"`` learns the ``n`` keys themselves (``Keys``).
 
 Every instance of a batch draws its own noise (free structures included), ``samples`` draws each.
@@ -76,7 +76,7 @@ class MaskedMatrix(nn.Module):
         self.scores = nn.Parameter(0.01 * torch.randn(self.rows * self.cols))
         self.values = nn.Parameter(torch.ones(self.rows * self.cols))
 
-    def apply(self, x: Tensor, mask: Tensor) -> Tensor:
+    def product(self, x: Tensor, mask: Tensor) -> Tensor:
         """``W x`` per instance: ``x (b, *in_shape)``, ``mask (rows*cols,)`` or ``(b, rows*cols)``."""
         b = x.shape[0]
         weight = (mask * self.values).reshape(-1, self.rows, self.cols)  # (1 or b, rows, cols)
