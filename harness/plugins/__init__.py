@@ -60,6 +60,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "estimators.plugins.gumbel_sinkhorn",
     "estimators.plugins.dense",
     "estimators.plugins.bilinear",
+    "estimators.plugins.perturbed",
+    "estimators.plugins.imle",
+    "estimators.plugins.softsort",
 )
 ENTRY_POINT_GROUP = "sparsebench"
 ENV_VAR = "SPARSEBENCH_PLUGINS"  # comma-separated module paths (or no:NAME), added to --plugin
