@@ -136,11 +136,14 @@ class Task(Parameters):
       ``eval_every``, ``lr`` and ``batch_size`` (the runner reads them) and ``size_key``'s key.
     - ``size_key``: the parameter that ``--size`` selects on (``n``, ``glimpse``).
     - ``primary_metric``: the eval metric that summaries and reports rank by (lower is better).
+    - ``select_metric``: the validation metric (``val/...``) that chooses among a tuning
+      ruleset's trials (lower is better), never a test metric.
     - ``spec(kind, params)``: the structure spec to ask the estimator for.
     - ``setup(cell)``: build data and model on ``cell.device`` and return a ``TaskRun``.
     Optional:
-    - ``choices``, ``positive`` / ``non_negative`` and ``check(params)``: the parameters, declared
-      as an estimator declares its own (``estimators.params.Parameters``). ``check`` raises
+    - ``choices``, ``positive`` / ``non_negative``, ``space`` and ``check(params)``: the
+      parameters, declared as an estimator declares its own (``estimators.params.Parameters``);
+      a task's ``space`` (its optimiser's ``lr`` at least) is searched for every estimator. ``check`` raises
       ``ParamError`` (``harness.errors.UsageError`` is accepted too) for a problem found before any
       training (a size the task cannot take); the CLI turns it into one line and exit code 2.
     - ``check_data(params, allow_embedded)``: check that the data ``params`` name is present,
@@ -170,6 +173,7 @@ class Task(Parameters):
     kinds: ClassVar[Kinds] = ()
     size_key: ClassVar[str] = "n"
     primary_metric: ClassVar[str] = "eval/loss"
+    select_metric: ClassVar[str] = "val/loss"
     smoke: ClassVar[Mapping[str, Any]] = {}
     resources: ClassVar[Mapping[str, float]] = {"num_cpus": 1, "num_gpus": 1}
 

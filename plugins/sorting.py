@@ -95,6 +95,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from estimators.base import PermutationOutput, PermutationSpec, Spec, StructureLayer
+from estimators.params import Range
 from harness.hookspecs import hookimpl
 from harness.task import CellSetup, ParamError, Task, TaskRun, data_root
 from plugins.data.mnist import DigitSet
@@ -278,6 +279,8 @@ class SortingTask(Task):
     kinds = ("permutation",)
     size_key = "n"
     primary_metric = "eval/error_pct"
+    select_metric = "val/error_pct"
+    space: Mapping[str, Any] = {"lr": Range(1e-5, 1e-2, "log")}  # around A.1's 5e-5 (docs/protocols.md)
     defaults: Mapping[str, Any] = {
         "n": 4,
         "digits": 3,
