@@ -92,6 +92,7 @@ def test_two_cell_matrix_and_the_report(venv):
     run = _run(
         python, "-m", "harness.cli", "run", "--task", "identity", "--estimator", "straight_through",
         "--set", "tasks.identity.variants=[{n = 4}, {n = 8}]", "--set", "tasks.identity.steps=60",
+        "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
         "--set", "tasks.identity.eval_every=30", "--set", "tasks.identity.eval_samples=200",
         "--no-progress", "--threads", "1", env=env,
     )
