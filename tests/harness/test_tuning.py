@@ -137,6 +137,18 @@ def test_spaces_of_the_cell_task_and_estimator_kind_and_pins():
     }  # nothing left to search: one plain cell
 
 
+def test_an_estimator_table_pins_and_a_task_table_is_the_untuned_start():
+    raw = config.load_config("quick", None, ["tuning.trials=3"])
+    raw["estimators"] = {"gumbel_sinkhorn": {"temperature": 2.0}}
+    cells = resolve_cells(raw, REGISTRY, Selection(("sorting",), ("gumbel_sinkhorn",)))
+    assert len(cells) == 3 and all(sorted(c.trial_values) == ["task.lr"] for c in cells)
+    assert {c.estimator_params["temperature"] for c in cells} == {2.0}
+    assert len({c.task_params["lr"] for c in cells}) == 3  # quick's [tasks.sorting] lr is searched
+    raw["estimators"] = {"gumbel_sinkhorn": {"temperature": 3.0}}  # not on Grover et al.'s grid
+    with pytest.raises(ConfigError, match="temperature = 3.0 is outside its search space"):
+        resolve_cells(raw, REGISTRY, Selection(("sorting",), ("gumbel_sinkhorn",)))
+
+
 def test_grid_and_quasirandom_points():
     lr = Axis("task.lr", Range(1e-4, 1e-1, "log"), 0.005)
     tau = Axis("estimator.tau", Choice((1.0, 2.0, 4.0, 8.0, 16.0)), 1.0)
