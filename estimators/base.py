@@ -289,6 +289,8 @@ class Estimator(Parameters):
       parameters, declared as a task declares its own (``estimators.params.Parameters``); the
       config section is ``[estimators.<name>]``, and ``check`` raises ``ParamError`` (or any
       ``ValueError``) naming the key, so a bad value stops the command before anything is written.
+    - ``space``: what a ``[tuning]`` ruleset may try for each parameter (``Range``, ``Choice``),
+      so that the estimator is tuned as every other one is, not run at its defaults.
     - ``unsupported(spec, params)``: a reason string when a spec of a supported kind (or these
       parameters) still cannot be served; checked before any training, so the matrix says ``n/a``.
       It must agree with ``build`` (``sparsebench check-plugin`` verifies that); an ``Unsupported``

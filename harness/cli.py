@@ -190,6 +190,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", parents=[common, matrix, stale], help="run the comparison matrix")
     run.add_argument("--dry-run", action="store_true", help="list the cells and stop")
+    run.add_argument(
+        "--params",
+        action="store_true",
+        help="with --dry-run: each cell's resolved task and estimator parameters and trial values",
+    )
     run.add_argument("--force", action="store_true", help="rerun cells that already finished")
     run.add_argument(
         "--retry",
@@ -248,7 +253,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="also checkpoint every N steps (default 0: by time only)",
     )
-    sub.add_parser("list", parents=[common, matrix], help="tasks, estimators and the cells of a preset")
+    listing = sub.add_parser(
+        "list", parents=[common, matrix], help="tasks, estimators and the cells of a preset"
+    )
+    listing.add_argument(
+        "--params",
+        action="store_true",
+        help="each cell's resolved task and estimator parameters and trial values",
+    )
     sub.add_parser("plugins", parents=[common], help="every plugin, where it came from, what it registered")
     check = sub.add_parser(
         "check-plugin",
@@ -424,6 +436,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.store.checkpoint import CheckpointPolicy
     from harness.store.tracking import Tracker, resolve_tracking_uri
 
+    if args.params and not args.dry_run:
+        raise UsageError("--params shows the cells' settings without running them: add --dry-run")
     registry, cells = _load(args)
     if args.address and args.backend != "ray":
         raise UsageError("--address names a Ray cluster: add --backend ray")
@@ -431,7 +445,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     use_threads(args.threads)
     console = _console()
     if args.dry_run:
-        summary.print_cells(console, cells)
+        (summary.print_params if args.params else summary.print_cells)(console, cells)
         return 0
     if args.checkpoint_minutes == 0 and args.checkpoint_steps == 0:
         raise UsageError("--checkpoint-minutes 0 and --checkpoint-steps 0: give at least one interval")
@@ -474,7 +488,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     registry, cells = _load(args)
     console = _console()
     summary.print_registry(console, registry)
-    summary.print_cells(console, cells)
+    (summary.print_params if args.params else summary.print_cells)(console, cells)
     return 0
 
 

@@ -22,7 +22,7 @@ from harness.errors import ConfigError
 __all__ = ["TOP_LEVEL", "load_config", "parse_set", "preset_names", "set_layer"]
 
 #: The only top-level tables a config may hold.
-TOP_LEVEL = ("matrix", "tasks", "estimators", "overrides", "diagnostics")
+TOP_LEVEL = ("matrix", "tasks", "estimators", "overrides", "diagnostics", "tuning")
 
 
 def preset_names() -> list[str]:

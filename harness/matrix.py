@@ -6,6 +6,13 @@ types against the defaults, choices, finite floats, the signs a plugin declares 
 ``non_negative``), then each plugin's own ``check``. Values given with ``--set`` (``forced``) win
 over variants and ``[[overrides]]``: they are applied last.
 
+With a ``[tuning]`` table (``harness.tuning``), each cell becomes ``trials`` cells, one per point
+drawn from the search space of its task and estimator (``space``); a parameter that an
+``[[overrides]]`` entry, an ``[estimators.NAME]`` table or ``--set`` gives the cell is pinned there
+and not searched, and must lie in its space (a ``[tasks.NAME]`` value is the untuned start, the
+same for every estimator, and is searched). The trial's values label the cell's ``sweep``, so a
+trial is a cell like any.
+
 A task table or a variant may also hold ``resources`` (what one cell asks of a Ray node): kept
 on the ``Cell`` apart from its parameters, so it never changes a cell's id. So is the
 ``[diagnostics]`` table (``harness.run.diagnostics``): it adds measurements, not a different result.
@@ -23,13 +30,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from estimators.base import Estimator, Spec
-from estimators.params import ParamError, check_numbers
+from estimators.params import ParamError, check_numbers, in_space, space_dimension, space_problems
 from harness.capacity import check_fits, machine_memory
 from harness.errors import ConfigError, UsageError
 from harness.plugins import REQUIRED_TASK_PARAMS as RUNNER_PARAMS
 from harness.plugins import Registry
 from harness.run.diagnostics import Diagnose, diagnose_config
 from harness.task import Task
+from harness.tuning import Axis, Ruleset, draw, read_ruleset
 
 __all__ = ["ALL", "Cell", "Selection", "check_data", "choose_kind", "resolve_cells"]
 
@@ -71,6 +79,11 @@ class Cell:
     resources: dict[str, float] = field(default_factory=dict, compare=False)
     # gradient measurements during training; they leave its training bit-identical: not in ``resolved()``
     diagnose: Diagnose = field(default_factory=Diagnose, compare=False)
+    # a tuning trial: its index among its estimator's trials, the values it tries (also in the
+    # params, so in the id) and the ruleset as JSON (``Ruleset.record``); None/empty otherwise
+    trial: int | None = None
+    trial_values: dict[str, Any] = field(default_factory=dict)
+    tuning: str = ""
 
     @property
     def name(self) -> str:
@@ -239,8 +252,9 @@ def resolve_cells(
 
     ``forced`` (``harness.config.set_layer``): task and estimator parameters that win over every
     variant and override. Cells that come out identical (a forced size over several variants)
-    are listed once.
+    are listed once. With ``[tuning]``, every runnable cell is its ``trials`` trials.
     """
+    ruleset = read_ruleset(config)
     matrix = dict(_table("[matrix]", config.get("matrix", {})))
     for key in matrix:
         if key not in MATRIX_KEYS:
@@ -308,7 +322,16 @@ def resolve_cells(
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"[[overrides]] #{i + 1} sweep {key!r} must be a non-empty list of values")
         _check_match(f"[[overrides]] #{i + 1} match", ov.get("match", {}), registry)
-
+        if ruleset is not None and ov.get("sweep"):
+            raise ConfigError(
+                f"[[overrides]] #{i + 1} sweep: [tuning] already searches each cell's space; "
+                "drop the sweep, or the [tuning] table to sweep by hand"
+            )
+    for owner in [*(registry.task(n) for n in task_names), *(registry.estimator(n) for n in est_names)]:
+        problems = space_problems(owner)
+        if problems:
+            what = "task" if isinstance(owner, Task) else "estimator"
+            raise ConfigError(f"{what} {owner.name!r}: {problems[0]}")
     _check_sizes(selection.sizes, task_names, variants_of, registry)
     cells: dict[str, Cell] = {}  # by id: identical cells are listed once
     for task_name in task_names:
@@ -321,7 +344,7 @@ def resolve_cells(
             for est_name in est_names:
                 for cell in _expand(
                     task_name, label, vparams, est_name, est_base[est_name], seeds, registry, overrides,
-                    forced_task, forced_ests.get(est_name, {}),
+                    forced_task, forced_ests.get(est_name, {}), ruleset, set(est_sections.get(est_name, {})),
                 ):
                     cells.setdefault(
                         cell.cell_id, dataclasses.replace(cell, resources=resources, diagnose=diagnose)
@@ -403,17 +426,23 @@ def _expand(
     overrides: list[Mapping[str, Any]],
     forced_task: Mapping[str, Any],
     forced_est: Mapping[str, Any],
+    ruleset: Ruleset | None = None,
+    configured: Iterable[str] = (),
 ) -> list[Cell]:
     task, est = registry.task(task_name), registry.estimator(est_name)
     where = f"{task_name}/{label}/{est_name}"
     tparams = dict(vparams)
     eparams = dict(est_params)
     sweep: dict[str, list[Any]] = {}
+    # what the config gives this estimator or cell itself: not searched by [tuning]
+    pinned = {f"task.{k}" for k in forced_task} | {f"estimator.{k}" for k in (*forced_est, *configured)}
     for ov in overrides:
         if _matches(ov.get("match", {}), task_name, est_name, vparams):
             _update(f"[[overrides]] for {where} task", tparams, ov.get("task", {}), task)
             _update(f"[[overrides]] for {where} estimator", eparams, ov.get("estimator", {}), est)
             sweep.update(ov.get("sweep", {}))
+            pinned |= {f"task.{k}" for k in ov.get("task", {})}
+            pinned |= {f"estimator.{k}" for k in ov.get("estimator", {})}
     # --set wins: over the overrides just applied, and a sweep over a forced key collapses.
     _update(f"--set tasks.{task_name}", tparams, forced_task, task)
     _update(f"--set estimators.{est_name}", eparams, forced_est, est)
@@ -439,8 +468,17 @@ def _expand(
         "task": registry.version(registry.tasks[task_name].plugin),
         "estimator": registry.version(registry.estimators[est_name].plugin),
     }
+    trials: list[tuple[int | None, dict[str, Any]]] = [(None, {})] * len(points)
+    tuning = ""
+    kind = choose_kind(task, est, tparams, eparams)[0] if ruleset is not None else None
+    axes = _axes(where, task, tparams, est, eparams, kind, pinned) if kind is not None else []
+    if ruleset is not None and axes:  # no sweep here: [tuning] and a sweep are one or the other
+        ((_, tp, ep),) = points
+        trials = list(enumerate(draw(where, axes, ruleset)))
+        tuning = ruleset.record(task.select_metric)
+        points = [(_trial_label(i, v), *_apply(where, task, tp, est, ep, v)) for i, v in trials]
     cells = []
-    for sw, tp, ep in points:
+    for (sw, tp, ep), (trial, values) in zip(points, trials, strict=True):
         kind, spec, reason = choose_kind(task, est, tp, ep)
         if spec is not None:
             check_fits(f"{where}{'/' + sw if sw else ''}", tp, task.size_key, spec, machine_memory())
@@ -448,10 +486,58 @@ def _expand(
             Cell(
                 task_name, label, est_name, seed, tp, ep,
                 sweep=sw, code=code, kind=kind, na_reason=reason, spec=spec,
+                trial=trial, trial_values=values, tuning=tuning,
             )  # fmt: skip
             for seed in seeds
         ]
     return cells
+
+
+def _axes(
+    where: str,
+    task: Task,
+    tparams: Mapping[str, Any],
+    est: Estimator,
+    eparams: Mapping[str, Any],
+    kind: str,
+    pinned: set[str],
+) -> list[Axis]:
+    """The cell's searched parameters: the task's space, then the estimator's, less what the
+    config pinned (which must lie in its space) and what the cell's kind does not read."""
+    axes = []
+    for scope, owner, params in (("task", task, tparams), ("estimator", est, eparams)):
+        for name, declared in owner.space.items():
+            dim, key = space_dimension(declared), f"{scope}.{name}"
+            if dim.kinds and kind not in dim.kinds:
+                continue
+            if key in pinned:
+                if not in_space(dim, params[name]):
+                    value = params[name]
+                    raise ConfigError(f"{where}: {name} = {value!r} is outside its search space ({dim})")
+                continue
+            axes.append(Axis(key, dim, owner.defaults[name]))
+    return axes
+
+
+def _trial_label(index: int, values: Mapping[str, Any]) -> str:
+    """``trial=3,lr=0.00312,temperature=1.2``: the trial's index and values, as a sweep label."""
+    return ",".join([f"trial={index}", *(f"{k.partition('.')[2]}={v}" for k, v in values.items())])
+
+
+def _apply(
+    where: str, task: Task, tparams: Mapping[str, Any], est: Estimator, eparams: Mapping[str, Any],
+    values: Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The cell's params with a trial's values put in, checked as any cell's are."""
+    tp, ep = dict(tparams), dict(eparams)
+    for key, value in values.items():
+        scope, _, name = key.partition(".")
+        if scope == "task":
+            _update(f"[tuning] trial for {where}", tp, {name: value}, task)
+        else:
+            _update(f"[tuning] trial for {where}", ep, {name: value}, est)
+    _check_cell(f"{where}/{_trial_label(0, values).partition(',')[2]}", task, tp, est, ep)
+    return tp, ep
 
 
 def choose_kind(

@@ -148,8 +148,9 @@ class Task(Parameters):
     - ``spec(kind, params)``: the structure spec to ask the estimator for.
     - ``setup(cell)``: build data and model on ``cell.device`` and return a ``TaskRun``.
     Optional:
-    - ``choices``, ``positive`` / ``non_negative`` and ``check(params)``: the parameters, declared
-      as an estimator declares its own (``estimators.params.Parameters``). ``check`` raises
+    - ``choices``, ``positive`` / ``non_negative``, ``space`` and ``check(params)``: the
+      parameters, declared as an estimator declares its own (``estimators.params.Parameters``);
+      a task's ``space`` (its optimiser's ``lr`` at least) is searched for every estimator. ``check`` raises
       ``ParamError`` (``harness.errors.UsageError`` is accepted too) for a problem found before any
       training (a size the task cannot take); the CLI turns it into one line and exit code 2.
     - ``check_data(params, allow_embedded)``: check that the data ``params`` name is present,

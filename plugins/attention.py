@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from estimators.base import FullImageReadout, GlimpseLayer, GlimpseSpec, Spec, StructureLayer
+from estimators.params import Range
 from harness.errors import UsageError
 from harness.hookspecs import hookimpl
 from harness.task import CellSetup, ParamError, Target, Task, TaskRun, data_root, evaluating
@@ -217,6 +218,7 @@ class AttentionTask(Task):
     size_key = "glimpse"
     primary_metric = "test/error_pct"
     select_metric = "val/error_pct"
+    space: Mapping[str, Any] = {"lr": Range(1e-5, 1e-2, "log")}  # around A.1's 1e-4 (docs/protocols.md)
     defaults: Mapping[str, Any] = {
         "glimpse": 32,  # glimpse side k (pixels)
         "glimpses": 1,  # g

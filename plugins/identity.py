@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from estimators.base import PermutationSpec, SparseMatrixSpec, Spec, StructureLayer
+from estimators.params import Range
 from harness.hookspecs import hookimpl
 from harness.task import CellSetup, Target, Task, TaskRun
 
@@ -67,6 +68,9 @@ class IdentityTask(Task):
         "snapshots": [0, 1000, 5000, 9000, 13000],  # the steps of the paper's Fig. 3
         "stop_after": 0,  # K > 0: stop once exact I has held for K evaluations in a row
     }
+    # lr for every estimator: the span of the paper's REINFORCE grid that the other estimators' rates
+    # (0.005, 0.001 in A.1) sit in, on a log scale (docs/protocols.md, "Tuning")
+    space: Mapping[str, Any] = {"lr": Range(1e-4, 1e-1, "log")}
     smoke: Mapping[str, Any] = {"n": 4, "steps": 3, "eval_every": 3, "batch_size": 8, "eval_samples": 64}
     positive = ("n", "steps", "eval_every", "lr", "batch_size", "eval_samples")
     non_negative = ("snapshots", "stop_after")

@@ -98,6 +98,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from estimators.base import PermutationOutput, PermutationSpec, Spec, StructureLayer
+from estimators.params import Range
 from harness.hookspecs import hookimpl
 from harness.task import CellSetup, ParamError, Target, Task, TaskRun, data_root
 from plugins.data.mnist import DigitSet
@@ -284,6 +285,7 @@ class SortingTask(Task):
     size_key = "n"
     primary_metric = "test/error_pct"
     select_metric = "val/error_pct"
+    space: Mapping[str, Any] = {"lr": Range(1e-5, 1e-2, "log")}  # around A.1's 5e-5 (docs/protocols.md)
     defaults: Mapping[str, Any] = {
         "n": 4,
         "digits": 3,

@@ -65,6 +65,12 @@ VARIANT_TAG: Final = PREFIX + "variant"
 ESTIMATOR_TAG: Final = PREFIX + "estimator"
 SEED_TAG: Final = PREFIX + "seed"
 SWEEP_TAG: Final = PREFIX + "sweep"
+#: A tuning trial (``[tuning]``): its index among its estimator's trials, its values as JSON
+#: ({"task.lr": 0.003, ...}), and the ruleset it was drawn under as JSON (trials, method, seed, the
+#: validation metric and direction that select among the trials). Absent on cells that are no trial.
+TRIAL_TAG: Final = PREFIX + "trial"
+TRIAL_VALUES_TAG: Final = PREFIX + "trial_values"
+TUNING_TAG: Final = PREFIX + "tuning"
 KIND_TAG: Final = PREFIX + "kind"
 CODE_TAG_PREFIX: Final = PREFIX + "code."  # + "task" / "estimator": the plugin's distribution and version
 PRIMARY_METRIC_TAG: Final = PREFIX + "primary_metric"  # the test/ metric the report shows

@@ -27,6 +27,7 @@ from estimators.base import (
     StructureLayer,
     hookimpl,
 )
+from estimators.params import Choice
 from estimators.shared.neuralsort import neuralsort, sort_matrix
 from estimators.shared.permutation import check_keys, check_positive, keys_only
 from estimators.sparse import weight_shape
@@ -40,6 +41,9 @@ class DenseEstimator(Estimator):
     kinds: ClassVar[frozenset[str]] = frozenset({"sparse_matrix", "glimpse", "permutation"})
     defaults: ClassVar[Mapping[str, Any]] = {"tau": 1.0}  # NeuralSort temperature
     positive: ClassVar[tuple[str, ...]] = ("tau",)
+    # Grover et al. 2019 (D.1) choose NeuralSort's temperature from this grid on validation data;
+    # only the NeuralSort layer (permutation) reads it
+    space: ClassVar[Mapping[str, Any]] = {"tau": Choice((1.0, 2.0, 4.0, 8.0, 16.0), kinds=("permutation",))}
 
     def unsupported(self, spec: Spec, params: Mapping[str, Any] | None = None) -> str | None:
         if isinstance(spec, PermutationSpec) and spec.source != "keys":

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from estimators.base import Estimator, PermutationOutput, PermutationSpec, StructureLayer, hookimpl
+from estimators.params import Choice
 from estimators.shared.permutation import check_positive
 from estimators.shared.sinkhorn import gumbel_sinkhorn, hungarian
 
@@ -28,6 +29,8 @@ class GumbelSinkhornEstimator(Estimator):
     defaults: ClassVar[Mapping[str, Any]] = {"temperature": 1.0, "iterations": 20, "noise": 1.0}
     positive: ClassVar[tuple[str, ...]] = ("temperature", "iterations")
     non_negative: ClassVar[tuple[str, ...]] = ("noise",)  # 0: deterministic Sinkhorn
+    # the relaxation's temperature: Grover et al. 2019 (D.1) tune the Sinkhorn baselines on this grid
+    space: ClassVar[Mapping[str, Any]] = {"temperature": Choice((1.0, 2.0, 4.0, 8.0, 16.0))}
 
     def build_permutation(self, spec: PermutationSpec, params: Mapping[str, Any]) -> StructureLayer:
         return GumbelSinkhornLayer(

@@ -29,6 +29,7 @@ from estimators.base import (
     StructureLayer,
     hookimpl,
 )
+from estimators.params import Range
 from estimators.shared.permutation import check_keys, check_positive, keys_only
 from estimators.sparse import SparseGlimpse, SparseLayer, default_region
 from estimators.sparse.functional import DEFAULT_TAIL, Normalise, PooledForm
@@ -75,6 +76,12 @@ class SparseEstimator(Estimator):
     }
     positive: ClassVar[tuple[str, ...]] = ("tau", "box_offset", "C", "tail")
     non_negative: ClassVar[tuple[str, ...]] = ("a_l", "a_g", "chunk", "samples")
+    # the sampling counts, where a preset does not pin the paper's (A.1 fixes them for identity
+    # and attention); quicksort's a = n and C = 10 are the paper's and not searched
+    space: ClassVar[Mapping[str, Any]] = {
+        "a_l": Range(1, 32, "log", kinds=("sparse_matrix", "glimpse")),
+        "a_g": Range(1, 32, "log", kinds=("sparse_matrix", "glimpse")),
+    }
 
     def check(self, params: Mapping[str, Any]) -> None:
         if not params["tail"] < 1:

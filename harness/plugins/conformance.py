@@ -45,7 +45,7 @@ from estimators.base import (
     StructureLayer,
     Unsupported,
 )
-from estimators.params import kinds_problem
+from estimators.params import kinds_problem, space_problems
 from harness.errors import UsageError
 from harness.matrix import choose_kind
 from harness.plugins import DEFAULT_PLUGINS, NAME, REQUIRED_TASK_PARAMS, Registry
@@ -199,7 +199,7 @@ def _params_problems(owner: Task | Estimator) -> list[str]:
             problems.append(f"choices names {key!r}, which is not among the defaults")
         elif defaults[key] not in allowed:
             problems.append(f"default {key} = {defaults[key]!r} is not among its choices {allowed!r}")
-    return problems
+    return problems + space_problems(owner)
 
 
 def _registration_problems(plugin: Estimator | Task) -> list[str]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -12,7 +14,7 @@ from harness.plugins import Registry
 from harness.run.cell import CellResult, Outcome
 from harness.store.dashboard import experiment_url, ui_url
 
-__all__ = ["print_cells", "print_plugins", "print_registry", "print_results", "print_where"]
+__all__ = ["print_cells", "print_params", "print_plugins", "print_registry", "print_results", "print_where"]
 
 STATUS_STYLE: dict[Outcome, str] = {
     "finished": "green",
@@ -56,6 +58,27 @@ def print_cells(console: Console, cells: Sequence[Cell]) -> None:
         kind = cell.kind or f"[yellow]n/a: {cell.na_reason}[/]"
         table.add_row(cell.name, cell.cell_id, kind, str(cell.task_params.get("steps", "")))
     console.print(table)
+
+
+def _settings(params: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in params.items())
+
+
+def print_params(console: Console, cells: Sequence[Cell]) -> None:
+    """Each cell's resolved task and estimator parameters and, for a tuning trial, its values:
+    what the cell will run with, before it runs (``list --params``, ``run --dry-run --params``).
+    Plain lines, one block per cell, never wrapped: long parameter lists stay greppable."""
+    console.print(f"[bold]{len(cells)} cells: resolved parameters[/]")
+    for cell in cells:
+        lines = [f"{cell.name}  {cell.cell_id}"]
+        if cell.trial is not None:
+            values = {k.partition(".")[2]: v for k, v in cell.trial_values.items()}
+            lines.append(f"  trial      {cell.trial}: {_settings(values)}")
+        if cell.na_reason is not None:
+            lines.append(f"  n/a        {cell.na_reason}")
+        lines.append(f"  task       {_settings(cell.task_params)}")
+        lines.append(f"  estimator  {_settings(cell.estimator_params)}")
+        console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
 
 
 def print_results(console: Console, results: Sequence[CellResult]) -> None:

@@ -206,6 +206,7 @@ class Tracker:
                 schema.ESTIMATOR_TAG: cell.estimator,
                 schema.SEED_TAG: str(cell.seed),
                 schema.SWEEP_TAG: cell.sweep,
+                **_trial_tags(cell),
                 schema.KIND_TAG: cell.kind or schema.NA,
                 **{schema.CODE_TAG_PREFIX + role: version for role, version in cell.code.items()},
                 STATUS_TAG: RUNNING,
@@ -331,3 +332,14 @@ class Tracker:
 def _short(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text[:6000]
+
+
+def _trial_tags(cell: Cell) -> dict[str, str]:
+    """A tuning trial's tags (``reports.schema.TRIAL_TAG`` and kin); none for other cells."""
+    if cell.trial is None:
+        return {}
+    return {
+        schema.TRIAL_TAG: str(cell.trial),
+        schema.TRIAL_VALUES_TAG: json.dumps(cell.trial_values, sort_keys=True),
+        schema.TUNING_TAG: cell.tuning,
+    }

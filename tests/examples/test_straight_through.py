@@ -82,9 +82,15 @@ def test_check_plugin_passes(venv):
 
 def test_quick_preset_includes_it(venv):
     python, env, _ = venv
-    out = _run(python, "-m", "harness.cli", "list", "--preset", "quick", env=env)
+    out = _run(python, "-m", "harness.cli", "list", "--preset", "quick", "--params", env=env)
     assert out.returncode == 0, out.stderr
-    assert "identity/n=8/straight_through/seed=0" in out.stdout
+    # quick's ruleset: the same 3 trials as every built-in, from lr and the plugin's own tau space
+    names = [line.split()[0] for line in out.stdout.splitlines()
+             if line.startswith("identity/n=8/straight_through/")]
+    assert [name.split("/")[3].partition(",")[0] for name in names] == ["trial=0", "trial=1", "trial=2"]
+    assert all(",lr=" in name and ",tau=" in name for name in names)
+    builtin = [line for line in out.stdout.splitlines() if line.startswith("identity/n=8/gumbel_sinkhorn/")]
+    assert len(builtin) == len(names)
 
 
 def test_two_cell_matrix_and_the_report(venv):
@@ -92,6 +98,7 @@ def test_two_cell_matrix_and_the_report(venv):
     run = _run(
         python, "-m", "harness.cli", "run", "--task", "identity", "--estimator", "straight_through",
         "--set", "tasks.identity.variants=[{n = 4}, {n = 8}]", "--set", "tasks.identity.steps=60",
+        "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
         "--set", "tasks.identity.eval_every=30", "--set", "tasks.identity.eval_samples=200",
         "--no-progress", "--threads", "1", env=env,
     )

@@ -24,6 +24,7 @@ pytest.importorskip("ray")
 TINY = [
     "run", "--task", "identity",
     "--set", "tasks.identity.variants=[{n = 4}]",
+    "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
     "--set", "tasks.identity.steps=30",
     "--set", "tasks.identity.eval_every=10",
     "--set", "tasks.identity.eval_samples=200",
@@ -34,6 +35,7 @@ ESTIMATORS = ["--estimator", "dense,sparse,gumbel_sinkhorn,exploding,diverging"]
 SLOW = [  # probe cells of 200 steps that sleep 30 ms each: long enough to kill one mid-way
     "run", "--task", "identity", "--estimator", "sparse_probe", "--plugin", "sb_probe",
     "--set", "tasks.identity.variants=[{n = 8}]",
+    "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
     "--set", "tasks.identity.steps=200",
     "--set", "tasks.identity.eval_every=50",
     "--set", "tasks.identity.eval_samples=200",

@@ -136,6 +136,8 @@ def test_report_reconciles_stale_runs_and_says_so(home, tracker, exited, capsys)
                 "tasks.identity.steps=5",
                 "--set",
                 "tasks.identity.variants=[{n = 4}]",
+                "--set",
+                "tuning.trials=0",  # one cell per configuration
                 "--no-progress",
             ]
         )

@@ -14,6 +14,7 @@ from harness.cli import main
 ATTENTION = [
     "--task", "attention", "--estimator", "bilinear", "--seeds", "0", "--no-progress", "--threads", "1",
     "--set", "tasks.attention.variants=[{glimpses = 1, glimpse = 8}]",
+    "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
     "--set", "tasks.attention.canvas=32", "--set", "tasks.attention.train_images=16",
     "--set", "tasks.attention.test_images=16", "--set", "tasks.attention.batch_size=8",
     "--set", "tasks.attention.steps=2", "--set", "tasks.attention.eval_every=2",

@@ -13,6 +13,7 @@ from harness.cli import main
 TINY = [
     "--task", "identity",
     "--set", "tasks.identity.variants=[{n = 4}]",
+    "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
     "--set", "tasks.identity.steps=30",
     "--set", "tasks.identity.eval_every=10",
     "--set", "tasks.identity.eval_samples=200",

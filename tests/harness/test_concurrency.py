@@ -14,6 +14,7 @@ from harness.store.claims import Owner, current_claim, try_claim
 COMMON = [
     "run", "--task", "identity",
     "--set", "tasks.identity.variants=[{n = 4}]",
+    "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
     "--set", "tasks.identity.steps=40",
     "--set", "tasks.identity.eval_every=20",
     "--set", "tasks.identity.eval_samples=200",

@@ -14,6 +14,7 @@ from harness.store.dashboard import CELLS_VIEW_NAME, CELLS_VIEW_TAG, ui_url
 RUN = [
     "run", "--task", "identity", "--estimator", "dense,sparse", "--seeds", "0,1",
     "--set", "tasks.identity.variants=[{n = 4}]",
+    "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
     "--set", "tasks.identity.steps=10",
     "--set", "tasks.identity.eval_every=10",
     "--set", "tasks.identity.eval_samples=50",

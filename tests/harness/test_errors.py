@@ -14,7 +14,8 @@ import pytest
 
 from harness.cli import main
 
-GOOD = ["--task", "identity", "--estimator", "dense", "--set", "tasks.identity.steps=5", "--no-progress"]
+GOOD = ["--task", "identity", "--estimator", "dense", "--set", "tasks.identity.steps=5", "--no-progress",
+        "--set", "tuning.trials=0"]  # one cell per configuration, no tuning trials
 
 
 def _store_state(home):

@@ -31,6 +31,8 @@ CELL = [
     "--set",
     "tasks.identity.variants=[{n = 8}]",
     "--set",
+    "tuning.trials=0",  # one cell per configuration
+    "--set",
     "tasks.identity.steps=60",
     "--set",
     "tasks.identity.eval_every=20",

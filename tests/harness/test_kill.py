@@ -38,6 +38,8 @@ ARGS = [
     "--set",
     "tasks.identity.variants=[{n = 8}]",
     "--set",
+    "tuning.trials=0",  # one cell per configuration
+    "--set",
     "tasks.identity.steps=300",
     "--set",
     "tasks.identity.eval_every=50",

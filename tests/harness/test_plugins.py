@@ -66,7 +66,7 @@ def test_entry_point_plugin_is_found_and_runs_in_the_matrix(installed, home, cap
     out = capsys.readouterr().out
     assert "sb-half 1.2.3" in out and "estimator:half" in out
     code = main(["run", "--task", "identity", "--estimator", "half", "--set", "tasks.identity.steps=5",
-                 "--set", "tasks.identity.variants=[{n = 4}]", "--no-progress"])
+                 "--set", "tasks.identity.variants=[{n = 4}]", "--set", "tuning.trials=0", "--no-progress"])
     assert code == 0
     assert "identity/n=4/half/seed=0" in capsys.readouterr().out
 

@@ -9,6 +9,7 @@ from harness.cli import main
 TINY = [
     "--task", "identity", "--estimator", "sparse",
     "--set", "tasks.identity.variants=[{n = 6}]",
+    "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
     "--set", "tasks.identity.steps=12",
     "--set", "tasks.identity.eval_every=6",
     "--set", "tasks.identity.eval_samples=100",

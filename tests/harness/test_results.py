@@ -15,6 +15,7 @@ from reports.tables import matrix_summary
 TINY = [
     "--task", "identity",
     "--set", "tasks.identity.variants=[{n = 4}]",
+    "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
     "--set", "tasks.identity.steps=20",
     "--set", "tasks.identity.eval_every=10",
     "--set", "tasks.identity.eval_samples=100",
@@ -136,7 +137,7 @@ def test_unsupported_raised_by_build_is_na(plugin_dir, home, capsys):
 
 
 def test_quick_runs_every_installed_estimator(third_party, capsys):
-    assert main(["list", "--preset", "quick", "--plugin", third_party]) == 0
+    assert main(["list", "--preset", "quick", "--plugin", third_party, "--set", "tuning.trials=0"]) == 0
     out = capsys.readouterr().out
     for name in ("sparse", "bilinear", "scaled", "exploding"):
         assert f"identity/n=8/{name}/seed=0" in out
@@ -145,7 +146,7 @@ def test_quick_runs_every_installed_estimator(third_party, capsys):
 def test_star_and_names_together_list_each_estimator_once(tmp_path, capsys):
     config = tmp_path / "c.toml"
     config.write_text('[matrix]\ntasks = ["identity"]\nestimators = ["dense", "*"]\n')
-    assert main(["list", "--config", str(config), "--size", "8"]) == 0
+    assert main(["list", "--config", str(config), "--size", "8", "--set", "tuning.trials=0"]) == 0
     out = capsys.readouterr().out
     assert out.count("identity/n=8/dense/seed=0") == 1
     assert "identity/n=8/sparse/seed=0" in out

@@ -18,6 +18,7 @@ from harness.cli import main
 IDENTITY = [
     "--task", "identity",
     "--set", "tasks.identity.variants=[{n = 8}]",
+    "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
     "--set", "tasks.identity.steps=90",
     "--set", "tasks.identity.eval_every=20",
     "--set", "tasks.identity.eval_samples=300",
@@ -26,6 +27,7 @@ IDENTITY = [
 ATTENTION = [
     "--task", "attention",
     "--set", "tasks.attention.variants=[{glimpses = 2, glimpse = 8}]",
+    "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
     "--set", "tasks.attention.canvas=32",
     "--set", "tasks.attention.clutter='deepmind'",
     "--set", "tasks.attention.train_images=40",  # 2.5 epochs of 16: the resume crosses an epoch
@@ -40,6 +42,7 @@ ATTENTION = [
 SORTING = [
     "--task", "sorting",
     "--set", "tasks.sorting.variants=[{n = 4}]",
+    "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
     "--set", "tasks.sorting.digits=1",
     "--set", "tasks.sorting.batch_size=4",
     "--set", "tasks.sorting.steps=6",

@@ -18,6 +18,7 @@ REGISTRY = load()
 
 
 def _cells(preset: str, sets: list[str] = (), **selection):
+    sets = [*sets, "tuning.trials=0"]  # one cell per configuration, no tuning trials
     raw = config.load_config(preset, None, list(sets))
     return resolve_cells(raw, REGISTRY, Selection(**selection), forced=config.set_layer(list(sets)))
 
@@ -38,6 +39,7 @@ def test_a_measured_time_beats_the_tasks_estimate(store_home, store, capsys):
     run = [
         "run", "--task", "identity", "--estimator", "dense", "--seeds", "0",
         "--set", "tasks.identity.variants=[{n = 4}, {n = 8}]",
+        "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
         "--set", "tasks.identity.steps=10", "--set", "tasks.identity.eval_every=10",
         "--set", "tasks.identity.eval_samples=50", "--set", "tasks.identity.snapshots=[]",
         "--threads", "1", "--no-progress",
@@ -65,7 +67,7 @@ def test_resources_from_the_task_the_config_and_a_variant_leave_the_cell_id_alon
     plain = {c.variant: c for c in _cells("quick", tasks=("identity",), estimators=("dense",))}
     assert {c.resources["num_gpus"] for c in plain.values()} == {0.25}  # the identity plugin's default
     variants = "tasks.identity.variants=[{n = 8}, {n = 16, resources = {num_gpus = 0.5, num_cpus = 2}}]"
-    raw = config.load_config("quick", None, [variants])
+    raw = config.load_config("quick", None, [variants, "tuning.trials=0"])
     raw["tasks"]["identity"]["resources"] = {"num_gpus": 0.125}  # a config file's [tasks.identity]
     cells = {c.variant: c for c in resolve_cells(raw, REGISTRY, Selection(("identity",), ("dense",)))}
     assert cells["n=8"].resources == {"num_cpus": 1.0, "num_gpus": 0.125}

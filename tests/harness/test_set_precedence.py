@@ -14,14 +14,15 @@ REGISTRY = load()
 
 
 def _cells(preset: str, sets: list[str], config_file=None, **selection):
+    sets = [*sets, "tuning.trials=0"]  # precedence, not tuning: one cell per configuration
     raw = config.load_config(preset, config_file, sets)
     return resolve_cells(raw, REGISTRY, Selection(**selection), forced=config.set_layer(sets))
 
 
 def test_set_beats_a_presets_per_cell_override():
-    # quick's [[overrides]] give dense on identity lr = 0.01; the command line must win
-    cells = _cells("quick", ["tasks.identity.lr=1e30"], tasks=("identity",), estimators=("dense",))
-    assert {c.task_params["lr"] for c in cells} == {1e30}
+    # quick's [[overrides]] give sparse on identity a_l = 1 at n = 8, 2 at n = 16; the command line wins
+    cells = _cells("quick", ["estimators.sparse.a_l=5"], tasks=("identity",), estimators=("sparse",))
+    assert {c.estimator_params["a_l"] for c in cells} == {5}
     cells = _cells("paper", ["estimators.sparse.a_g=3"], tasks=("identity",), estimators=("sparse",))
     assert {c.estimator_params["a_g"] for c in cells} == {3}  # over a_g = 2, 2, 8, 10 per n
     assert {c.estimator_params["a_l"] for c in cells} == {1, 2}  # what --set did not name stays
@@ -57,8 +58,8 @@ def test_set_overrides_appends_like_a_config_file(tmp_path):
     assert [(c.cell_id, c.task_params) for c in by_set] == [(c.cell_id, c.task_params) for c in by_file]
     dense = [c for c in by_set if c.estimator == "dense"]
     assert {c.task_params["lr"] for c in dense} == {0.25}  # later overrides win over earlier ones
-    # the preset's overrides are still there: reinforce keeps quick's lr = 0.01
-    assert {c.task_params["lr"] for c in by_set if c.estimator == "reinforce"} == {0.01}
+    # the preset's overrides are still there: sparse keeps quick's a_l = 1 at n = 8, 2 at n = 16
+    assert [c.estimator_params["a_l"] for c in by_set if c.estimator == "sparse"] == [1, 2]
 
 
 def test_a_set_table_merges_into_its_table():

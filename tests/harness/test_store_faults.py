@@ -24,6 +24,7 @@ from harness.cli import main
 ARGS = [
     "run", "--task", "identity", "--estimator", "sparse_probe", "--plugin", "sb_probe",
     "--set", "tasks.identity.variants=[{n = 8}]",
+    "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
     "--set", "tasks.identity.steps=300",
     "--set", "tasks.identity.eval_every=20",
     "--set", "tasks.identity.eval_samples=200",

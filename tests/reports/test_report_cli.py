@@ -14,6 +14,8 @@ TINY = [
     "--set",
     "tasks.identity.variants=[{n = 4}]",
     "--set",
+    "tuning.trials=0",  # one cell per configuration
+    "--set",
     "tasks.identity.steps=20",
     "--set",
     "tasks.identity.eval_every=10",

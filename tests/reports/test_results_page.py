@@ -14,6 +14,7 @@ from reports.results import fit_power_law
 RUN = [
     "run", "--task", "identity", "--estimator", "sparse", "--no-progress", "--threads", "1",
     "--set", "tasks.identity.variants=[{n = 4}, {n = 8}]",
+    "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
     "--set", "tasks.identity.steps=1500",
     "--set", "tasks.identity.eval_every=50",
     "--set", "tasks.identity.eval_samples=200",

@@ -21,6 +21,7 @@ from estimators.base import (
     Unsupported,
     hookimpl,
 )
+from estimators.params import Range
 from sparsebench_straight_through.layers import StraightThroughMatrix, StraightThroughSort
 
 __all__ = ["StraightThrough", "register_estimators"]
@@ -34,6 +35,8 @@ class StraightThrough(Estimator):
         "tau": 1.0,  # softmax temperature of the relaxation
         "noise": 1.0,  # scale of the Gumbel noise (0: deterministic straight-through)
     }
+    # what a [tuning] ruleset searches besides the task's lr: the temperature, on a log scale
+    space: ClassVar[Mapping[str, Any]] = {"tau": Range(0.25, 4.0, "log")}
 
     def check(self, params: Mapping[str, Any]) -> None:
         if params["tau"] <= 0:
