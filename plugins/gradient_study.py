@@ -98,7 +98,9 @@ class _Study(Task):
                 for split, seed in (("test", cell.seed), ("val", cell.seed + 1)):
                     with torch.random.fork_rng(devices=[]):
                         torch.manual_seed(seed)
-                        found.update(study_metrics(cell.layer, params, draw, losses, inputs, cell.params, split))
+                        found.update(
+                            study_metrics(cell.layer, params, draw, losses, inputs, cell.params, split)
+                        )
             return torch.stack([p.sum() for p in params]).sum() * 0.0, {}
 
         def evaluate() -> dict[str, float]:

@@ -38,6 +38,7 @@ from estimators.base import (
     StructureLayer,
     hookimpl,
 )
+from estimators.params import Range
 from estimators.shared.neuralsort import sort_matrix
 from estimators.shared.perturb import (
     Keys,
@@ -68,6 +69,7 @@ class ImleEstimator(Estimator):
     }
     choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {"noise": NOISES}
     positive: ClassVar[tuple[str, ...]] = ("lambda", "tau", "samples")
+    space: ClassVar[Mapping[str, Any]] = {"lambda": Range(1.0, 1000.0, "log")}  # docs/protocols.md, Tuning
 
     def build_sparse_matrix(self, spec: SparseMatrixSpec, params: Mapping[str, Any]) -> StructureLayer:
         return ImleMatrixLayer(spec, **_layer_args(params), noise=params["noise"])

@@ -31,6 +31,7 @@ from estimators.base import (
     StructureLayer,
     hookimpl,
 )
+from estimators.params import Range
 from estimators.shared.neuralsort import sort_matrix
 from estimators.shared.perturb import Keys, MaskedMatrix, topk_mask
 
@@ -53,6 +54,7 @@ class PerturbedEstimator(Estimator):
     kinds: ClassVar[frozenset[str]] = frozenset({"sparse_matrix", "permutation"})
     defaults: ClassVar[Mapping[str, Any]] = {"samples": 100, "sigma": 0.05}
     positive: ClassVar[tuple[str, ...]] = ("samples", "sigma")
+    space: ClassVar[Mapping[str, Any]] = {"sigma": Range(0.01, 1.0, "log")}  # docs/protocols.md, Tuning
 
     def build_sparse_matrix(self, spec: SparseMatrixSpec, params: Mapping[str, Any]) -> StructureLayer:
         return PerturbedMatrixLayer(spec, samples=params["samples"], sigma=params["sigma"])

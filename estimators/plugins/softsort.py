@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from estimators.base import Estimator, PermutationOutput, PermutationSpec, StructureLayer, hookimpl
+from estimators.params import Range
 from estimators.shared.neuralsort import sort_matrix
 from estimators.shared.permutation import check_keys, check_positive, keys_only
 
@@ -27,6 +28,7 @@ class SoftSortEstimator(Estimator):
     kinds: ClassVar[frozenset[str]] = frozenset({"permutation"})
     defaults: ClassVar[Mapping[str, Any]] = {"tau": 1.0, "hard": False}
     positive: ClassVar[tuple[str, ...]] = ("tau",)
+    space: ClassVar[Mapping[str, Any]] = {"tau": Range(0.01, 10.0, "log")}  # docs/protocols.md, Tuning
 
     def unsupported(self, spec, params=None) -> str | None:
         if isinstance(spec, PermutationSpec):
