@@ -58,6 +58,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "estimators.plugins.gumbel_sinkhorn",
     "estimators.plugins.dense",
     "estimators.plugins.bilinear",
+    "estimators.plugins.rloo",
 )
 ENTRY_POINT_GROUP = "sparsebench"
 ENV_VAR = "SPARSEBENCH_PLUGINS"  # comma-separated module paths (or no:NAME), added to --plugin
