@@ -67,6 +67,7 @@ SEED_TAG: Final = PREFIX + "seed"
 SWEEP_TAG: Final = PREFIX + "sweep"
 KIND_TAG: Final = PREFIX + "kind"
 CODE_TAG_PREFIX: Final = PREFIX + "code."  # + "task" / "estimator": the plugin's distribution and version
+CODE_SRC_TAG_PREFIX: Final = PREFIX + "code_src."  # + "task" / "estimator": its source hash, release or not
 PRIMARY_METRIC_TAG: Final = PREFIX + "primary_metric"
 TARGET_TAG: Final = PREFIX + "target"  # the task's target on an eval metric, e.g. "eval/mse <= 0"
 #: On a cell the stop rule ended early: why ("solved for K evaluations (eval/mse <= 0)"); the
