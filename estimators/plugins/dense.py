@@ -6,8 +6,8 @@
 - ``permutation`` from keys: NeuralSort (Grover et al. 2019), ``NeuralSortLayer``: the
   deterministic relaxation (``gumbel_samples = 0``, the default), or stochastic NeuralSort
   (``gumbel_samples = S >= 1``): the relaxation of ``S`` Gumbel-perturbed copies of every
-  instance's keys, a relaxed sample of the Plackett-Luce distribution each (Grover et al. 2019,
-  §4.2; their ``n_s``, 5 in ermongroup/neuralsort ``tf/run_sort.py``).
+  instance's keys, a relaxed sample of the Plackett-Luce distribution each (Grover et al. 2019;
+  their ``n_s``, 5 in ermongroup/neuralsort ``tf/run_sort.py``).
 """
 
 from __future__ import annotations
