@@ -408,3 +408,17 @@ def test_a_conforming_task_trains_with_every_estimator_that_serves_it():
 def test_task_contract_breaches(task, message):
     failures = [f"{c.name}: {c.detail}" for c in check_task(task, [Good()]) if c.outcome == FAIL]
     assert any(message in line for line in failures), failures
+
+
+@pytest.mark.parametrize("task_name", ["identity", "attention", "sorting"])
+def test_every_built_in_task_passes_the_several_samples_smoke_check(task_name):
+    """Each task repeats its instances sample-major for a layer with samples > 1 (rloo's 4, then
+    8) and evaluates exactly as with one sample."""
+    from harness.plugins import load
+
+    registry = load([])
+    checks = check_task(registry.task(task_name), [registry.estimator("rloo")])
+    samples = next(c for c in checks if c.name == "several samples per instance")
+    assert samples.outcome == PASS, samples.detail
+    assert samples.detail.startswith("rloo: samples 4 -> 8 feeds the layer")
+    assert [c.line() for c in checks if c.outcome == FAIL] == []
