@@ -4,8 +4,9 @@ and sorting n = 4 (the paper's key network, 3-digit numbers, batch 64; the embed
 download is needed; the network's cost is the same).
 
 A step is what the training loop does: ``train_step`` (the task's forward, S rows per instance
-through the layer and after it), backward and the Adam step, timed over ``--steps`` steps after a
-warm-up; the median of ``--repeats`` such timings. The ratio is to reinforce at S = 1.
+through the layer and after it), backward and the Adam step, timed over ``--*-steps`` steps after
+a warm-up; the median of ``--repeats`` such timings, the configurations taking turns. The ratio is
+to reinforce at S = 1.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_rloo.py --threads 1
 """
@@ -35,13 +36,12 @@ TASKS: dict[str, dict[str, Any]] = {
 CONFIGS = [("reinforce", 1), ("reinforce", 4), ("reinforce", 16), ("rloo", 2), ("rloo", 4), ("rloo", 16)]
 
 
-def step_seconds(registry: Registry, task_name: str, estimator: str, samples: int, steps: int,
-                 repeats: int) -> float:
-    """Median seconds per training step of one (task, estimator, samples) on the CPU."""
+def _loop(registry: Registry, task_name: str, estimator: str, samples: int, steps: int,
+          cache: Path) -> Loop:
+    """One cell's training loop on the CPU, warmed up by ``steps`` steps; no evaluation falls due."""
     task, est = registry.task(task_name), registry.estimator(estimator)
     params = dict(task.check_data({**task.defaults, **TASKS[task_name]}, allow_embedded=True))
-    total = (repeats + 1) * steps
-    params.update(steps=total + 1, eval_every=total + 1, snapshots=[])
+    params.update(steps=10**9, eval_every=10**9, snapshots=[])
     est_params = {**est.defaults, **({"samples": samples} if estimator == "rloo" else {})}
     kind, spec, reason = choose_kind(task, est, params, est_params)
     if kind is None:
@@ -49,16 +49,24 @@ def step_seconds(registry: Registry, task_name: str, estimator: str, samples: in
     torch.manual_seed(0)
     layer = est.build(spec, est_params)
     layer.samples = samples  # reinforce: S rows per instance through the contract
+    run = task.setup(CellSetup(params, layer, kind, torch.device("cpu"), 0, cache, spec))
+    loop = Loop(run, params["lr"])
+    loop.train(stop=steps, evaluate_first=False)
+    return loop
+
+
+def step_seconds(registry: Registry, task_name: str, steps: int, repeats: int) -> list[float]:
+    """Median seconds per training step of every ``CONFIGS`` entry; the configurations take turns
+    within each repeat, so that a change of machine load meets all of them alike."""
     with tempfile.TemporaryDirectory() as cache:
-        run = task.setup(CellSetup(params, layer, kind, torch.device("cpu"), 0, Path(cache), spec))
-        loop = Loop(run, params["lr"])
-        loop.train(stop=steps, evaluate_first=False)  # warm-up
-        times = []
+        loops = [_loop(registry, task_name, e, s, steps, Path(cache)) for e, s in CONFIGS]
+        times: list[list[float]] = [[] for _ in CONFIGS]
         for _ in range(repeats):
-            start = time.perf_counter()
-            loop.train(stop=loop.step + steps, evaluate_first=False)
-            times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
+            for loop, timed in zip(loops, times, strict=True):
+                start = time.perf_counter()
+                loop.train(stop=loop.step + steps, evaluate_first=False)
+                timed.append((time.perf_counter() - start) / steps)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -77,11 +85,10 @@ def main() -> None:
                             f"{args.threads} thread(s), median of {args.repeats} x {steps} steps")
         for column in ("estimator", "S", "ms / step", "ratio to reinforce S=1"):
             table.add_column(column, justify="right")
-        base = None
-        for estimator, samples in CONFIGS:
-            seconds = step_seconds(registry, task_name, estimator, samples, steps, args.repeats)
-            base = base or seconds
-            table.add_row(estimator, str(samples), f"{1000 * seconds:.2f}", f"{seconds / base:.2f}")
+        measured = step_seconds(registry, task_name, steps, args.repeats)
+        for (estimator, samples), seconds in zip(CONFIGS, measured, strict=True):
+            table.add_row(estimator, str(samples), f"{1000 * seconds:.2f}",
+                          f"{seconds / measured[0]:.2f}")
         console.print(table)
 
 
