@@ -1,8 +1,9 @@
 """The ``rloo`` estimator (Kool et al. 2019) against exact gradients on problems small enough to
 enumerate: the expected gradient of the leave-one-out estimator equals the gradient of the expected
-loss within Monte-Carlo error (unbiased), for Plackett-Luce orderings of 4 keys and for a 3 x 3
-sparse matrix of 2 integer tuples; and its variance is below plain REINFORCE's at the same number
-of samples. ``pytest -s`` prints the figures (bias in standard errors, variances)."""
+loss within Monte-Carlo error (unbiased), for Plackett-Luce orderings of 4 keys, for a 3 x 3
+sparse matrix of 2 integer tuples and for a one-pixel glimpse of a 3 x 3 image; and its variance is
+below plain REINFORCE's at the same number of samples. ``pytest -s`` prints the figures (bias in
+standard errors, variances)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ import math
 import pytest
 import torch
 
-from estimators.base import PermutationSpec, SparseMatrixSpec, repeat_samples
+from estimators.base import GlimpseSpec, PermutationSpec, SparseMatrixSpec, repeat_samples
 from estimators.plugins.reinforce import (
     PlackettLuceLayer,
     ReinforceMatrixLayer,
     discretised_log_prob,
 )
-from estimators.plugins.rloo import RlooEstimator, RlooMatrixLayer, RlooPlackettLuceLayer
+from estimators.plugins.rloo import (
+    RlooEstimator,
+    RlooGlimpse,
+    RlooMatrixLayer,
+    RlooPlackettLuceLayer,
+)
 from estimators.shared.plackett_luce import plackett_luce_log_prob
 from estimators.shared.score_function import leave_one_out
 from harness.testing import DEVICES, assert_conforms
@@ -157,6 +163,56 @@ def test_rloo_sparse_matrix_is_unbiased_and_beats_reinforce(device):
           f"{var_rloo:.4g}, reinforce without baseline over {SAMPLES * b} instances "
           f"{var_plain:.4g} (ratio {var_plain / var_rloo:.1f})")
     assert var_rloo < var_plain
+
+
+# ---- a one-pixel glimpse of a 3 x 3 image ---------------------------------------------------------
+
+GLIMPSE = GlimpseSpec(image_shape=(1, 3, 3), size=1, glimpses=1)
+
+
+def _pixel_probabilities(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """P(read-out row = 0, 1, 2) for a centre ``z ~ N(mean, var)`` in logit space: the pixel is
+    ``round(2 sigmoid(z))``, so the cell edges are ``logit(1/4)`` and ``logit(3/4)``."""
+    edge = math.log(3.0)  # logit(3/4) = -logit(1/4)
+    cdf = torch.special.ndtr((torch.stack([-edge * torch.ones_like(mean), edge * torch.ones_like(mean)])
+                              - mean) / var.sqrt())  # (2,)
+    return torch.stack([cdf[0], cdf[1] - cdf[0], 1 - cdf[1]])
+
+
+def _glimpse_exact(layer: RlooGlimpse, boxes: torch.Tensor, image: torch.Tensor,
+                   target: float) -> torch.Tensor:
+    """The gradient of the expected loss ``(pixel - target)^2`` in the raw box and ``log_std``:
+    the one read-out point is the centre of the two corners, a Gaussian per axis."""
+    mean = layer.corners(boxes)[0, 0]  # (4,): y0, x0, y1, x1
+    var = (2 * layer.log_std[0]).exp()  # (4,)
+    rows = _pixel_probabilities((mean[0] + mean[2]) / 2, (var[0] + var[2]) / 4)
+    cols = _pixel_probabilities((mean[1] + mean[3]) / 2, (var[1] + var[3]) / 4)
+    expected = (rows[:, None] * cols[None, :] * (image[0] - target) ** 2).sum()
+    grads = torch.autograd.grad(expected, [boxes, layer.log_std])
+    return torch.cat([g.flatten() for g in grads])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rloo_glimpse_is_unbiased(device):
+    torch.manual_seed(5)
+    layer = RlooGlimpse(GLIMPSE, samples=SAMPLES, std=0.8).to(device).double()
+    image = torch.rand(1, 3, 3, dtype=torch.float64, device=device)
+    boxes = torch.tensor([[[0.3, -0.6, 0.1, 0.4]]], dtype=torch.float64, device=device,
+                         requires_grad=True)  # (1, g, 4) raw source outputs
+    target = 0.5
+    exact = _glimpse_exact(layer, boxes, image, target)
+    batches, b = 200, 500
+    estimates = []
+    for _ in range(batches):
+        layer.zero_grad()
+        leaf = boxes.detach().expand(b, 1, 4).clone().requires_grad_()
+        images = repeat_samples(image.expand(b, 1, 3, 3), SAMPLES)
+        read = layer.train()(images, repeat_samples(leaf, SAMPLES))  # (S * b, 1, 1, 1, 1)
+        layer.objective((read.flatten(1).squeeze(1) - target) ** 2).backward()
+        estimates.append(torch.cat([leaf.grad.sum(0).flatten(), layer.log_std.grad.flatten()]))
+    est = torch.stack(estimates)
+    assert _report("rloo, one-pixel glimpse of 3x3", est.mean(0), exact,
+                   est.std(0) / batches**0.5) < Z
 
 
 def test_rloo_conforms():
