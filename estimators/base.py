@@ -34,6 +34,8 @@ __all__ = [
     "StructureLayer",
     "Unsupported",
     "hookimpl",
+    "repeat_samples",
+    "training_samples",
 ]
 
 #: Marks a plugin's hook implementations; the same marker as ``harness.hookimpl``.
@@ -173,14 +175,24 @@ class StructureLayer(nn.Module):
     ``forward`` follows the contract of the spec's kind (see each spec's docstring); ``eval()``
     makes the structure deterministic. Optional overrides:
 
-    - ``objective(per_sample_loss)``: turns per-instance losses into the scalar to minimise.
-      A task calls it exactly once after every *training* forward, with ``per_sample_loss`` of
-      shape ``(b,)``: entry ``i`` is the loss of instance ``i`` of that forward's batch, whatever
-      the layer sampled internally (a layer that draws several structures per step assigns them to
-      instances itself and regroups the losses here). The default is the mean. Score-function
-      estimators add their surrogate term from what they recorded in the last ``forward``, on the
-      *detached* losses: the gradient of the result with respect to ``per_sample_loss`` must stay
-      the mean's (``1/b`` each), so the task's own networks train alike under every estimator.
+    - ``samples``: how many structures the layer wants per instance in *training* (an int >= 1,
+      default 1; set it in ``__init__``). The task repeats every training instance ``S =
+      samples`` times at the layer's input, *sample-major*: a batch of ``b`` instances reaches
+      ``forward`` as ``S * b`` rows (``repeat_samples``), row ``s * b + i`` being sample ``s`` of
+      instance ``i``, so the layer draws one structure per row, adaptive (per-input) structures
+      included. The task's networks before the layer run once per instance (their outputs are
+      repeated); what follows the layer runs per row. Evaluation is always one deterministic
+      pass per instance, whatever ``samples`` says.
+    - ``objective(per_sample_loss)``: turns the losses into the scalar to minimise. A task calls
+      it exactly once after every *training* forward, with ``per_sample_loss`` of shape ``(S *
+      b,)`` in the same sample-major layout (``per_sample_loss.view(S, b)[s, i]`` is sample ``s``
+      of instance ``i``), whatever the layer sampled internally (a layer that draws several
+      structures per row assigns them itself and regroups the losses here). The default is the
+      mean over (sample, instance). Score-function estimators add their surrogate term from what
+      they recorded in the last ``forward``, on the *detached* losses: the gradient of the result
+      with respect to ``per_sample_loss`` must stay the mean's (``1/(S b)`` each), so the task's
+      own networks train alike under every estimator (their gradient is the mean over sample and
+      instance).
     - ``snapshot()``: tensors worth logging as an artifact at set steps (means, sigmas, samples).
     - ``outcomes(*inputs)``: the layer's distribution over hard structures, enumerated
       (``Outcomes``), for the gradient study (``plugins.gradient_study``) to compute the exact
@@ -200,6 +212,7 @@ class StructureLayer(nn.Module):
     """
 
     scores_per_item: int = 1
+    samples: int = 1
 
     def objective(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
         return per_sample_loss.mean()
@@ -209,6 +222,29 @@ class StructureLayer(nn.Module):
 
     def outcomes(self, *inputs: torch.Tensor) -> Outcomes | None:
         return None
+
+
+def training_samples(layer: nn.Module) -> int:
+    """``S``, the rows per instance a task feeds ``layer`` now: its ``samples`` in training, 1 in
+    ``eval()``. ``ValueError`` naming the layer unless ``samples`` is an int >= 1."""
+    if not layer.training:
+        return 1
+    samples = getattr(layer, "samples", 1)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(
+            f"{type(layer).__name__}.samples = {samples!r}: the training samples per instance "
+            "must be an int >= 1"
+        )
+    return samples
+
+
+def repeat_samples(x: torch.Tensor, samples: int) -> torch.Tensor:
+    """``x`` ``(b, ...)`` repeated ``samples`` times, sample-major: ``(samples * b, ...)`` with row
+    ``s * b + i`` a copy of ``x[i]``; ``x`` itself when ``samples`` is 1 (no copy, so that one
+    sample per instance computes exactly what it did before several were possible)."""
+    if samples == 1:
+        return x
+    return x.repeat(samples, *([1] * (x.dim() - 1)))
 
 
 class GlimpseLayer(StructureLayer):

@@ -71,7 +71,9 @@ class Cell:
     task_params: dict[str, Any]
     estimator_params: dict[str, Any]
     sweep: str = ""
-    code: dict[str, str] = field(default_factory=dict)  # "task"/"estimator" -> plugin code version
+    code: dict[str, str] = field(default_factory=dict)  # "task"/"estimator" -> its code version
+    # "task"/"estimator" -> the source hash of its code, release or not: recorded, not in the id
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
     kind: str | None = None
     na_reason: str | None = None
     spec: Spec | None = field(default=None, compare=False)
@@ -464,9 +466,10 @@ def _expand(
         _check_cell(f"{where}{'/' + label_sweep if label_sweep else ''}", task, tp, est, ep)
         points.append((label_sweep, tp, ep))
 
-    code = {
-        "task": registry.version(registry.tasks[task_name].plugin),
-        "estimator": registry.version(registry.estimators[est_name].plugin),
+    code = {"task": registry.code("task", task_name), "estimator": registry.code("estimator", est_name)}
+    sources = {
+        "task": registry.source("task", task_name),
+        "estimator": registry.source("estimator", est_name),
     }
     trials: list[tuple[int | None, dict[str, Any]]] = [(None, {})] * len(points)
     tuning = ""
@@ -485,7 +488,7 @@ def _expand(
         cells += [
             Cell(
                 task_name, label, est_name, seed, tp, ep,
-                sweep=sw, code=code, kind=kind, na_reason=reason, spec=spec,
+                sweep=sw, code=code, sources=sources, kind=kind, na_reason=reason, spec=spec,
                 trial=trial, trial_values=values, tuning=tuning,
             )  # fmt: skip
             for seed in seeds

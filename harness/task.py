@@ -94,7 +94,9 @@ class TaskRun:
     """One cell's model and the three callables the runner drives.
 
     - ``train_step(step)`` returns ``(objective, metrics)``: the scalar to backpropagate (already
-      passed through ``layer.objective``) and floats to log at that step (``train/...``).
+      passed through ``layer.objective``) and floats to log at that step (``train/...``). It
+      feeds the layer every instance ``estimators.base.training_samples(layer)`` times,
+      sample-major (``repeat_samples``), and hands ``objective`` one loss per row.
     - ``evaluate()`` runs under ``evaluating(model)`` (``torch.no_grad()``, ``model.eval()``; the
       runner enters it, the task need not) and returns floats, each metric twice: ``val/<m>`` on a
       validation split disjoint from the test data and ``test/<m>`` on the test data.

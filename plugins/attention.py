@@ -66,7 +66,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from estimators.base import FullImageReadout, GlimpseLayer, GlimpseSpec, Spec, StructureLayer
+from estimators.base import (
+    FullImageReadout,
+    GlimpseLayer,
+    GlimpseSpec,
+    Spec,
+    StructureLayer,
+    repeat_samples,
+    training_samples,
+)
 from estimators.params import Range
 from harness.errors import UsageError
 from harness.hookspecs import hookimpl
@@ -132,9 +140,11 @@ class SourceNetwork(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (b, 10)
-    boxes: torch.Tensor | None  # (b, g, 4) raw source outputs; None for the dense baseline
-    glimpses: torch.Tensor | None  # (b, g, c, k, k)
+    """Rows are ``S * b`` in training (the layer's ``samples``, sample-major), ``b`` in eval."""
+
+    logits: torch.Tensor  # (rows, 10)
+    boxes: torch.Tensor | None  # (rows, g, 4) raw source outputs; None for the dense baseline
+    glimpses: torch.Tensor | None  # (rows, g, c, k, k)
 
 
 class AttentionModel(nn.Module):
@@ -160,7 +170,11 @@ class AttentionModel(nn.Module):
         if self.dense:
             return ModelOutput(self.source(images), None, None)
         boxes = self.source(images).view(images.shape[0], self.spec.glimpses, 4)  # (b, g, 4)
-        glimpses = self.layer(images, boxes)  # (b, g, c, k, k)
+        # the source runs once, the layer S times; only in training: a "sampled" evaluation
+        # (glimpse_reading) puts the layer alone in training mode and still reads one per image
+        samples = training_samples(self.layer) if self.training else 1
+        images, boxes = repeat_samples(images, samples), repeat_samples(boxes, samples)
+        glimpses = self.layer(images, boxes)  # (S * b, g, c, k, k), sample-major
         return ModelOutput(self.classifier(glimpses), boxes, glimpses)
 
     def preactivations(self, boxes: torch.Tensor) -> torch.Tensor:
@@ -307,8 +321,9 @@ class AttentionTask(Task):
 
         def train_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
             images, labels = batches.get(step)
-            out = model(images)
-            losses = per_sample_loss(out.logits, labels, p["loss"])  # (b,)
+            out = model(images)  # S * b rows, sample-major
+            labels = repeat_samples(labels, training_samples(model.layer))
+            losses = per_sample_loss(out.logits, labels, p["loss"])  # (S * b,)
             errors = (out.logits.argmax(1) != labels).float().mean().item()
             return model.layer.objective(losses), {
                 "train/loss": losses.mean().item(),

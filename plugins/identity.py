@@ -27,7 +27,14 @@ from typing import Any
 
 import torch
 
-from estimators.base import PermutationSpec, SparseMatrixSpec, Spec, StructureLayer
+from estimators.base import (
+    PermutationSpec,
+    SparseMatrixSpec,
+    Spec,
+    StructureLayer,
+    repeat_samples,
+    training_samples,
+)
 from estimators.params import Range
 from harness.hookspecs import hookimpl
 from harness.task import CellSetup, Target, Task, TaskRun
@@ -97,7 +104,8 @@ class IdentityTask(Task):
 
         def train_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
             x = torch.randn(batch, n, generator=train_gen, device=device)  # (b, n)
-            per_sample = ((apply(layer, x) - x) ** 2).mean(dim=1)  # (b,)
+            x = repeat_samples(x, training_samples(layer))  # (S * b, n), sample-major
+            per_sample = ((apply(layer, x) - x) ** 2).mean(dim=1)  # (S * b,)
             return layer.objective(per_sample), {"train/mse": per_sample.mean().item()}
 
         def mse(x: torch.Tensor) -> float:

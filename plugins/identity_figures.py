@@ -43,12 +43,13 @@ def fig2_grid(ctx: ReportContext):  # -> seaborn.FacetGrid, one facet per experi
     against iterations, both axes linear (the script sets no x scale), MSE from 0
     (``set_ylim(bottom=0)``), every evaluation from step 0 on (``np.arange(ndots) * dot_every``),
     colour by size, the sparse layer solid and REINFORCE dashed; every other estimator has its own
-    dash pattern and marker. Error bars: std over seeds. Per size, each estimator's best sweep on
-    validation MSE (the paper reports REINFORCE at its best learning rate)."""
+    dash pattern and marker, and the title names the style of every estimator drawn. Error
+    bars: std over seeds. Per size, each estimator's best sweep on validation MSE (the paper
+    reports REINFORCE at its best learning rate)."""
     import numpy as np
     import pandas as pd
 
-    from reports.plotting import dashes_for, markers_for, sns
+    from reports.plotting import dashes_for, markers_for, sns, styles_caption
     from reports.tables import best_sweeps
 
     runs = best_sweeps(_identity_runs(ctx))  # chosen on val/mse, shown on test/mse
@@ -79,8 +80,9 @@ def fig2_grid(ctx: ReportContext):  # -> seaborn.FacetGrid, one facet per experi
         chosen = "; ".join(f"{r.variant} {r.estimator}: {r.sweep}" for r in swept.itertuples())
         grid.figure.text(0.01, -0.02, f"best sweep per n (lowest final val/mse): {chosen}",
                          fontsize=7, ha="left", va="top", wrap=True)
-    grid.figure.suptitle("Fig. 2: identity, test MSE against iterations (colour: size; sparse "
-                         "solid, REINFORCE dashed; std over seeds)", y=1.03)
+    styles = styles_caption(estimators, dashes_for(estimators), markers_for(estimators))
+    grid.figure.suptitle(f"Fig. 2: identity, test MSE against iterations (colour: size; {styles}; "
+                         "std over seeds)", y=1.03, wrap=True)
     return grid
 
 

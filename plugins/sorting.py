@@ -97,7 +97,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from estimators.base import PermutationOutput, PermutationSpec, Spec, StructureLayer
+from estimators.base import (
+    PermutationOutput,
+    PermutationSpec,
+    Spec,
+    StructureLayer,
+    repeat_samples,
+    training_samples,
+)
 from estimators.params import Range
 from harness.hookspecs import hookimpl
 from harness.task import CellSetup, ParamError, Target, Task, TaskRun, data_root
@@ -156,9 +163,12 @@ class SortingModel(nn.Module):
         self.scorer, self.layer = scorer, layer
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, PermutationOutput]:
-        """``(b, n, digits, 28, 28)`` -> scores (``(b, n)`` or ``(b, n, n)``) and the layer's output."""
+        """``(b, n, digits, 28, 28)`` -> scores (``(b, n)`` or ``(b, n, n)``) and the layer's output.
+
+        The network scores every instance once; the layer sees the scores repeated for its
+        ``samples`` (``S * b`` rows, sample-major; ``estimators.base.repeat_samples``)."""
         scores = self.scorer(images)
-        return scores, self.layer(scores)
+        return scores, self.layer(repeat_samples(scores, training_samples(self.layer)))
 
 
 def scoring_network(protocol: str, digits: int, scores: int) -> nn.Module:
@@ -380,7 +390,9 @@ class SortingTask(Task):
 
         def train_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
             images, values = batch(step)
-            _, out = model(images)
+            _, out = model(images)  # S * b permutations, sample-major
+            samples = training_samples(model.layer)
+            images, values = repeat_samples(images, samples), repeat_samples(values, samples)
             if p["loss"] == "permutation_ce":
                 loss = permutation_cross_entropy(out.matrix, values)
                 return model.layer.objective(loss), {"train/loss": loss.mean().item()}

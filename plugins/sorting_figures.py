@@ -187,7 +187,7 @@ def draw_fig7(ctx: ReportContext) -> list[Path]:
         ax.grid(False)
         ax.set_title(title)
     fig.suptitle(
-        f"Fig. 7: quicksort steps, {run['run_name']} at step {step} ({data['layer']}); "
+        f"Fig. 7: the steps of {data['layer']}, {run['run_name']} at step {step}; "
         f"numbers {data['values']}", fontsize=8,
     )
     fig.tight_layout()

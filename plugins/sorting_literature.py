@@ -7,9 +7,9 @@ individual element ranks correctly identified), checked against the ICLR 2019 pa
 Our rows follow the paper's model selection (appendix D.1; ``tf/run_sort.py`` of
 ermongroup/neuralsort): per cell, the evaluation (checkpoint) with the best validation
 all-correct (``val/all_correct``; the first such on ties) and its test numbers
-(``test/all_correct``, ``test/per_element_correct``); per ``n`` and estimator, the temperature
-(sweep) with the best mean validation all-correct over its seeds. Test numbers never choose
-anything.
+(``test/all_correct``, ``test/per_element_correct``); per ``n`` and method (an estimator, with
+deterministic and stochastic NeuralSort apart), the temperature (sweep) with the best mean
+validation all-correct over its seeds. Test numbers never choose anything.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from reports.schema import NA
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["GROVER_TABLE1", "OUR_METHODS", "SIZES", "neuralsort_table", "selected_cells"]
+__all__ = ["GROVER_TABLE1", "OUR_METHODS", "SIZES", "method_of", "neuralsort_table", "selected_cells"]
 
 SIZES = (3, 5, 7, 9, 15)
 VAL, TEST, TEST_ITEM = "val/all_correct", "test/all_correct", "test/per_element_correct"
@@ -46,14 +46,27 @@ OUR_METHODS: dict[str, str] = {
     "reinforce": "Plackett-Luce REINFORCE (ours, not in Grover et al.)",
     "sparse": "sparse quicksort (ours)",
 }
+STOCHASTIC_NEURALSORT = "Stochastic NeuralSort (ours)"
+
+
+def method_of(run: pd.Series) -> str:
+    """What a cell ran, named as the table names it: the ``dense`` estimator with Gumbel samples
+    (``estimator.gumbel_samples`` > 0) is stochastic NeuralSort."""
+    import pandas as pd
+
+    estimator = run["estimator"]
+    samples = pd.to_numeric(run.get("params.estimator.gumbel_samples"), errors="coerce")
+    if estimator == "dense" and pd.notna(samples) and samples > 0:
+        return STOCHASTIC_NEURALSORT
+    return OUR_METHODS.get(estimator, f"{estimator} (ours)")
 
 
 def selected_cells(runs: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
     """One row per cell run of the NeuralSort protocol: its best-validation evaluation.
 
-    Columns: the run's ``GROUP`` keys, ``n``, ``seed``, ``status``, ``data_source``, ``step``,
-    ``val_all_correct``, ``all_correct``, ``per_element_correct`` (NaN where a cell has not
-    evaluated yet).
+    Columns: the run's ``GROUP`` keys, ``method`` (``method_of``), ``n``, ``seed``, ``status``,
+    ``data_source``, ``step``, ``val_all_correct``, ``all_correct``, ``per_element_correct`` (NaN
+    where a cell has not evaluated yet).
     """
     import numpy as np
     import pandas as pd
@@ -64,7 +77,8 @@ def selected_cells(runs: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
     runs = runs[runs["task"].eq("sorting") & protocol.eq("neuralsort")]
     rows = []
     for _, run in runs.iterrows():
-        row = {**{k: run[k] for k in GROUP}, "n": int(run["params.task.n"]), "seed": run["seed"],
+        row = {**{k: run[k] for k in GROUP}, "method": method_of(run),
+               "n": int(run["params.task.n"]), "seed": run["seed"],
                "status": run["status"], "data_source": run["data_source"], "step": np.nan,
                "val_all_correct": np.nan, "all_correct": np.nan, "per_element_correct": np.nan}
         evals = frame[frame["run_id"].eq(run["run_id"])]
@@ -73,7 +87,7 @@ def selected_cells(runs: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
             row.update(step=best["step"], val_all_correct=best[VAL],
                        all_correct=best[TEST], per_element_correct=best[TEST_ITEM])
         rows.append(row)
-    columns = [*GROUP, "n", "seed", "status", "data_source", "step", "val_all_correct",
+    columns = [*GROUP, "method", "n", "seed", "status", "data_source", "step", "val_all_correct",
                "all_correct", "per_element_correct"]
     return pd.DataFrame(rows, columns=columns)
 
@@ -102,9 +116,8 @@ def neuralsort_table(runs: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
         for method, values in GROVER_TABLE1.items()
     ]
     cells = selected_cells(runs, frame)
-    for (experiment, estimator), mine in cells.groupby(["experiment", "estimator"], sort=False):
-        row = {"source": f"ours ({experiment})",
-               "method": OUR_METHODS.get(estimator, f"{estimator} (ours)"),
+    for (experiment, method), mine in cells.groupby(["experiment", "method"], sort=False):
+        row = {"source": f"ours ({experiment})", "method": method,
                "data": "; ".join(sorted({data_label(s) for s in mine["data_source"]}))}
         chosen = []
         for n, at_n in mine.groupby("n"):

@@ -73,6 +73,7 @@ TRIAL_VALUES_TAG: Final = PREFIX + "trial_values"
 TUNING_TAG: Final = PREFIX + "tuning"
 KIND_TAG: Final = PREFIX + "kind"
 CODE_TAG_PREFIX: Final = PREFIX + "code."  # + "task" / "estimator": the plugin's distribution and version
+CODE_SRC_TAG_PREFIX: Final = PREFIX + "code_src."  # + "task" / "estimator": its source hash, release or not
 PRIMARY_METRIC_TAG: Final = PREFIX + "primary_metric"  # the test/ metric the report shows
 SELECT_METRIC_TAG: Final = PREFIX + "select_metric"  # the val/ metric every selection reads
 TARGET_TAG: Final = PREFIX + "target"  # the task's target on a val metric, e.g. "val/mse <= 0"

@@ -3,8 +3,11 @@
 - ``sparse_matrix``: a dense weight learned directly, ``DenseMatrixLayer``.
 - ``glimpse``: no glimpse (``FullImageReadout``); the task classifies from the source network (the
   paper's baseline).
-- ``permutation`` from keys: the deterministic NeuralSort relaxation (Grover et al. 2019),
-  ``NeuralSortLayer``.
+- ``permutation`` from keys: NeuralSort (Grover et al. 2019), ``NeuralSortLayer``: the
+  deterministic relaxation (``gumbel_samples = 0``, the default), or stochastic NeuralSort
+  (``gumbel_samples = S >= 1``): the relaxation of ``S`` Gumbel-perturbed copies of every
+  instance's keys, a relaxed sample of the Plackett-Luce distribution each (Grover et al. 2019;
+  their ``n_s``, 5 in ermongroup/neuralsort ``tf/run_sort.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from estimators.base import (
 from estimators.params import Choice
 from estimators.shared.neuralsort import neuralsort, sort_matrix
 from estimators.shared.permutation import check_keys, check_positive, keys_only
+from estimators.shared.sinkhorn import gumbel_noise
 from estimators.sparse import weight_shape
 
 __all__ = ["DenseEstimator", "DenseMatrixLayer", "NeuralSortLayer", "register_estimators"]
@@ -37,10 +41,19 @@ __all__ = ["DenseEstimator", "DenseMatrixLayer", "NeuralSortLayer", "register_es
 
 class DenseEstimator(Estimator):
     name: ClassVar[str] = "dense"
-    description: ClassVar[str] = "dense baselines: full weight, whole-image ConvNet, NeuralSort"
+    description: ClassVar[str] = (
+        "dense baselines: full weight, whole-image ConvNet, deterministic or stochastic NeuralSort "
+        "(Grover et al. 2019)"
+    )
     kinds: ClassVar[frozenset[str]] = frozenset({"sparse_matrix", "glimpse", "permutation"})
-    defaults: ClassVar[Mapping[str, Any]] = {"tau": 1.0}  # NeuralSort temperature
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "tau": 1.0,  # NeuralSort temperature
+        # permutation: 0 = deterministic NeuralSort; S >= 1 = stochastic NeuralSort with S
+        # Gumbel-perturbed samples per instance (Grover et al.'s n_s)
+        "gumbel_samples": 0,
+    }
     positive: ClassVar[tuple[str, ...]] = ("tau",)
+    non_negative: ClassVar[tuple[str, ...]] = ("gumbel_samples",)
     # Grover et al. 2019 (D.1) choose NeuralSort's temperature from this grid on validation data;
     # only the NeuralSort layer (permutation) reads it
     space: ClassVar[Mapping[str, Any]] = {"tau": Choice((1.0, 2.0, 4.0, 8.0, 16.0), kinds=("permutation",))}
@@ -57,7 +70,7 @@ class DenseEstimator(Estimator):
         return FullImageReadout()
 
     def build_permutation(self, spec: PermutationSpec, params: Mapping[str, Any]) -> StructureLayer:
-        return NeuralSortLayer(spec, tau=params["tau"])
+        return NeuralSortLayer(spec, tau=params["tau"], gumbel_samples=params["gumbel_samples"])
 
 
 # ---- sparse_matrix ------------------------------------------------------------------------------
@@ -91,24 +104,40 @@ class DenseMatrixLayer(StructureLayer):
 
 
 class NeuralSortLayer(StructureLayer):
-    """NeuralSort (Grover et al. 2019), deterministic; ``eval()``: the argsort matrix."""
+    """NeuralSort (Grover et al. 2019); ``eval()``: the argsort matrix of the keys.
 
-    def __init__(self, spec: PermutationSpec, *, tau: float = 1.0):
+    ``gumbel_samples = 0``: deterministic, the relaxation of the keys. ``gumbel_samples = S``:
+    stochastic NeuralSort, ``S`` samples per instance (the contract's ``samples``), each row
+    relaxing ``keys - G`` with ``G`` standard Gumbel noise: its hard limit sorts a sample of the
+    Plackett-Luce distribution of the keys (Grover et al.'s ``s + g`` for descending scores
+    ``s = -keys``), and the relaxation's gradient is the reparametrised one.
+    """
+
+    def __init__(self, spec: PermutationSpec, *, tau: float = 1.0, gumbel_samples: int = 0):
         super().__init__()
         reason = self.unsupported(spec)
         if reason:
             raise ValueError(reason)
         check_positive("tau", tau)
+        if gumbel_samples < 0:
+            raise ValueError(f"gumbel_samples must be >= 0 (0: deterministic), got {gumbel_samples}")
         self.spec, self.tau = spec, tau
+        self.stochastic = gumbel_samples > 0
+        self.samples = max(gumbel_samples, 1)
 
     @staticmethod
     def unsupported(spec: PermutationSpec) -> str | None:
         return keys_only(spec, "neuralsort")
 
-    def forward(self, keys: torch.Tensor) -> PermutationOutput:
+    def forward(self, keys: torch.Tensor, generator: torch.Generator | None = None) -> PermutationOutput:
         check_keys(keys, self.spec.n)
-        matrix = neuralsort(keys, self.tau) if self.training else sort_matrix(keys.detach())
-        return PermutationOutput(steps=[matrix])
+        if not self.training:
+            return PermutationOutput(steps=[sort_matrix(keys.detach())])
+        if self.stochastic:
+            noise = gumbel_noise(tuple(keys.shape), generator=generator, device=keys.device,
+                                 dtype=keys.dtype)
+            keys = keys - noise
+        return PermutationOutput(steps=[neuralsort(keys, self.tau)])
 
 
 @hookimpl

@@ -24,17 +24,29 @@ __all__ = ["GumbelSinkhornEstimator", "GumbelSinkhornLayer", "register_estimator
 
 class GumbelSinkhornEstimator(Estimator):
     name: ClassVar[str] = "gumbel_sinkhorn"
-    description: ClassVar[str] = "Gumbel-Sinkhorn relaxation, Hungarian matching at evaluation"
+    description: ClassVar[str] = (
+        "Gumbel-Sinkhorn relaxation (Mena et al. 2018), n_s samples per instance, Hungarian "
+        "matching at evaluation"
+    )
     kinds: ClassVar[frozenset[str]] = frozenset({"permutation"})
-    defaults: ClassVar[Mapping[str, Any]] = {"temperature": 1.0, "iterations": 20, "noise": 1.0}
-    positive: ClassVar[tuple[str, ...]] = ("temperature", "iterations")
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "temperature": 1.0,
+        "iterations": 20,
+        "noise": 1.0,
+        "samples": 1,  # Gumbel samples per instance in training (Mena et al.'s n_s)
+    }
+    positive: ClassVar[tuple[str, ...]] = ("temperature", "iterations", "samples")
     non_negative: ClassVar[tuple[str, ...]] = ("noise",)  # 0: deterministic Sinkhorn
     # the relaxation's temperature: Grover et al. 2019 (D.1) tune the Sinkhorn baselines on this grid
     space: ClassVar[Mapping[str, Any]] = {"temperature": Choice((1.0, 2.0, 4.0, 8.0, 16.0))}
 
     def build_permutation(self, spec: PermutationSpec, params: Mapping[str, Any]) -> StructureLayer:
         return GumbelSinkhornLayer(
-            spec, temperature=params["temperature"], iterations=params["iterations"], noise=params["noise"]
+            spec,
+            temperature=params["temperature"],
+            iterations=params["iterations"],
+            noise=params["noise"],
+            samples=params["samples"],
         )
 
 
@@ -49,6 +61,10 @@ class GumbelSinkhornLayer(StructureLayer):
     Mena et al. normalise the item-major columns last, so every output row sums to 1 exactly.
     ``source="free"`` learns the position-major logits and ``forward(batch_size)`` draws one noisy
     matrix per instance. ``eval()``: the Hungarian solution of the noiseless scores.
+
+    ``samples`` (Mena et al.'s ``n_s``): Gumbel samples per instance in training, the contract's
+    ``samples``: the task repeats every instance, each row draws its own noise, and the loss is
+    the mean over samples and instances.
     """
 
     def __init__(
@@ -58,10 +74,13 @@ class GumbelSinkhornLayer(StructureLayer):
         temperature: float = 1.0,
         iterations: int = 20,
         noise: float = 1.0,
+        samples: int = 1,
     ):
         super().__init__()
         check_positive("temperature", temperature)
         check_positive("iterations", iterations)
+        check_positive("samples", samples)
+        self.samples = samples
         if noise < 0:
             raise ValueError(f"noise must be >= 0, got {noise}")
         self.spec, self.temperature, self.iterations, self.noise = (

@@ -226,7 +226,7 @@ class ReinforceMatrixLayer(StructureLayer):
         self.in_shape, self.out_shape = tuple(spec.in_shape), tuple(spec.out_shape)
         self.shape = weight_shape(self.in_shape, self.out_shape)
         self.baseline_kind, self.log_prob_kind = baseline, log_prob
-        self.samples, self.decay, self.tau = samples, baseline_decay, tau
+        self.shared_draws, self.decay, self.tau = samples, baseline_decay, tau
         self.means_raw = nn.Parameter(torch.randn(spec.k, len(self.shape)))
         self.sigmas_raw = nn.Parameter(torch.zeros(spec.k))
         if fix_values:
@@ -254,7 +254,7 @@ class ReinforceMatrixLayer(StructureLayer):
             return rounded_product(
                 x, means.expand(b, -1, -1), values.expand(b, -1), self.in_shape, self.out_shape
             )
-        draws_n = self.samples or b  # structures this step: one per instance, or shared
+        draws_n = self.shared_draws or b  # structures this step: one per instance, or shared
         if b < draws_n or (self.baseline_kind == "leave_one_out" and draws_n < 2):
             raise SparseLayerError(
                 f"batch of {b} is too small for {draws_n} draws with baseline {self.baseline_kind!r}"
@@ -305,18 +305,21 @@ class ReinforceMatrixLayer(StructureLayer):
             which = torch.arange(per_sample_loss.shape[0], device=loss.device) % draws_n
             draw_loss = torch.zeros_like(log_prob).index_add_(0, which, per_sample_loss.detach())
             draw_loss /= torch.bincount(which, minlength=draws_n).to(draw_loss)  # (draws,)
-            if self.baseline_kind == "leave_one_out":
-                base = (draw_loss.sum() - draw_loss) / (draws_n - 1)
-            elif self.baseline_kind == "none":
-                base = torch.zeros_like(draw_loss)
-            else:
-                if not self.baseline_set:
-                    self.baseline.copy_(draw_loss.mean())
-                    self.baseline_set.fill_(True)
-                base = self.baseline.clone()
-                self.baseline.mul_(self.decay).add_((1 - self.decay) * draw_loss.mean())
-            advantage = draw_loss - base  # (draws,)
+            advantage = draw_loss - self.baseline_of(draw_loss)  # (draws,)
         return loss + (advantage * log_prob).mean()
+
+    def baseline_of(self, draw_loss: Tensor) -> Tensor:
+        """The detached baseline of each draw's loss ``(draws,)``; advances the moving average."""
+        if self.baseline_kind == "leave_one_out":
+            return (draw_loss.sum() - draw_loss) / (draw_loss.shape[0] - 1)
+        if self.baseline_kind == "none":
+            return torch.zeros_like(draw_loss)
+        if not self.baseline_set:
+            self.baseline.copy_(draw_loss.mean())
+            self.baseline_set.fill_(True)
+        base = self.baseline.clone()
+        self.baseline.mul_(self.decay).add_((1 - self.decay) * draw_loss.mean())
+        return base
 
     def snapshot(self) -> dict[str, Tensor]:
         """Means, variances ``(k, r)``, values ``(k,)`` and the first draw ``samples (k, r)``."""
@@ -405,20 +408,23 @@ class ReinforceGlimpse(GlimpseLayer):
         if self.last_log_p is None:  # eval mode, or no sample since the last objective
             return loss
         cost = per_sample_loss.detach()  # (b,)
-        if self.baseline_kind == "none":
-            base = torch.zeros_like(cost)
-        elif self.baseline_kind == "leave_one_out":
-            base = (cost.sum() - cost) / max(len(cost) - 1, 1)  # (b,)
-        else:
-            if not bool(self.baseline_ready):
-                self.baseline.copy_(cost.mean())
-                self.baseline_ready.fill_(True)
-            base = self.baseline.clone()
-            decay = self.baseline_decay
-            self.baseline.copy_(decay * self.baseline + (1 - decay) * cost.mean())
-        surrogate = (self.last_log_p * (cost - base)).mean()
+        surrogate = (self.last_log_p * (cost - self.baseline_of(cost))).mean()
         self.last_log_p = None  # one surrogate per sample: never reuse a freed graph
         return loss + surrogate
+
+    def baseline_of(self, cost: torch.Tensor) -> torch.Tensor:
+        """The detached baseline of the losses ``(b,)``; advances the moving average."""
+        if self.baseline_kind == "none":
+            return torch.zeros_like(cost)
+        if self.baseline_kind == "leave_one_out":
+            return (cost.sum() - cost) / max(len(cost) - 1, 1)  # (b,)
+        if not bool(self.baseline_ready):
+            self.baseline.copy_(cost.mean())
+            self.baseline_ready.fill_(True)
+        base = self.baseline.clone()
+        decay = self.baseline_decay
+        self.baseline.copy_(decay * self.baseline + (1 - decay) * cost.mean())
+        return base
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {"std": self.log_std.detach().exp(), "baseline": self.baseline.detach().clone()}
@@ -437,8 +443,8 @@ class PlackettLuceLayer(StructureLayer):
     first update), so it never depends on the current sample; ``"none"`` uses 0.
     ``eval()``: the argsort matrix.
 
-    ``samples`` must be 1: the contract gives one matrix and one loss per instance, so extra
-    samples per instance have nowhere to go.
+    ``samples``: permutations per instance in training (the contract's ``samples``; the task
+    repeats every instance that many times, and each row draws its own permutation).
     """
 
     def __init__(
@@ -457,11 +463,10 @@ class PlackettLuceLayer(StructureLayer):
             raise ValueError(f"baseline must be 'moving_average' or 'none', got {baseline!r}")
         if not 0.0 <= baseline_decay < 1.0:
             raise ValueError(f"baseline_decay must lie in [0, 1), got {baseline_decay}")
-        if samples != 1:
-            raise ValueError(
-                f"samples={samples}: PlackettLuceLayer draws one permutation per instance"
-            )
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1 (permutations per instance), got {samples}")
         self.spec, self.baseline_kind, self.decay = spec, baseline, baseline_decay
+        self.samples = samples
         self.register_buffer("average", torch.zeros(()))  # uncorrected moving average
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self._log_prob: torch.Tensor | None = None
@@ -493,13 +498,19 @@ class PlackettLuceLayer(StructureLayer):
                 f"forward (shape {expected}), got {tuple(per_sample_loss.shape)}"
             )
         loss = per_sample_loss.detach()
-        surrogate = ((loss - self.baseline()) * self._log_prob).mean()
+        surrogate = ((loss - self.baseline_of(loss)) * self._log_prob).mean()
+        self._log_prob = None  # one objective per forward
+        return per_sample_loss.mean() + surrogate
+
+    def baseline_of(self, loss: torch.Tensor) -> torch.Tensor:
+        """The detached baseline of the losses ``(b,)`` (here of past losses only); advances the
+        moving average."""
+        base = self.baseline()
         if self.baseline_kind == "moving_average":
             with torch.no_grad():
                 self.average.mul_(self.decay).add_((1.0 - self.decay) * loss.mean())
                 self.updates.add_(1)
-        self._log_prob = None  # one objective per forward
-        return per_sample_loss.mean() + surrogate
+        return base
 
     def outcomes(self, *inputs: torch.Tensor) -> Outcomes:
         """All ``n!`` orderings of one instance's keys ``(1, n)`` under Plackett-Luce."""

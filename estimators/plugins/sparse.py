@@ -266,7 +266,7 @@ class QuicksortLayer(StructureLayer):
         check_positive("C", C)
         if samples is not None and samples < 1:
             raise ValueError(f"samples must be >= 1 (or None for n), got {samples}")
-        self.spec, self.C, self.samples = spec, C, samples
+        self.spec, self.C, self.half_samples = spec, C, samples
         self._last: torch.Tensor | None = None
 
     @staticmethod
@@ -283,7 +283,7 @@ class QuicksortLayer(StructureLayer):
     ) -> PermutationOutput:
         check_keys(keys, self.spec.n)
         steps, trace = quicksort(
-            keys, C=self.C, samples=self.samples, generator=generator, hard=not self.training
+            keys, C=self.C, samples=self.half_samples, generator=generator, hard=not self.training
         )
         self._last = torch.stack([s[0].detach() for s in steps])  # (log2 n, n, n), instance 0
         return PermutationOutput(steps=steps, extras={"keys": trace}, intermediate=True)

@@ -29,7 +29,7 @@ from estimators.base import Estimator
 from estimators.params import kinds_problem
 from harness import hookspecs
 from harness.errors import PluginError
-from harness.plugins.versions import code_version
+from harness.plugins.versions import code_version, source_hash
 from harness.task import Task
 
 __all__ = [
@@ -60,6 +60,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "estimators.plugins.gumbel_sinkhorn",
     "estimators.plugins.dense",
     "estimators.plugins.bilinear",
+    "estimators.plugins.rloo",
     "estimators.plugins.perturbed",
     "estimators.plugins.imle",
     "estimators.plugins.softsort",
@@ -113,10 +114,31 @@ class Registry:
         return found
 
     def version(self, plugin: str) -> str:
-        """The code a plugin runs (``harness.plugins.versions.code_version``); part of every cell id."""
+        """The code a plugin module runs (``harness.plugins.versions.code_version``), for listings."""
         if plugin not in self._versions:
             self._versions[plugin] = code_version(self.objects[plugin], self.dists.get(plugin))
         return self._versions[plugin]
+
+    def _entry(self, role: str, name: str) -> Registered:
+        return (self.tasks if role == "task" else self.estimators)[name]
+
+    def code(self, role: str, name: str) -> str:
+        """The code one task or estimator runs (``role``: ``"task"``, ``"estimator"``): its own
+        module and what that imports, not its whole plugin package; part of every cell id."""
+        key = f"{role}:{name}"
+        if key not in self._versions:
+            entry = self._entry(role, name)
+            self._versions[key] = code_version(entry.obj, self.dists.get(entry.plugin))
+        return self._versions[key]
+
+    def source(self, role: str, name: str) -> str:
+        """The source hash of one task's or estimator's code, for a release too (whose ``code`` is
+        its version label alone); recorded with every cell, never part of its id."""
+        key = f"{role}:{name}:src"
+        if key not in self._versions:
+            entry = self._entry(role, name)
+            self._versions[key] = source_hash(entry.obj, self.dists.get(entry.plugin))
+        return self._versions[key]
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ from estimators.base import (
     Spec,
     StructureLayer,
     Unsupported,
+    repeat_samples,
+    training_samples,
 )
 from estimators.params import kinds_problem, space_problems
 from harness.errors import UsageError
@@ -60,6 +62,7 @@ BATCH = 3
 SMOKE_STEPS = 3
 SMOKE_DIAGNOSE = Diagnose(every=1, draws=4)  # the gradient diagnostics after the smoke training
 DIAGNOSED = ("rel_var", "snr", "cosine", "sampling_share")  # what the check prints of them
+SAMPLES_FACTOR = 2  # the several-samples smoke check trains with twice the layer's own samples
 
 #: The small specs every estimator is tried on: a spec per kind and the variants tasks ask for.
 PROBES: tuple[Spec, ...] = (
@@ -244,12 +247,19 @@ def _task_registration(task: Task) -> str:
 
 @dataclass
 class _Inputs:
-    """A batch of ``BATCH`` inputs for a spec's layer."""
+    """A batch of ``BATCH`` inputs for a spec's layer; ``repeated(S)`` is what a task feeds a layer
+    with ``samples = S`` in training (every instance ``S`` times, sample-major)."""
 
     args: tuple[Any, ...]
     differentiable: torch.Tensor | None  # keys, scores or boxes, whose gradient must be finite and nonzero
 
     keys: torch.Tensor | None = None  # the keys a permutation must sort ascending in eval()
+
+    def repeated(self, samples: int) -> tuple[Any, ...]:
+        return tuple(
+            repeat_samples(a, samples) if isinstance(a, torch.Tensor) else a * samples
+            for a in self.args
+        )
 
     @staticmethod
     def make(spec: Spec, device: torch.device, scores_per_item: int = 1) -> _Inputs:
@@ -279,30 +289,33 @@ class _Inputs:
         return _Inputs((images, boxes), boxes)
 
 
-def _expected_shape(spec: Spec) -> tuple[int, ...]:
+def _expected_shape(spec: Spec, rows: int = BATCH) -> tuple[int, ...]:
     if isinstance(spec, SparseMatrixSpec):
-        return (BATCH, *spec.out_shape)
+        return (rows, *spec.out_shape)
     if isinstance(spec, PermutationSpec):
-        return (BATCH, spec.n, spec.n)
+        return (rows, spec.n, spec.n)
     c = spec.image_shape[0]
-    return (BATCH, spec.glimpses, c, spec.size, spec.size)
+    return (rows, spec.glimpses, c, spec.size, spec.size)
 
 
-def _output_tensor(spec: Spec, out: Any) -> torch.Tensor:
-    """The forward output as one tensor of the contract's shape (a permutation's matrix)."""
+def _output_tensor(spec: Spec, out: Any, rows: int = BATCH) -> torch.Tensor:
+    """The forward output as one tensor of the contract's shape (a permutation's matrix), with
+    ``rows`` instances (``S * b`` in training)."""
     if isinstance(spec, PermutationSpec):
         if not isinstance(out, PermutationOutput):
             raise _Failed(f"forward returned {type(out).__name__}, not a PermutationOutput")
         if not out.steps:
             raise _Failed("PermutationOutput.steps is empty")
         for i, step in enumerate(out.steps):
-            if tuple(step.shape) != _expected_shape(spec):
-                raise _Failed(f"steps[{i}] has shape {tuple(step.shape)}, not {_expected_shape(spec)}")
+            if tuple(step.shape) != _expected_shape(spec, rows):
+                raise _Failed(
+                    f"steps[{i}] has shape {tuple(step.shape)}, not {_expected_shape(spec, rows)}"
+                )
         return out.matrix
     if not isinstance(out, torch.Tensor):
         raise _Failed(f"forward returned {type(out).__name__}, not a tensor")
-    if tuple(out.shape) != _expected_shape(spec):
-        raise _Failed(f"forward gave shape {tuple(out.shape)}, not {_expected_shape(spec)}")
+    if tuple(out.shape) != _expected_shape(spec, rows):
+        raise _Failed(f"forward gave shape {tuple(out.shape)}, not {_expected_shape(spec, rows)}")
     return out
 
 
@@ -341,12 +354,15 @@ class _LayerChecks:
         return "every tensor is a parameter or buffer"
 
     def train_pass(self) -> str:
-        """Two training steps' worth of forward, ``objective`` and backward."""
+        """Two training steps' worth of forward, ``objective`` and backward, on the batch repeated
+        for the layer's ``samples`` as a task repeats it."""
         layer = self.build().train()
         inputs = _Inputs.make(self.spec, self.device, layer.scores_per_item)
+        samples = _samples_of(layer)
+        rows = samples * BATCH
         for _ in range(2):
             with _seeded(3):
-                out = _output_tensor(self.spec, layer(*inputs.args))
+                out = _output_tensor(self.spec, layer(*inputs.repeated(samples)), rows)
             if out.device.type != self.device.type:
                 raise _Failed(f"forward output is on {out.device}, the layer on {self.device}")
             if not torch.isfinite(out).all():
@@ -363,10 +379,10 @@ class _LayerChecks:
             if not objective.requires_grad:
                 raise _Failed("objective() carries no gradient")
             (d_loss,) = torch.autograd.grad(objective, per_sample, retain_graph=True)
-            if not torch.allclose(d_loss, torch.full_like(d_loss, 1 / BATCH), atol=1e-6):
+            if not torch.allclose(d_loss, torch.full_like(d_loss, 1 / rows), atol=1e-6):
                 raise _Failed(
-                    f"d objective / d per_sample_loss is {d_loss.tolist()}, not 1/b each: extra "
-                    "terms must use the detached loss"
+                    f"d objective / d per_sample_loss is {d_loss.tolist()}, not 1/(S b) each: "
+                    "extra terms must use the detached loss"
                 )
             objective.backward()
         self._gradients(layer, inputs)
@@ -376,8 +392,9 @@ class _LayerChecks:
         ):
             raise _Failed("snapshot() must return a dict of name -> tensor")
         reached = "the inputs" if inputs.differentiable is not None else "the parameters"
-        return f"forward {tuple(out.shape)}; objective a scalar, mean-like in the losses; " \
-            f"finite gradients reach {reached}"
+        shown = f"S = {samples} samples x b = {BATCH}: " if samples > 1 else ""
+        return f"{shown}forward {tuple(out.shape)}; objective a scalar, mean-like in the " \
+            f"losses; finite gradients reach {reached}"
 
     def _gradients(self, layer: StructureLayer, inputs: _Inputs) -> None:
         trainable = {n: p for n, p in layer.named_parameters() if p.requires_grad}
@@ -407,11 +424,29 @@ class _LayerChecks:
         if not torch.equal(first, second):
             raise _Failed("two eval() forwards of one input differ: eval() must be deterministic")
         detail = "deterministic"
+        samples = _samples_of(layer.train())
+        layer.eval()
+        if samples > 1:
+            detail += self._samples_in_eval(layer, inputs, samples, first)
         if isinstance(self.spec, PermutationSpec):
             detail += self._hard_permutation(first, inputs)
         if isinstance(self.spec, SparseMatrixSpec):
             detail += self._linear(layer, inputs.args[0])
         return detail
+
+    def _samples_in_eval(
+        self, layer: StructureLayer, inputs: _Inputs, samples: int, single: torch.Tensor
+    ) -> str:
+        """``samples`` > 1 changes nothing in ``eval()``: every copy of a repeated batch gets the
+        one deterministic answer of its instance."""
+        with torch.no_grad(), _seeded(4):
+            out = _output_tensor(self.spec, layer(*inputs.repeated(samples)), samples * BATCH)
+        if not torch.equal(out, repeat_samples(single, samples)):
+            raise _Failed(
+                f"eval() of the batch repeated {samples} times differs from eval() of one copy: "
+                "evaluation must be one deterministic answer per instance"
+            )
+        return f", S = {samples} copies agree"
 
     def _hard_permutation(self, matrix: torch.Tensor, inputs: _Inputs) -> str:
         binary = ((matrix == 0) | (matrix == 1)).all()
@@ -446,8 +481,9 @@ class _LayerChecks:
     def state(self) -> str:
         trained = self.build(seed=0).train()
         inputs = _Inputs.make(self.spec, self.device, trained.scores_per_item)
+        samples = _samples_of(trained)
         with _seeded(8):  # one plain SGD step, so that parameters and buffers leave their start
-            out = _output_tensor(self.spec, trained(*inputs.args))
+            out = _output_tensor(self.spec, trained(*inputs.repeated(samples)), samples * BATCH)
         task_weight = torch.ones((), device=self.device, requires_grad=True)
         trained.objective(_loss(out) * task_weight).backward()
         with torch.no_grad():
@@ -467,6 +503,14 @@ class _LayerChecks:
                 "all state in parameters and buffers (checkpoints resume from it)"
             )
         return "a fresh build loaded from it computes the same"
+
+
+def _samples_of(layer: StructureLayer) -> int:
+    """The layer's ``samples`` in training; ``_Failed`` naming it when it is no int >= 1."""
+    try:
+        return training_samples(layer)
+    except ValueError as e:
+        raise _Failed(str(e)) from e
 
 
 def _probe(est: Estimator, spec: Spec, params: Mapping[str, Any]) -> tuple[str | None, Any]:
@@ -618,6 +662,97 @@ class _Skipped(Exception):
     """A training check that does not apply (an n/a pair)."""
 
 
+class _Recorder:
+    """What a layer saw: the rows of every forward's first argument (a batch, or the batch size of
+    a free permutation), that argument, and the length of every ``objective`` input."""
+
+    def __init__(self, layer: StructureLayer) -> None:
+        self.rows: list[int] = []
+        self.firsts: list[Any] = []
+        self.losses: list[int] = []
+        layer.register_forward_pre_hook(self._forward)
+        objective = layer.objective
+
+        def recorded(per_sample_loss: torch.Tensor) -> torch.Tensor:
+            self.losses.append(int(per_sample_loss.shape[0]))
+            return objective(per_sample_loss)
+
+        layer.objective = recorded  # type: ignore[method-assign]  # a probe on this instance only
+
+    def _forward(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        first = args[0] if args else None
+        self.firsts.append(first)
+        self.rows.append(int(first.shape[0]) if isinstance(first, torch.Tensor) else int(first or 0))
+
+
+def _sample_major(first: Any, samples: int) -> bool:
+    """Whether a forward's first argument holds ``samples`` equal copies of one batch, sample-major."""
+    if not isinstance(first, torch.Tensor):
+        return True  # a batch size: nothing to compare
+    copies = first.detach().reshape(samples, -1, *first.shape[1:])
+    return all(torch.equal(copies[s], copies[0]) for s in range(1, samples))
+
+
+def _samples_smoke(task: Task, est: Estimator, cache: Path) -> str:
+    """One training step with the layer's ``samples`` as built (S) and doubled (2S), on the CPU: the
+    task must feed the layer twice the rows, as sample-major copies, hand ``objective`` one loss
+    per row, and evaluate exactly as before (evaluation ignores ``samples``)."""
+    params = _smoke_params(task)
+    est_params = dict(est.defaults)
+    kind, spec, reason = choose_kind(task, est, params, est_params)
+    if kind is None:
+        raise _Skipped(f"n/a: {reason}")
+    device = torch.device("cpu")
+    seen: dict[int, _Recorder] = {}
+    metrics: dict[int, dict[str, float]] = {}
+    base = 0
+    for factor in (1, SAMPLES_FACTOR):
+        with _seeded(0):
+            layer = est.build(spec, est_params)
+            base = _samples_of(layer.train())
+            layer.samples = base * factor
+            run = task.setup(CellSetup(params, layer, kind, device, 0, cache, spec))
+            run.model.to(device).train()
+            recorder = seen[factor] = _Recorder(layer)
+            objective, _ = run.train_step(0)
+            if not isinstance(objective, torch.Tensor) or objective.dim() != 0:
+                raise _Failed(f"train_step returned objective {objective!r}, not a 0-dim tensor")
+            if not torch.isfinite(objective):
+                raise _Failed(f"train_step's objective is {objective.item()} with samples = {base * factor}")
+            objective.backward()
+            trained = len(recorder.rows)
+            metrics[factor] = Loop(run, params["lr"]).evaluate()
+            recorder.rows, recorder.firsts = recorder.rows[:trained], recorder.firsts[:trained]
+    single, double = seen[1], seen[SAMPLES_FACTOR]
+    if not single.rows or len(single.rows) != len(double.rows):
+        raise _Failed(f"train_step ran the layer {len(single.rows)} and {len(double.rows)} times")
+    for one, two in zip(single.rows, double.rows, strict=True):
+        if two != SAMPLES_FACTOR * one:
+            raise _Failed(
+                f"with samples = {base * SAMPLES_FACTOR} the layer got {two} rows, with samples = "
+                f"{base} {one}: a task repeats every instance `samples` times "
+                "(estimators.base.repeat_samples)"
+            )
+    if not all(_sample_major(f, base * SAMPLES_FACTOR) for f in double.firsts):
+        raise _Failed("the layer's input rows are not sample-major copies of the batch")
+    if double.losses != double.rows[-1:]:
+        raise _Failed(
+            f"objective() got losses of lengths {double.losses}, not one per row of the layer's "
+            f"last training forward ({double.rows[-1]})"
+        )
+    if metrics[1] != metrics[SAMPLES_FACTOR]:
+        raise _Failed(
+            f"evaluate() differs with samples = {base * SAMPLES_FACTOR}: {metrics[SAMPLES_FACTOR]} "
+            f"against {metrics[1]}; evaluation is one deterministic pass per instance"
+        )
+    b = single.rows[-1] // base
+    return (
+        f"{est.name}: samples {base} -> {base * SAMPLES_FACTOR} feeds the layer "
+        f"{single.rows[-1]} -> {double.rows[-1]} sample-major rows (b = {b}), one loss each; "
+        "evaluate() unchanged"
+    )
+
+
 def _training_checks(subject: str, pairs: Iterable[tuple[str, Task, Estimator]]) -> Iterator[Check]:
     with tempfile.TemporaryDirectory(prefix="sparsebench-check-") as cache:
         for label, task, est in pairs:
@@ -688,7 +823,26 @@ def _task_checks(task: Task, estimators: Iterable[Estimator]) -> Iterator[Check]
 
     yield _run(subject, "check()", check_params)
     yield _run(subject, "spec() for each kind", specs)
+    yield from _samples_checks(subject, task, estimators)
     yield from _training_checks(subject, ((f"train with {e.name}", task, e) for e in estimators))
+
+
+def _samples_checks(subject: str, task: Task, estimators: Iterable[Estimator]) -> Iterator[Check]:
+    """The several-samples smoke check, with the first of ``estimators`` that serves the task."""
+    with tempfile.TemporaryDirectory(prefix="sparsebench-check-") as cache:
+        for est in estimators:
+            try:
+                detail = _samples_smoke(task, est, Path(cache))
+            except _Skipped:
+                continue
+            except _Failed as e:
+                yield Check(subject, "several samples per instance", FAIL, str(e))
+            except Exception as e:
+                yield Check(subject, "several samples per instance", FAIL,
+                            f"{type(e).__name__}: {e}{_where(e)}")
+            else:
+                yield Check(subject, "several samples per instance", PASS, detail)
+            return
 
 
 def _resolve(registry: Registry, name: str) -> str:

@@ -1,12 +1,17 @@
-"""Which code a plugin runs: its distribution and version, plus a hash of its sources when the
-version cannot vouch for them.
+"""Which code an estimator or task runs: its distribution and version, plus a hash of its sources
+when the version cannot vouch for them.
+
+The code of a registered object is its *own* module (the class's module, not the plugin module
+that registered it) and every module of its own packages that it imports, directly or not (read
+from the import statements, those inside functions included): ``source_hash``. A plugin that
+registers several estimators, each in its own module, therefore gives each its own identity:
+editing one reruns its cells only.
 
 A release installed from a wheel is pinned by ``name version``. An editable install, a module
 given with ``--plugin`` and the built-ins of a source checkout change without a version bump, so
-their identity adds ``src:<hash>``: a SHA-256 of the plugin module and of every module of its own
-packages that it imports, directly or not (read from the import statements, those inside
-functions included). Editing a plugin's estimator therefore gives its cells new ids, while an edit
-to an unrelated module (a report figure, another estimator) leaves them alone.
+their identity adds ``src:<hash>``. A release's source hash is still recorded with every cell
+(``sparsebench.code_src.*``), so that a reinstall whose code differs under the same version label
+can be told apart from the code that produced stored results (``harness.run.runner`` warns).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["code_version", "distribution_of"]
+__all__ = ["code_version", "distribution_of", "source_hash"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -156,17 +161,30 @@ def _is_release(dist: metadata.Distribution, module: ModuleType) -> bool:
     return any(Path(str(dist.locate_file(f))).resolve() == target for f in dist.files or ())
 
 
+def source_hash(plugin: object, dist: metadata.Distribution | None = None) -> str:
+    """12 hex digits of SHA-256 over the code ``plugin`` runs (its module, or the module of its
+    class, and what that imports from its own packages), release or not; ``"unknown"`` without
+    a module."""
+    module = _module_of(plugin)
+    if module is None:
+        return "unknown"
+    dist = dist or distribution_of(module.__name__)
+    tops = {module.__name__.partition(".")[0]}
+    if dist is not None:
+        tops |= _tops_of(dist.name)
+    return _source_hash(_closure(module.__name__, tops))
+
+
 def code_version(plugin: object, dist: metadata.Distribution | None = None) -> str:
     """``"name version"`` for a released distribution, else that (or ``"module name"``) plus
-    ``" src:<12 hex>"``; ``dist`` defaults to the distribution that provides the module."""
+    ``" src:<12 hex>"``; ``dist`` defaults to the distribution that provides the module.
+    ``plugin`` is a module or a registered object (an estimator, a task): the latter is
+    identified by its class's module."""
     module = _module_of(plugin)
     if module is None:
         return "unknown"
     dist = dist or distribution_of(module.__name__)
     if dist is not None and _is_release(dist, module):
         return f"{dist.name} {dist.version}"
-    tops = {module.__name__.partition(".")[0]}
-    if dist is not None:
-        tops |= _tops_of(dist.name)
     label = f"{dist.name} {dist.version}" if dist is not None else f"module {module.__name__}"
-    return f"{label} src:{_source_hash(_closure(module.__name__, tops))}"
+    return f"{label} src:{source_hash(module, dist)}"

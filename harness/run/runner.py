@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from harness.store.server import TrackingServer
 from harness.store.tracking import Tracker, environment_tags
 from reports.schema import FAILED, FINISHED, KILLED, REASON_TAG, STATUS_TAG, TERMINAL_STATES, CellStatus
 
-__all__ = ["MatrixOptions", "open_cell_run", "run_matrix"]
+__all__ = ["MatrixOptions", "open_cell_run", "run_matrix", "stale_code"]
 
 POLL_S = 0.5  # how long the launcher waits on its workers between looks at its own signals
 
@@ -98,6 +99,8 @@ def run_matrix(
     done = set() if options.force else tracker.finished_cells(experiment_id, options.retry)
     todo = [c for c in cells if c.cell_id not in done]
     results = [CellResult(c, "skipped", reason="finished earlier") for c in cells if c.cell_id in done]
+    for line in stale_code([r.cell for r in results], tracker, experiment_id):
+        print(f"sparsebench: warning: {line}", file=sys.stderr)
     if not todo:
         return results
     if backend is not None and backend.slots > 1:
@@ -113,6 +116,31 @@ def run_matrix(
         launch = _Launch(registry, tracker, experiment_id, options, guard, notify)
         results += launch.run(todo, preset, backend)
     return results
+
+
+def stale_code(reused: Sequence[Cell], tracker: Tracker, experiment_id: str) -> list[str]:
+    """One line per task or estimator whose installed code differs from the code that produced
+    finished cells it reuses. Only a release can: its cell id holds its version label alone, so
+    a reinstall of other code under the same label finds the old results; any other code's id
+    holds its source hash already."""
+    released = [c for c in reused if any(" src:" not in label for label in c.code.values())]
+    if not released:
+        return []
+    stored = tracker.stored_sources(experiment_id, {c.cell_id for c in released})
+    stale: dict[tuple[str, str, str], int] = {}
+    for cell in released:
+        for role, label in cell.code.items():
+            before = stored.get(cell.cell_id, {}).get(role)
+            if " src:" in label or before is None or before == cell.sources.get(role):
+                continue
+            name = cell.task if role == "task" else cell.estimator
+            stale[role, name, label] = stale.get((role, name, label), 0) + 1
+    return [
+        f"{role} {name}: the installed code differs from the code that produced {count} finished "
+        f"cell(s) stored under the same version ({label}), which are reused as they are; rerun "
+        f"them with --force, or bump the version of the package that provides {name}"
+        for (role, name, label), count in stale.items()
+    ]
 
 
 class _Launch:

@@ -188,6 +188,26 @@ class Tracker:
             cid for cid, (status, tag) in latest.items() if status == "FINISHED" and tag not in retry
         }
 
+    def stored_sources(self, experiment_id: str, cell_ids: Collection[str]) -> dict[str, dict[str, str]]:
+        """Cell id -> ``{"task"/"estimator": source hash}`` recorded by the latest run of each of
+        ``cell_ids`` (runs from before source hashes were recorded give none)."""
+        runs = self.client.search_runs(
+            [experiment_id],
+            filter_string=CELLS_FILTER,
+            order_by=["attributes.start_time DESC"],
+            max_results=50000,
+        )
+        found: dict[str, dict[str, str]] = {}
+        for run in runs:
+            cell_id = run.data.tags.get(CELL_ID_TAG)
+            if cell_id in cell_ids and cell_id not in found:
+                found[cell_id] = {
+                    key.removeprefix(schema.CODE_SRC_TAG_PREFIX): value
+                    for key, value in run.data.tags.items()
+                    if key.startswith(schema.CODE_SRC_TAG_PREFIX)
+                }
+        return found
+
     def start_cell(
         self, experiment_id: str, parent_id: str, cell: Cell, tags: Mapping[str, str], claim: Claim
     ) -> str:
@@ -209,6 +229,7 @@ class Tracker:
                 **_trial_tags(cell),
                 schema.KIND_TAG: cell.kind or schema.NA,
                 **{schema.CODE_TAG_PREFIX + role: version for role, version in cell.code.items()},
+                **{schema.CODE_SRC_TAG_PREFIX + role: src for role, src in cell.sources.items()},
                 STATUS_TAG: RUNNING,
                 **tags,
             },

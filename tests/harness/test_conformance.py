@@ -17,6 +17,8 @@ from estimators.base import (
     SparseMatrixSpec,
     StructureLayer,
     Unsupported,
+    repeat_samples,
+    training_samples,
 )
 from harness.cli import main
 from harness.plugins.conformance import FAIL, PASS, check_estimator, check_task
@@ -102,6 +104,22 @@ def _random_buffer_init(self, spec):
     self.register_buffer("scale", torch.rand(()) + 0.5, persistent=False)
 
 
+def _samples_init(samples):
+    def init(self, spec):
+        Linear.__init__(self, spec)
+        self.samples = samples
+    return init
+
+
+def _grouped_sum(self, loss):
+    return loss.view(self.samples, -1).mean(1).sum()  # the samples summed, not averaged
+
+
+def _eval_by_row(self, x):
+    out = Linear.forward(self, x)
+    return out if self.training or x.shape[0] <= 3 else out * 2  # copies answer otherwise
+
+
 BROKEN = {
     "lying-unsupported": (
         _variant(build=lambda self, spec, params: (_ for _ in ()).throw(Unsupported("not today"))
@@ -128,7 +146,7 @@ BROKEN = {
     ),
     "summed-objective": (
         _variant(build=_build_with(_layer(Linear, objective=lambda self, loss: loss.sum()))),
-        "d objective / d per_sample_loss is [1.0, 1.0, 1.0], not 1/b each",
+        "d objective / d per_sample_loss is [1.0, 1.0, 1.0], not 1/(S b) each",
     ),
     "noisy-eval": (
         _variant(build=_build_with(_layer(Linear, forward=lambda self, x: Linear.forward(self, x)
@@ -172,6 +190,18 @@ BROKEN = {
                  if isinstance(spec, GlimpseSpec) else Good.unsupported(self, spec, params)),
         "glimpse: served: claims glimpse but serves none of its probe specs",
     ),
+    "samples-not-an-int": (
+        _variant(build=_build_with(_layer(Linear, __init__=_samples_init(0)))),
+        "Linear.samples = 0: the training samples per instance must be an int >= 1",
+    ),
+    "samples-summed": (
+        _variant(build=_build_with(_layer(Linear, __init__=_samples_init(2), objective=_grouped_sum))),
+        "not 1/(S b) each",
+    ),
+    "samples-change-eval": (
+        _variant(build=_build_with(_layer(Linear, __init__=_samples_init(2), forward=_eval_by_row))),
+        "eval() of the batch repeated 2 times differs from eval() of one copy",
+    ),
     "bad-name": (_variant(name="My Estimator"), "name 'My Estimator' must be a lower-case identifier"),
     "default-outside-its-choices": (
         _variant(defaults={"mode": "fast"}, choices={"mode": ("exact", "sampled")}),
@@ -199,8 +229,19 @@ def test_each_contract_breach_is_a_failure_that_says_what(est, message):
     assert any(message in line for line in failures), failures
 
 
+def test_several_samples_per_instance_conform():
+    est = _variant(build=_build_with(_layer(Linear, __init__=_samples_init(3))))
+    checks = check_estimator(est)
+    assert [c.line() for c in checks if c.outcome == FAIL] == []
+    train = next(c for c in checks if c.name == "sparse_matrix (4,)->(4,) k=4 on cpu: train")
+    assert train.detail.startswith("S = 3 samples x b = 3: forward (9, 4)")
+    ev = next(c for c in checks if c.name == "sparse_matrix (4,)->(4,) k=4 on cpu: eval")
+    assert "S = 3 copies agree" in ev.detail
+
+
 def test_assert_conforms_raises_with_the_whole_report():
-    with pytest.raises(AssertionError, match=r"(?s)estimator good.*FAIL.*not 1/b each.*does NOT conform"):
+    pattern = r"(?s)estimator good.*FAIL.*not 1/\(S b\) each.*does NOT conform"
+    with pytest.raises(AssertionError, match=pattern):
         assert_conforms(BROKEN["summed-objective"][0], train=False)
     report = assert_conforms(Good(), train=False)
     assert report.ok and "good conforms" in report.summary()
@@ -313,11 +354,15 @@ class Echo(Task):
     def eval_data(self, params):
         return torch.randn(16, params["n"], generator=torch.Generator().manual_seed(0))
 
+    def repeat(self, x, samples):
+        return repeat_samples(x, samples)
+
     def setup(self, cell):
         layer, n = cell.layer, cell.params["n"]
 
         def train_step(step):
             x = torch.randn(cell.params["batch_size"], n)
+            x = self.repeat(x, training_samples(layer))  # the layer's samples per instance
             per_sample = ((layer(x) - x) ** 2).mean(1)
             return layer.objective(per_sample), {"train/mse": per_sample.mean().item()}
 
@@ -327,6 +372,16 @@ class Echo(Task):
             return {"val/mse": mse, "test/mse": mse}
 
         return TaskRun(layer, cell.params["steps"], cell.params["eval_every"], train_step, evaluate)
+
+
+class IgnoresSamples(Echo):
+    def repeat(self, x, samples):
+        return x  # one row per instance, whatever the layer asked for
+
+
+class InstanceMajor(Echo):
+    def repeat(self, x, samples):
+        return x.repeat_interleave(samples, dim=0)  # copies of an instance side by side
 
 
 class FreshEvalData(Echo):
@@ -339,6 +394,9 @@ def test_a_conforming_task_trains_with_every_estimator_that_serves_it():
     assert [c.line() for c in checks if c.outcome == FAIL] == []
     train = next(c for c in checks if c.name == "train with good")
     assert train.outcome == PASS and "sparse_matrix, 2 steps, test/mse" in train.detail
+    samples = next(c for c in checks if c.name == "several samples per instance")
+    assert samples.outcome == PASS
+    assert samples.detail.startswith("good: samples 1 -> 2 feeds the layer 8 -> 16 sample-major rows")
 
 
 @pytest.mark.parametrize(
@@ -351,10 +409,26 @@ def test_a_conforming_task_trains_with_every_estimator_that_serves_it():
          "select_metric 'test/mse' must be a val/ metric"),
         (type("T", (Echo,), {"spec": lambda self, kind, p: PermutationSpec(4, "keys")})(),
          "spec('sparse_matrix') returned PermutationSpec"),
+        (IgnoresSamples(), "with samples = 2 the layer got 8 rows, with samples = 1 8"),
+        (InstanceMajor(), "the layer's input rows are not sample-major copies of the batch"),
     ],
     ids=["evaluate-does-not-repeat", "smoke-typo", "primary-metric", "select-metric",
-         "spec-of-the-wrong-kind"],
+         "spec-of-the-wrong-kind", "ignores-samples", "instance-major"],
 )
 def test_task_contract_breaches(task, message):
     failures = [f"{c.name}: {c.detail}" for c in check_task(task, [Good()]) if c.outcome == FAIL]
     assert any(message in line for line in failures), failures
+
+
+@pytest.mark.parametrize("task_name", ["identity", "attention", "sorting"])
+def test_every_built_in_task_passes_the_several_samples_smoke_check(task_name):
+    """Each task repeats its instances sample-major for a layer with samples > 1 (rloo's 4, then
+    8) and evaluates exactly as with one sample."""
+    from harness.plugins import load
+
+    registry = load([])
+    checks = check_task(registry.task(task_name), [registry.estimator("rloo")])
+    samples = next(c for c in checks if c.name == "several samples per instance")
+    assert samples.outcome == PASS, samples.detail
+    assert samples.detail.startswith("rloo: samples 4 -> 8 feeds the layer")
+    assert [c.line() for c in checks if c.outcome == FAIL] == []

@@ -51,10 +51,14 @@ def test_neuralsort_preset_is_grover_et_al_with_their_temperature_grid(registry)
         assert (p["protocol"], p["digits"], p["loss"], p["batch_size"], p["lr"]) == (
             "neuralsort", 4, "permutation_ce", 20, 1e-4)
     grid = [1.0, 2.0, 4.0, 8.0, 16.0]
-    for estimator, key in (("dense", "tau"), ("gumbel_sinkhorn", "temperature")):
+    # deterministic NeuralSort (0 Gumbel samples) and stochastic NeuralSort with their n_s = 5
+    for estimator, key, methods in (("dense", "tau", 2), ("gumbel_sinkhorn", "temperature", 1)):
         mine = [c for c in cells if c.estimator == estimator and c.task_params["n"] == 5]
         assert sorted({c.estimator_params[key] for c in mine}) == grid
-        assert len(mine) == len(grid) * 3  # three seeds per temperature
+        assert len(mine) == len(grid) * 3 * methods  # three seeds per temperature and method
+    dense = [c for c in cells if c.estimator == "dense"]
+    assert sorted({c.estimator_params["gumbel_samples"] for c in dense}) == [0, 5]
+    assert {c.estimator_params["samples"] for c in cells if c.estimator == "gumbel_sinkhorn"} == {5}
     quicksort = [c for c in cells if c.estimator == "sparse"]
     assert quicksort and all("power of two" in c.na_reason for c in quicksort)
     assert all(c.na_reason is None for c in cells if c.estimator != "sparse")

@@ -294,6 +294,12 @@ def test_fig2_is_drawn_as_the_authors_drew_it(layout_store, tmp_path: Path) -> N
     assert any(m == "D" for _, m in styles)  # dense: its own marker (and dash pattern)
     colours = {c for _, _, c in by_style}
     assert len(colours) == 2  # n = 4 and n = 8: one colour per size, shared across estimators
+    title = grid.figure._suptitle.get_text()
+    drawn = sorted(store.runs.loc[store.runs["task"].eq("identity"), "estimator"].unique())
+    for estimator in drawn:  # the title names the style of every estimator drawn, and no other
+        assert f" {estimator} " in title
+    assert "sparse solid with circles" in title and "reinforce dashed with triangles down" in title
+    assert "REINFORCE" not in title
     plt.close(grid.figure)
 
 
