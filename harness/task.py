@@ -18,12 +18,14 @@ import torch
 from torch import nn
 
 from estimators.base import Spec, StructureLayer
-from estimators.params import Kinds, ParamError, Parameters
+from estimators.params import Choice, Kinds, ParamError, Parameters, Range
 
 __all__ = [
     "DATA_ROOT_ENV",
     "CellSetup",
+    "Choice",
     "ParamError",
+    "Range",
     "Target",
     "Task",
     "TaskRun",

@@ -75,10 +75,9 @@ from estimators.base import (
     repeat_samples,
     training_samples,
 )
-from estimators.params import Range
 from harness.errors import UsageError
 from harness.hookspecs import hookimpl
-from harness.task import CellSetup, ParamError, Target, Task, TaskRun, data_root, evaluating
+from harness.task import CellSetup, ParamError, Range, Target, Task, TaskRun, data_root, evaluating
 from plugins.data.cluttered import VARIANTS, ClutterConfig, ClutteredSet, cluttered_mnist, save_sample_grid
 from plugins.data.mnist import MNISTSplits
 from plugins.data.numbers import VALIDATION_EVERY, validation_split

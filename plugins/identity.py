@@ -35,9 +35,8 @@ from estimators.base import (
     repeat_samples,
     training_samples,
 )
-from estimators.params import Range
 from harness.hookspecs import hookimpl
-from harness.task import CellSetup, Target, Task, TaskRun
+from harness.task import CellSetup, Range, Target, Task, TaskRun
 
 __all__ = ["IdentityTask", "rows_correct"]
 

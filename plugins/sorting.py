@@ -105,9 +105,8 @@ from estimators.base import (
     repeat_samples,
     training_samples,
 )
-from estimators.params import Range
 from harness.hookspecs import hookimpl
-from harness.task import CellSetup, ParamError, Target, Task, TaskRun, data_root
+from harness.task import CellSetup, ParamError, Range, Target, Task, TaskRun, data_root
 from plugins.data.mnist import DigitSet
 from plugins.data.numbers import (
     NEURALSORT_PROTOCOL,

@@ -17,6 +17,7 @@ ARGS = [
     "run", "--task", "identity", "--estimator", "sparse_probe", "--plugin", "sb_probe",
     "--set", "tasks.identity.variants=[{n = 8}]",
     "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
+    "--set", "diagnostics.every=0",  # the probe counts training forwards: gradient draws would too
     "--set", "tasks.identity.steps=60",
     "--set", "tasks.identity.eval_every=20",
     "--set", "tasks.identity.eval_samples=200",

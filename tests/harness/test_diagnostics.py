@@ -142,7 +142,7 @@ def _cli(*extra: str) -> list[str]:
         "run", "--task", "identity", "--estimator", "reinforce", "--no-progress", "--threads", "1",
         "--set", "tasks.identity.variants=[{n = 4}]", "--set", "tasks.identity.steps=20",
         "--set", "tasks.identity.eval_every=10", "--set", "tasks.identity.eval_samples=64",
-        "--set", "tasks.identity.snapshots=[]", *extra,
+        "--set", "tasks.identity.snapshots=[]", "--set", "tuning.trials=0", *extra,
     ]  # fmt: skip
 
 
@@ -151,7 +151,7 @@ def test_the_cli_logs_the_measurements_and_leaves_the_training_metrics_alone(
 ):
     histories = {}
     settings = ("--set", "diagnostics.every=10", "--set", "diagnostics.draws=3")
-    for label, extra in (("off", ()), ("on", settings)):
+    for label, extra in (("off", ("--set", "diagnostics.every=0")), ("on", settings)):  # quick's is on
         where = seeded(tmp_path / label)
         monkeypatch.setenv("SPARSEBENCH_HOME", str(where))
         assert main(_cli(*extra)) == 0
@@ -201,7 +201,7 @@ def test_a_resumed_cell_measures_and_trains_as_an_uninterrupted_one(
         "--set", "tasks.identity.variants=[{n = 8}]", "--set", "tasks.identity.steps=60",
         "--set", "tasks.identity.eval_every=20", "--set", "tasks.identity.eval_samples=200",
         "--set", "tasks.identity.snapshots=[]",
-        "--set", "diagnostics.every=15", "--set", "diagnostics.draws=2",
+        "--set", "diagnostics.every=15", "--set", "diagnostics.draws=2", "--set", "tuning.trials=0",
     ]  # fmt: skip
     monkeypatch.setenv("SPARSEBENCH_HOME", str(seeded(tmp_path / "reference")))
     assert main(args) == 0

@@ -33,6 +33,8 @@ CELL = [
     "--set",
     "tuning.trials=0",  # one cell per configuration
     "--set",
+    "diagnostics.every=0",  # the probe counts training forwards: gradient draws would too
+    "--set",
     "tasks.identity.steps=60",
     "--set",
     "tasks.identity.eval_every=20",

@@ -19,6 +19,7 @@ IDENTITY = [
     "--task", "identity",
     "--set", "tasks.identity.variants=[{n = 8}]",
     "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
+    "--set", "diagnostics.every=0",  # the probe counts training forwards: gradient draws would too
     "--set", "tasks.identity.steps=90",
     "--set", "tasks.identity.eval_every=20",
     "--set", "tasks.identity.eval_samples=300",
@@ -28,6 +29,7 @@ ATTENTION = [
     "--task", "attention",
     "--set", "tasks.attention.variants=[{glimpses = 2, glimpse = 8}]",
     "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
+    "--set", "diagnostics.every=0",  # the probe counts training forwards: gradient draws would too
     "--set", "tasks.attention.canvas=32",
     "--set", "tasks.attention.clutter='deepmind'",
     "--set", "tasks.attention.train_images=40",  # 2.5 epochs of 16: the resume crosses an epoch
@@ -43,6 +45,7 @@ SORTING = [
     "--task", "sorting",
     "--set", "tasks.sorting.variants=[{n = 4}]",
     "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
+    "--set", "diagnostics.every=0",  # the probe counts training forwards: gradient draws would too
     "--set", "tasks.sorting.digits=1",
     "--set", "tasks.sorting.batch_size=4",
     "--set", "tasks.sorting.steps=6",

@@ -17,6 +17,7 @@ def _args(stop_after: int, *extra: str) -> list[str]:
         "--no-progress", "--threads", "1",
         "--set", "tasks.identity.variants=[{n = 4}]",
         "--set", "tuning.trials=0",  # one cell per configuration, no tuning trials
+        "--set", "diagnostics.every=0",  # the probe counts training forwards: gradient draws would too
         "--set", "tasks.identity.steps=600",
         "--set", "tasks.identity.eval_every=50",
         "--set", "tasks.identity.eval_samples=200",

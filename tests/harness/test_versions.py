@@ -188,7 +188,8 @@ def test_a_release_reinstalled_with_other_code_warns_once(tmp_path, monkeypatch,
     tiny = ["run", "--task", "identity", "--estimator", "sbv_rel_a,sbv_rel_b", "--plugin",
             "sbv_rel.plugin", "--no-progress",
             "--set", "tasks.identity.variants=[{n = 4}]", "--set", "tasks.identity.steps=4",
-            "--set", "tasks.identity.eval_every=4", "--set", "tasks.identity.eval_samples=50"]
+            "--set", "tasks.identity.eval_every=4", "--set", "tasks.identity.eval_samples=50",
+            "--set", "tuning.trials=0"]
     try:
         assert main(tiny) == 0
         assert main(tiny) == 0  # the same code: reused without a word

@@ -171,6 +171,7 @@ def test_a_real_run_is_scored_and_profiled(tmp_path: Path) -> None:
         "[matrix]\ntasks = [\"identity\"]\nestimators = [\"dense\", \"reinforce\"]\nseeds = [0, 1]\n"
         "[tasks.identity]\nsteps = 60\neval_every = 20\neval_samples = 64\nsnapshots = []\n"
         "variants = [{ n = 4 }]\n"
+        "[tuning]\ntrials = 0\n"  # the hand sweep below, not quick's ruleset
         "[[overrides]]\nmatch = { estimator = \"reinforce\" }\nsweep = { \"task.lr\" = [0.001, 0.05] }\n"
     )
     uri = f"sqlite:///{home / 'mlflow.db'}"
