@@ -186,7 +186,9 @@ class ImleMatrixLayer(StructureLayer):
         if noise not in NOISES:
             raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
         self.matrix = MaskedMatrix(spec)
-        self.lam, self.tau, self.samples, self.scale_grad, self.noise = lam, tau, samples, scale_grad, noise
+        # perturb-and-MAP states inside one forward; not ``samples``, the contract's rows per instance
+        self.lam, self.tau, self.noise_samples, self.scale_grad = lam, tau, samples, scale_grad
+        self.noise = noise
 
     def forward(self, x: Tensor) -> Tensor:
         self.matrix.check(x)
@@ -194,7 +196,7 @@ class ImleMatrixLayer(StructureLayer):
         if not self.training:
             return self.matrix.product(x, topk_mask(scores.detach(), k))
         theta = scores.expand(x.shape[0], -1)  # (b, entries): each instance its own draws
-        shape = (self.samples, *theta.shape)
+        shape = (self.noise_samples, *theta.shape)
         gumbel = self.noise == "gumbel"
         eps = _gumbel(shape, theta) if gumbel else sum_of_gamma_noise(shape, k, theta)
         mask = imle_topk(theta, self.tau * eps, k, self.lam, self.scale_grad)
@@ -214,13 +216,14 @@ class ImleSortLayer(StructureLayer):
         super().__init__()
         _check(lam, tau, samples)
         self.spec, self.keys = spec, Keys(spec)
-        self.lam, self.tau, self.samples, self.scale_grad = lam, tau, samples, scale_grad
+        # perturb-and-MAP states inside one forward; not ``samples``, the contract's rows per instance
+        self.lam, self.tau, self.noise_samples, self.scale_grad = lam, tau, samples, scale_grad
 
     def forward(self, inputs: Tensor | int, generator: torch.Generator | None = None) -> PermutationOutput:
         keys = self.keys(inputs)
         if not self.training:
             return PermutationOutput(steps=[sort_matrix(keys.detach())])
-        eps = _gumbel((self.samples, *keys.shape), keys, generator)
+        eps = _gumbel((self.noise_samples, *keys.shape), keys, generator)
         return PermutationOutput(steps=[imle_sort(keys, self.tau * eps, self.lam, self.scale_grad)])
 
     def snapshot(self) -> dict[str, Tensor]:
