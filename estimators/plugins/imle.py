@@ -32,6 +32,7 @@ from torch import Tensor
 
 from estimators.base import (
     Estimator,
+    Outcomes,
     PermutationOutput,
     PermutationSpec,
     SparseMatrixSpec,
@@ -47,6 +48,7 @@ from estimators.shared.perturb import (
     sum_of_gamma_noise,
     topk_mask,
 )
+from estimators.shared.plackett_luce import all_orderings, perm_matrix
 from estimators.shared.sinkhorn import gumbel_noise, hungarian
 
 __all__ = ["NOISES", "ImleEstimator", "ImleMatrixLayer", "ImleSortLayer", "imle_sort", "imle_topk"]
@@ -225,6 +227,15 @@ class ImleSortLayer(StructureLayer):
             return PermutationOutput(steps=[sort_matrix(keys.detach())])
         eps = _gumbel((self.noise_samples, *keys.shape), keys, generator)
         return PermutationOutput(steps=[imle_sort(keys, self.tau * eps, self.lam, self.scale_grad)])
+
+    def outcomes(self, *inputs: Tensor | int) -> Outcomes:
+        """Every ordering of one instance's keys and its probability as a perturb-and-MAP state:
+        the ascending sort of ``keys + tau G`` takes its *largest* item first with probability
+        ``softmax(keys / tau)`` (the Gumbel-max trick), so its reversal is Plackett-Luce in
+        ``keys / tau`` (``plackett_luce_log_prob`` of the keys ``-keys / tau``)."""
+        keys = self.keys(inputs[0])  # (1, n): the task's keys, or the learned ones for batch size 1
+        perms, log_probs = all_orderings(-keys / self.tau)  # perms: largest item first
+        return Outcomes(perm_matrix(perms.flip(-1), keys.dtype), log_probs)
 
     def snapshot(self) -> dict[str, Tensor]:
         return {} if self.keys.free is None else {"keys": self.keys.free.detach().cpu()}
