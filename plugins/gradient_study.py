@@ -40,16 +40,19 @@ import torch
 from torch import nn
 
 from estimators.base import (
+    FullImageReadout,
+    GlimpseSpec,
     PermutationOutput,
     PermutationSpec,
     SparseMatrixSpec,
     Spec,
     StructureLayer,
     hookimpl,
+    training_samples,
 )
 from harness.task import CellSetup, Task, TaskRun
 
-__all__ = ["MatrixStudy", "PermutationStudy", "register_tasks", "study_metrics"]
+__all__ = ["GlimpseStudy", "MatrixStudy", "PermutationStudy", "register_tasks", "study_metrics"]
 
 #: (the model, S -> per-sample losses of S fresh draws (S,), structures -> their losses (m,), inputs
 #: of one instance for ``StructureLayer.outcomes``)
@@ -137,8 +140,9 @@ def study_metrics(
 ) -> dict[str, float]:
     """The study's numbers for one layer (see the module's docstring), as ``<split>/<statistic>``."""
     before = {k: v.clone() for k, v in layer.state_dict().items()}
+    own = training_samples(layer)  # the layer's own S, restored at the end
     for _ in range(p["warmup"]):
-        layer.objective(draw(1)).detach()
+        layer.objective(draw(own)).detach()
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     outcomes = layer.outcomes(*inputs)
     out: dict[str, float] = {f"{split}/declared": float(outcomes is not None)}
@@ -148,10 +152,14 @@ def study_metrics(
         exact = _gradient(expected, params)
         out |= {f"{split}/expected_loss": expected.item(), f"{split}/exact_norm": float(exact.norm())}
     for s in p["samples"]:
+        if s < getattr(layer, "min_samples", 1):
+            continue  # no estimate from so few (rloo's baseline needs two): nothing to report
         estimates = []
+        layer.samples = s  # S samples of the one instance: b = 1 in the sample-major layout
         for _ in range(p["draws"]):
             layer.load_state_dict(state)
             estimates.append(_gradient(layer.objective(draw(s)), params))
+        layer.samples = own
         g = torch.stack(estimates)  # (draws, d)
         mean = g.mean(0)
         var = float(((g - mean) ** 2).sum(1).mean() * p["draws"] / (p["draws"] - 1))
@@ -204,7 +212,7 @@ class PermutationStudy(_Study):
 
 
 class _Keys(nn.Module):
-    """The learned keys (or scores) and the layer: the study's model."""
+    """The learned keys, scores or box and the layer: the study's model."""
 
     def __init__(self, theta: torch.Tensor, layer: StructureLayer) -> None:
         super().__init__()
@@ -242,7 +250,48 @@ class MatrixStudy(_Study):
         return layer, draw, losses, ()
 
 
+class GlimpseStudy(_Study):
+    name = "study_glimpse"
+    description = "gradient study: one-pixel glimpses of a small image from a learned box, every read listed"
+    kinds = ("glimpse",)
+    defaults: Mapping[str, Any] = {**_COMMON, "image": 3, "glimpses": 1, "size": 1}
+    smoke: Mapping[str, Any] = {"image": 3, "draws": 4, "samples": [2, 4], "warmup": 2}
+    positive = ("image", "glimpses", "size", "steps", "eval_every", "lr", "batch_size", "draws", "samples")
+    non_negative = ("warmup",)
+    size_key = "image"
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        super().check(params)
+        if params["image"] ** (2 * params["glimpses"]) > 20_000:
+            raise ValueError(
+                f"image = {params['image']}, glimpses = {params['glimpses']}: (image^2)^glimpses "
+                "reads, at most 20,000"
+            )
+
+    def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
+        side = params["image"]
+        return GlimpseSpec(image_shape=(1, side, side), size=params["size"], glimpses=params["glimpses"])
+
+    def problem(self, cell: CellSetup, gen: torch.Generator) -> Problem:
+        side, g, layer, device = cell.params["image"], cell.params["glimpses"], cell.layer, cell.device
+        model = _Keys(0.5 * torch.randn(1, g, 4, generator=gen), layer)
+        image = torch.rand(1, 1, side, side, generator=gen).to(device)
+        target = 0.5
+
+        def losses(pixels: torch.Tensor) -> torch.Tensor:  # (m, g, k, k, 2) read pixels -> (m,)
+            return ((image[0, 0, pixels[..., 0], pixels[..., 1]] - target) ** 2).flatten(1).mean(-1)
+
+        def draw(s: int) -> torch.Tensor:
+            if isinstance(layer, FullImageReadout):  # no glimpse: nothing depends on the box
+                return torch.full((s,), float(((image - target) ** 2).mean()), device=device)
+            read = layer(image.expand(s, -1, -1, -1), model.theta.expand(s, -1, -1))  # (s, g, 1, k, k)
+            return ((read - target) ** 2).flatten(1).mean(-1)
+
+        return model, draw, losses, (image, model.theta)
+
+
 @hookimpl
 def register_tasks(register: Callable[[Task], None]) -> None:
     register(PermutationStudy())
     register(MatrixStudy())
+    register(GlimpseStudy())
