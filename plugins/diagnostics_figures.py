@@ -4,7 +4,8 @@
   (``harness.run.diagnostics``, ``grad/all/...``) against the training step, a column per task
   variant, one line per estimator (and sweep value); a table beside it of each cell's measurements
   averaged over training. Drawn from cells run with ``[diagnostics]`` on.
-- ``gradient_study_<task>`` (``study_permutation``, ``study_matrix``; ``plugins.gradient_study``):
+- ``gradient_study_<task>`` (``study_permutation``, ``study_matrix``, ``study_glimpse``;
+  ``plugins.gradient_study``):
   squared bias and variance against the number of samples per estimate, log-log, the
   literature's bias-variance plot; estimators that declare no distribution have no bias line and
   are marked "(no distribution)" in the legend and the table, never dropped.
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["diagnostics_table", "gradient_history", "register_figures", "study_table"]
 
 TRAINING_TASKS = ("identity", "attention", "sorting")
-STUDY_TASKS = ("study_permutation", "study_matrix")
+STUDY_TASKS = ("study_permutation", "study_matrix", "study_glimpse")
 CURVES = ("grad/all/rel_var", "grad/all/snr")
 TABLED = ("rel_var", "snr", "cosine", "sampling_share")
 UNMARKED = "(no distribution)"

@@ -48,3 +48,28 @@ def test_the_report_draws_the_gradient_figures_and_marks_what_has_no_distributio
     assert declared["mse"].notna().all() and (declared["variance"] > 0).all()
     page = (out / "index.html").read_text()
     assert "Gradient diagnostics: identity" in page and "Gradient study: study_permutation" in page
+
+
+def test_the_glimpse_study_runs_from_the_preset_and_marks_the_glimpses_without_a_listed_law(
+    tmp_path, monkeypatch
+):
+    """Real study_glimpse cells through ``run --preset gradient-study``: rloo's leave-one-out has no
+    estimate from one sample (none reported, nothing made up), the sparse glimpse and the dense
+    read-out are marked, and the report draws the glimpse study's figure and table."""
+    monkeypatch.setenv("SPARSEBENCH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main([
+        "run", "--preset", "gradient-study", "--task", "study_glimpse",
+        "--estimator", "rloo", "--estimator", "sparse", "--estimator", "dense", *COMMON,
+        "--set", "tasks.study_glimpse.draws=20", "--set", "tasks.study_glimpse.samples=[1, 4]",
+    ]) == 0  # fmt: skip
+    out = tmp_path / "report"
+    assert main(["report", "--out", str(out)]) == 0
+    assert (out / "gradient_study_glimpse.png").stat().st_size > 0
+    study = pd.read_csv(out / "gradient_study_glimpse_table.csv")
+    assert set(study["estimator"]) == {"rloo", "sparse (no distribution)", "dense (no distribution)"}
+    rloo = study[study["estimator"].eq("rloo")]
+    assert rloo["samples"].tolist() == [4] and rloo["mse"].notna().all() and (rloo["variance"] > 0).all()
+    assert study[study["estimator"].str.endswith("(no distribution)")]["bias2"].isna().all()
+    assert (study[study["estimator"].eq("sparse (no distribution)")]["variance"] > 0).all()
+    assert "Gradient study: study_glimpse" in (out / "index.html").read_text()
