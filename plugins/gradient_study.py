@@ -1,33 +1,41 @@
 """The gradient study: each estimator's gradient against the exact one, on problems small enough to
 list every outcome (``sparsebench run --preset gradient-study``).
 
-Two tasks, one per structure kind with a listable support:
+Three tasks, one per structure kind, each with a listable support:
 
 - ``study_permutation``: sort ``n <= 5`` fixed values by learned keys ``theta`` (``(1, n)``, or
   ``(1, n, n)`` scores for a layer reading one score per output position); the loss of a
   permutation ``P`` is ``mean((P x - sorted(x))^2)``.
 - ``study_matrix``: a learned ``n x n`` sparse matrix with ``k`` tuples (``(n^2)^k`` outcomes)
   applied to one fixed vector ``x``; the loss of ``W`` is ``mean((W x - x)^2)`` (the identity task's).
+- ``study_glimpse``: ``glimpses`` reads of ``size x size`` pixels (one-pixel reads list ``(image^2)^g``
+  outcomes) from a fixed ``image x image`` picture, placed by a learned raw box; the loss of a read
+  is ``mean((pixel - 1/2)^2)``. An estimator that reads no glimpse (``FullImageReadout``) has
+  nothing that depends on the box: zero gradient, marked.
 
 The exact gradient is that of the expected loss under the layer's own distribution,
 ``grad sum_j p_j L(structure_j)``, from ``StructureLayer.outcomes`` (the layer lists its outcomes
 and their log-probabilities); a layer that declares none (a deterministic relaxation, or
 probabilities with no closed form) gets no bias, only what is defined without it, and
 ``test/declared = 0`` marks it. An estimate from S samples is the gradient of the layer's own
-``objective`` on a batch of S copies of the instance (one structure drawn per instance), exactly as
-training takes it; ``draws`` such estimates give, for each S in ``samples``, the variance
-``tr Cov``, the squared bias ``||E g - g*||^2`` (less the ``var / draws`` its estimate carries, so it
-is unbiased) and their sum, the mean squared error, all relative to ``||g*||^2`` (to ``||E g||^2``
-without a distribution); and the cosine of ``E g`` to ``g*``. A relaxation's temperature is an
+``objective`` on S samples of ONE instance, as the several-samples contract has training take
+them: the layer's ``samples`` is set to S and it is fed the instance S times (``b = 1`` in the
+sample-major layout), so rloo's leave-one-out baseline is taken among those S; a layer's
+``min_samples`` (rloo: 2) leaves out the counts below it (no number rather than a made-up one).
+``draws`` such estimates give, for each S in ``samples``, the variance ``tr Cov``, the squared
+bias ``||E g - g*||^2`` (less the ``var / draws`` its estimate carries, so it is unbiased) and
+their sum, the mean squared error, all relative to ``||g*||^2`` (to ``||E g||^2`` without a
+distribution); and the cosine of ``E g`` to ``g*``. A relaxation's temperature is an
 estimator parameter, so the preset sweeps it like any other.
 
-Before the draws the layer trains ``warmup`` forwards (no optimiser step) so that a running
-baseline holds a typical value; every draw then starts from that same state. The study is a cell
-like any other (the matrix, n/a, the store, the report): its one training step computes it (in
-training mode, from the cell's seed, putting the layer's state back) and returns a zero objective,
-which leaves the parameters where they are; the evaluation after it reports it. The numbers come
-twice, from two independent seeds of draws: ``test/*`` from the cell's seed and ``val/*`` from the
-next, so that a sweep (a relaxation's temperature) is chosen on draws the reported numbers never saw.
+Before the draws the layer trains ``warmup`` forwards (with its own ``samples``, no optimiser
+step) so that a running baseline holds a typical value; every draw then starts from that same
+state. The study is a cell like any other (the matrix, n/a, the store, the report): its one
+training step computes it (in training mode, from the cell's seed, putting the layer's state
+back) and returns a zero objective, which leaves the parameters where they are; the evaluation
+after it reports it. The numbers come twice, from two independent seeds of draws: ``test/*``
+from the cell's seed and ``val/*`` from the next, so that a sweep (a relaxation's temperature)
+is chosen on draws the reported numbers never saw.
 """
 
 from __future__ import annotations

@@ -14,10 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MAX_ORDERINGS", "all_orderings", "perm_matrix", "plackett_luce_log_prob", "plackett_luce_sample"]
+from estimators.base import MAX_OUTCOMES
 
-#: The most orderings ``all_orderings`` lists (``estimators.base.MAX_OUTCOMES``).
-MAX_ORDERINGS = 20_000
+__all__ = ["all_orderings", "perm_matrix", "plackett_luce_log_prob", "plackett_luce_sample"]
 
 
 def plackett_luce_sample(
@@ -49,9 +48,9 @@ def all_orderings(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every ordering of one instance's keys ``(1, n)`` and its Plackett-Luce log-probability:
     ``(n!, n)`` long, ``(n!,)`` differentiable in ``keys``; for the layers' ``outcomes``.
 
-    ``ValueError`` beyond ``MAX_ORDERINGS``."""
+    ``ValueError`` beyond ``MAX_OUTCOMES``."""
     n = keys.shape[-1]
-    if math.factorial(n) > MAX_ORDERINGS:
-        raise ValueError(f"{n}! orderings is too many to list (at most {MAX_ORDERINGS})")
+    if math.factorial(n) > MAX_OUTCOMES:
+        raise ValueError(f"{n}! orderings is too many to list (at most {MAX_OUTCOMES})")
     perms = torch.tensor(list(itertools.permutations(range(n))), device=keys.device)  # (n!, n)
     return perms, plackett_luce_log_prob(keys.reshape(1, n).expand(len(perms), n), perms)
