@@ -25,7 +25,8 @@ sample-major layout), so rloo's leave-one-out baseline is taken among those S; a
 ``draws`` such estimates give, for each S in ``samples``, the variance ``tr Cov``, the squared
 bias ``||E g - g*||^2`` (less the ``var / draws`` its estimate carries, so it is unbiased) and
 their sum, the mean squared error, all relative to ``||g*||^2`` (to ``||E g||^2`` without a
-distribution); and the cosine of ``E g`` to ``g*``. A relaxation's temperature is an
+distribution); and the cosine of ``E g`` to ``g*``. ``var`` repeats the variance at the largest
+S the layer took, the cell's primary metric (defined for every estimator). A relaxation's temperature is an
 estimator parameter, so the preset sweeps it like any other.
 
 Before the draws the layer trains ``warmup`` forwards (with its own ``samples``, no optimiser
@@ -80,8 +81,9 @@ _COMMON: Mapping[str, Any] = {
 class _Study(Task):
     """What both studies share: the parameters, the metrics and the cell's shape."""
 
-    primary_metric = "test/var_s1"
-    select_metric = "val/var_s1"
+    # the variance at the largest S: every estimator has it (rloo has none from one sample)
+    primary_metric = "test/var"
+    select_metric = "val/var"
     size_key = "n"
     resources: Mapping[str, float] = {"num_cpus": 1, "num_gpus": 0.0}
 
@@ -181,6 +183,9 @@ def study_metrics(
             out[f"{split}/mse_s{s}"] = (bias2 + var) / scale
             if mean.norm() > 0 and exact.norm() > 0:
                 out[f"{split}/cos_s{s}"] = float(mean @ exact / (mean.norm() * exact.norm()))
+    reached = [s for s in p["samples"] if f"{split}/var_s{s}" in out]
+    if reached:
+        out[f"{split}/var"] = out[f"{split}/var_s{max(reached)}"]
     layer.load_state_dict(before)
     return {k: v for k, v in out.items() if math.isfinite(v)}
 

@@ -140,6 +140,7 @@ def test_rloo_is_studied_as_s_samples_of_one_instance_unbiased_and_its_variance_
     found = _study(PermutationStudy(), RLOO, {}, tmp_path, n=4, draws=300, samples=[1, 4, 16])
     assert found["test/declared"] == 1.0
     assert "test/var_s1" not in found and "test/bias2_s1" not in found
+    assert found["test/var"] == found["test/var_s16"]  # the primary metric: the largest S, always there
     for s in (4, 16):
         assert found[f"test/bias2_s{s}"] < 0.05 * found[f"test/var_s{s}"] + 1e-3  # within its noise
     assert 2 < found["test/var_s4"] / found["test/var_s16"] < 8  # about 4x fewer: (S - 1) / S^2-ish
