@@ -73,3 +73,25 @@ def test_the_glimpse_study_runs_from_the_preset_and_marks_the_glimpses_without_a
     assert study[study["estimator"].str.endswith("(no distribution)")]["bias2"].isna().all()
     assert (study[study["estimator"].eq("sparse (no distribution)")]["variance"] > 0).all()
     assert "Gradient study: study_glimpse" in (out / "index.html").read_text()
+
+
+def test_the_report_draws_bias_and_variance_against_the_temperature(tmp_path, monkeypatch):
+    """Stochastic NeuralSort swept over tau from the preset: its bias against the Plackett-Luce
+    gradient grows with tau while its variance falls; deterministic NeuralSort is marked."""
+    monkeypatch.setenv("SPARSEBENCH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main([
+        "run", "--preset", "gradient-study", "--task", "study_permutation", "--size", "4",
+        "--estimator", "dense", *COMMON,
+        "--set", "tasks.study_permutation.draws=100", "--set", "tasks.study_permutation.samples=[16]",
+    ]) == 0  # fmt: skip
+    out = tmp_path / "report"
+    assert main(["report", "--out", str(out)]) == 0
+    assert (out / "gradient_temperature_study_permutation.png").stat().st_size > 0
+    table = pd.read_csv(out / "gradient_temperature_study_permutation_table.csv")
+    stochastic = table[table["estimator"].eq("dense gumbel_samples=1")].set_index("temperature")
+    assert sorted(stochastic.index) == [0.1, 0.3, 1.0, 3.0]
+    assert stochastic.loc[3.0, "bias2"] > 10 * stochastic.loc[0.1, "bias2"]
+    assert stochastic.loc[3.0, "variance"] < stochastic.loc[0.1, "variance"] / 10
+    marked = table[table["estimator"].eq("dense gumbel_samples=0 (no distribution)")]
+    assert len(marked) == 4 and marked["variance"].eq(0.0).all() and marked["bias2"].isna().all()
