@@ -22,6 +22,7 @@ def test_the_report_draws_the_gradient_figures_and_marks_what_has_no_distributio
         "--set", "tasks.identity.eval_every=10", "--set", "tasks.identity.eval_samples=64",
         "--set", "tasks.identity.snapshots=[]",
         "--set", "diagnostics.every=10", "--set", "diagnostics.draws=3",
+        "--set", "tuning.trials=0",  # one cell per estimator: the lines are the estimators, no trials
     ]) == 0  # fmt: skip
     assert main([
         "run", "--preset", "gradient-study", "--task", "study_permutation", "--size", "3",
@@ -40,9 +41,12 @@ def test_the_report_draws_the_gradient_figures_and_marks_what_has_no_distributio
     reinforce = training[training["estimator"].eq("reinforce")].iloc[0]
     assert reinforce["rel_var"] > 0 and reinforce["seconds per measurement"] > 0
     study = pd.read_csv(out / "gradient_study_permutation_table.csv")
-    assert set(study["estimator"]) == {"reinforce", "dense (no distribution)"}
+    # the preset sweeps dense's gumbel_samples: deterministic NeuralSort marked, stochastic declared
+    assert set(study["estimator"]) == {
+        "reinforce", "dense gumbel_samples=0 (no distribution)", "dense gumbel_samples=1"
+    }
     assert sorted(study["samples"].unique()) == [1, 4]
-    marked = study[study["estimator"].eq("dense (no distribution)")]
+    marked = study[study["estimator"].eq("dense gumbel_samples=0 (no distribution)")]
     assert marked["variance"].eq(0.0).all() and marked["bias2"].isna().all()
     declared = study[study["estimator"].eq("reinforce")]
     assert declared["mse"].notna().all() and (declared["variance"] > 0).all()
