@@ -160,8 +160,9 @@ MAX_OUTCOMES = 20_000
 class Outcomes:
     """A layer's own distribution, listed: every hard structure its training forward can draw for
     the given inputs and the log-probability of drawing it. ``structures`` is ``(m, n, n)``
-    permutation matrices (``permutation``) or ``(m, *out_shape, *in_shape)`` weights
-    (``sparse_matrix``); ``log_probs`` is ``(m,)``, differentiable in the layer's parameters and
+    permutation matrices (``permutation``), ``(m, *out_shape, *in_shape)`` weights
+    (``sparse_matrix``) or the pixels read ``(m, g, size, size, 2)`` as ``(row, col)``
+    (``glimpse``); ``log_probs`` is ``(m,)``, differentiable in the layer's parameters and
     its inputs, so that the exact gradient of an expected loss is ``grad sum_j p_j L(structure_j)``.
     """
 
@@ -198,7 +199,8 @@ class StructureLayer(nn.Module):
       (``Outcomes``), for the gradient study (``plugins.gradient_study``) to compute the exact
       gradient of the expected loss that the layer's gradient estimates; ``inputs`` are one
       instance's forward inputs (keys ``(1, n)`` or scores ``(1, n, n)`` for a ``permutation``;
-      none for a ``sparse_matrix``). The default, ``None``, declares no distribution (a
+      none for a ``sparse_matrix``; images ``(1, c, h, w)`` and boxes ``(1, g, 4)`` for a
+      ``glimpse``). The default, ``None``, declares no distribution (a
       deterministic relaxation, or probabilities with no closed form): the study then reports
       what is defined without one (variance) and marks the estimator. Small problems only: the
       study keeps ``m`` in the hundreds.

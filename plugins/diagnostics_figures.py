@@ -4,10 +4,14 @@
   (``harness.run.diagnostics``, ``grad/all/...``) against the training step, a column per task
   variant, one line per estimator (and sweep value); a table beside it of each cell's measurements
   averaged over training. Drawn from cells run with ``[diagnostics]`` on.
-- ``gradient_study_<task>`` (``study_permutation``, ``study_matrix``; ``plugins.gradient_study``):
+- ``gradient_study_<task>`` (``study_permutation``, ``study_matrix``, ``study_glimpse``;
+  ``plugins.gradient_study``):
   squared bias and variance against the number of samples per estimate, log-log, the
   literature's bias-variance plot; estimators that declare no distribution have no bias line and
   are marked "(no distribution)" in the legend and the table, never dropped.
+- ``gradient_temperature_study_permutation``: the same numbers at the largest sample count
+  against a swept temperature (``tau``, ``temperature``), one line per estimator and the rest of
+  its sweep: stochastic NeuralSort's bias against tau, Gumbel-Sinkhorn's variance (marked).
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ from reports.schema import DIAGNOSTICS_COST, DIAGNOSTICS_TAG
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["diagnostics_table", "gradient_history", "register_figures", "study_table"]
+__all__ = ["diagnostics_table", "gradient_history", "register_figures", "study_table", "temperature_table"]
 
 TRAINING_TASKS = ("identity", "attention", "sorting")
-STUDY_TASKS = ("study_permutation", "study_matrix")
+STUDY_TASKS = ("study_permutation", "study_matrix", "study_glimpse")
 CURVES = ("grad/all/rel_var", "grad/all/snr")
 TABLED = ("rel_var", "snr", "cosine", "sampling_share")
 UNMARKED = "(no distribution)"
@@ -174,6 +178,79 @@ def _draw_study(task: str) -> Callable[[ReportContext], list[Path]]:
     return draw
 
 
+TEMPERATURES = ("tau", "temperature")  # the estimator parameters a study sweeps as a temperature
+
+
+def temperature_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The study table's rows of cells whose sweep sets a temperature (``tau``, ``temperature``),
+    with the temperature as a column and the rest of the sweep in the estimator's label: a
+    relaxation's bias and variance against its temperature (stochastic NeuralSort's bias against
+    the Plackett-Luce gradient; a relaxation without a distribution, variance only, marked)."""
+    import pandas as pd
+
+    parts = []
+    for _, run in runs.iterrows():
+        setting = dict(p.split("=", 1) for p in str(run["sweep"]).split(",") if "=" in p)
+        key = next((k for k in TEMPERATURES if k in setting), None)
+        if key is None:
+            continue
+        temperature = float(setting.pop(key))
+        rows = study_table(run.to_frame().T)
+        if rows.empty:
+            continue
+        rest = ",".join(f"{k}={v}" for k, v in setting.items())
+        marked = rows["estimator"].iloc[0].endswith(UNMARKED)
+        label = f"{run['estimator']} {rest}".strip() + (f" {UNMARKED}" if marked else "")
+        parts.append(rows.assign(estimator=label, temperature=temperature, parameter=key))
+    if not parts:
+        return pd.DataFrame()
+    table = pd.concat(parts, ignore_index=True)
+    return table.sort_values(["variant", "estimator", "samples", "temperature"], ignore_index=True)
+
+
+def _draw_temperature(task: str) -> Callable[[ReportContext], list[Path]]:
+    def draw(ctx: ReportContext) -> list[Path]:
+        from reports.frame import natural_key
+        from reports.plotting import plt, save
+        from reports.tables import write_table
+
+        table = temperature_table(ctx.runs[ctx.runs["task"].eq(task)])
+        if table.empty:
+            raise NoFigureData(f"no finished {task} cell sweeps a temperature")
+        variants = sorted(dict.fromkeys(table["variant"]), key=natural_key)
+        fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 4.2), squeeze=False)
+        for ax, variant in zip(axes[0], variants, strict=True):
+            part = table[table["variant"].eq(variant)]
+            largest = part.groupby("estimator")["samples"].transform("max")
+            for name, data in part[part["samples"].eq(largest)].groupby("estimator", sort=True):
+                colour = None
+                for column, style in (("variance", "-o"), ("bias2", "--x")):
+                    values = data.set_index("temperature")[column].astype(float).dropna()
+                    if values.empty:
+                        continue  # no bias without a distribution: the label says so
+                    shown = values[values > 0]  # an exact zero has no place on a log axis
+                    s = int(data["samples"].iloc[0])
+                    label = f"{name}: {column.replace('2', '²')} (S = {s})" + (" 0" if shown.empty else "")
+                    (line,) = ax.plot(shown.index, shown.values, style, color=colour, label=label)
+                    colour = line.get_color()
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(variant)
+            ax.set_xlabel("temperature (tau, temperature)")
+            ax.set_ylabel("relative to ||exact gradient||² (else ||mean||²)")
+        legend = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels(),
+                                                                            strict=True)}
+        fig.suptitle(f"{task}: bias² and variance against the relaxation's temperature")
+        fig.tight_layout()
+        fig.legend(legend.values(), legend.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+        return save(fig, ctx.out_dir, f"gradient_temperature_{task}") + write_table(
+            table, ctx.out_dir, f"gradient_temperature_{task}_table",
+            f"{task}: bias, variance and MSE against the temperature",
+        )
+
+    return draw
+
+
 FIGURES = [
     *(Figure(f"grad_{task}", task, f"Gradient diagnostics: {task}, relative variance and SNR against step",
              "not in the paper: issue 21's gradient statistics (cells run with [diagnostics])",
@@ -181,6 +258,11 @@ FIGURES = [
     *(Figure(f"gradient_{task}", task, f"Gradient study: {task}, bias² and variance against samples",
              "not in the paper: the exact gradient from StructureLayer.outcomes; unmarked estimators "
              "declare no distribution (variance only)", _draw_study(task)) for task in STUDY_TASKS),
+    Figure("gradient_temperature_study_permutation", "study_permutation",
+           "Gradient study: study_permutation, bias² and variance against the temperature",
+           "not in the paper: stochastic NeuralSort against the Plackett-Luce gradient of its keys; "
+           "relaxations without a distribution marked (variance only)",
+           _draw_temperature("study_permutation")),
 ]  # fmt: skip
 
 

@@ -1,33 +1,42 @@
 """The gradient study: each estimator's gradient against the exact one, on problems small enough to
 list every outcome (``sparsebench run --preset gradient-study``).
 
-Two tasks, one per structure kind with a listable support:
+Three tasks, one per structure kind, each with a listable support:
 
 - ``study_permutation``: sort ``n <= 5`` fixed values by learned keys ``theta`` (``(1, n)``, or
   ``(1, n, n)`` scores for a layer reading one score per output position); the loss of a
   permutation ``P`` is ``mean((P x - sorted(x))^2)``.
 - ``study_matrix``: a learned ``n x n`` sparse matrix with ``k`` tuples (``(n^2)^k`` outcomes)
   applied to one fixed vector ``x``; the loss of ``W`` is ``mean((W x - x)^2)`` (the identity task's).
+- ``study_glimpse``: ``glimpses`` reads of ``size x size`` pixels (one-pixel reads list ``(image^2)^g``
+  outcomes) from a fixed ``image x image`` picture, placed by a learned raw box; the loss of a read
+  is ``mean((pixel - 1/2)^2)``. An estimator that reads no glimpse (``FullImageReadout``) has
+  nothing that depends on the box: zero gradient, marked.
 
 The exact gradient is that of the expected loss under the layer's own distribution,
 ``grad sum_j p_j L(structure_j)``, from ``StructureLayer.outcomes`` (the layer lists its outcomes
 and their log-probabilities); a layer that declares none (a deterministic relaxation, or
 probabilities with no closed form) gets no bias, only what is defined without it, and
 ``test/declared = 0`` marks it. An estimate from S samples is the gradient of the layer's own
-``objective`` on a batch of S copies of the instance (one structure drawn per instance), exactly as
-training takes it; ``draws`` such estimates give, for each S in ``samples``, the variance
-``tr Cov``, the squared bias ``||E g - g*||^2`` (less the ``var / draws`` its estimate carries, so it
-is unbiased) and their sum, the mean squared error, all relative to ``||g*||^2`` (to ``||E g||^2``
-without a distribution); and the cosine of ``E g`` to ``g*``. A relaxation's temperature is an
+``objective`` on S samples of ONE instance, as the several-samples contract has training take
+them: the layer's ``samples`` is set to S and it is fed the instance S times (``b = 1`` in the
+sample-major layout), so rloo's leave-one-out baseline is taken among those S; a layer's
+``min_samples`` (rloo: 2) leaves out the counts below it (no number rather than a made-up one).
+``draws`` such estimates give, for each S in ``samples``, the variance ``tr Cov``, the squared
+bias ``||E g - g*||^2`` (less the ``var / draws`` its estimate carries, so it is unbiased) and
+their sum, the mean squared error, all relative to ``||g*||^2`` (to ``||E g||^2`` without a
+distribution); and the cosine of ``E g`` to ``g*``. ``var`` repeats the variance at the largest
+S the layer took, the cell's primary metric (defined for every estimator). A relaxation's temperature is an
 estimator parameter, so the preset sweeps it like any other.
 
-Before the draws the layer trains ``warmup`` forwards (no optimiser step) so that a running
-baseline holds a typical value; every draw then starts from that same state. The study is a cell
-like any other (the matrix, n/a, the store, the report): its one training step computes it (in
-training mode, from the cell's seed, putting the layer's state back) and returns a zero objective,
-which leaves the parameters where they are; the evaluation after it reports it. The numbers come
-twice, from two independent seeds of draws: ``test/*`` from the cell's seed and ``val/*`` from the
-next, so that a sweep (a relaxation's temperature) is chosen on draws the reported numbers never saw.
+Before the draws the layer trains ``warmup`` forwards (with its own ``samples``, no optimiser
+step) so that a running baseline holds a typical value; every draw then starts from that same
+state. The study is a cell like any other (the matrix, n/a, the store, the report): its one
+training step computes it (in training mode, from the cell's seed, putting the layer's state
+back) and returns a zero objective, which leaves the parameters where they are; the evaluation
+after it reports it. The numbers come twice, from two independent seeds of draws: ``test/*``
+from the cell's seed and ``val/*`` from the next, so that a sweep (a relaxation's temperature)
+is chosen on draws the reported numbers never saw.
 """
 
 from __future__ import annotations
@@ -40,16 +49,19 @@ import torch
 from torch import nn
 
 from estimators.base import (
+    FullImageReadout,
+    GlimpseSpec,
     PermutationOutput,
     PermutationSpec,
     SparseMatrixSpec,
     Spec,
     StructureLayer,
     hookimpl,
+    training_samples,
 )
 from harness.task import CellSetup, Task, TaskRun
 
-__all__ = ["MatrixStudy", "PermutationStudy", "register_tasks", "study_metrics"]
+__all__ = ["GlimpseStudy", "MatrixStudy", "PermutationStudy", "register_tasks", "study_metrics"]
 
 #: (the model, S -> per-sample losses of S fresh draws (S,), structures -> their losses (m,), inputs
 #: of one instance for ``StructureLayer.outcomes``)
@@ -69,8 +81,9 @@ _COMMON: Mapping[str, Any] = {
 class _Study(Task):
     """What both studies share: the parameters, the metrics and the cell's shape."""
 
-    primary_metric = "test/var_s1"
-    select_metric = "val/var_s1"
+    # the variance at the largest S: every estimator has it (rloo has none from one sample)
+    primary_metric = "test/var"
+    select_metric = "val/var"
     size_key = "n"
     resources: Mapping[str, float] = {"num_cpus": 1, "num_gpus": 0.0}
 
@@ -137,8 +150,9 @@ def study_metrics(
 ) -> dict[str, float]:
     """The study's numbers for one layer (see the module's docstring), as ``<split>/<statistic>``."""
     before = {k: v.clone() for k, v in layer.state_dict().items()}
+    own = training_samples(layer)  # the layer's own S, restored at the end
     for _ in range(p["warmup"]):
-        layer.objective(draw(1)).detach()
+        layer.objective(draw(own)).detach()
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     outcomes = layer.outcomes(*inputs)
     out: dict[str, float] = {f"{split}/declared": float(outcomes is not None)}
@@ -148,10 +162,14 @@ def study_metrics(
         exact = _gradient(expected, params)
         out |= {f"{split}/expected_loss": expected.item(), f"{split}/exact_norm": float(exact.norm())}
     for s in p["samples"]:
+        if s < getattr(layer, "min_samples", 1):
+            continue  # no estimate from so few (rloo's baseline needs two): nothing to report
         estimates = []
+        layer.samples = s  # S samples of the one instance: b = 1 in the sample-major layout
         for _ in range(p["draws"]):
             layer.load_state_dict(state)
             estimates.append(_gradient(layer.objective(draw(s)), params))
+        layer.samples = own
         g = torch.stack(estimates)  # (draws, d)
         mean = g.mean(0)
         var = float(((g - mean) ** 2).sum(1).mean() * p["draws"] / (p["draws"] - 1))
@@ -165,6 +183,9 @@ def study_metrics(
             out[f"{split}/mse_s{s}"] = (bias2 + var) / scale
             if mean.norm() > 0 and exact.norm() > 0:
                 out[f"{split}/cos_s{s}"] = float(mean @ exact / (mean.norm() * exact.norm()))
+    reached = [s for s in p["samples"] if f"{split}/var_s{s}" in out]
+    if reached:
+        out[f"{split}/var"] = out[f"{split}/var_s{max(reached)}"]
     layer.load_state_dict(before)
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
@@ -204,7 +225,7 @@ class PermutationStudy(_Study):
 
 
 class _Keys(nn.Module):
-    """The learned keys (or scores) and the layer: the study's model."""
+    """The learned keys, scores or box and the layer: the study's model."""
 
     def __init__(self, theta: torch.Tensor, layer: StructureLayer) -> None:
         super().__init__()
@@ -242,7 +263,48 @@ class MatrixStudy(_Study):
         return layer, draw, losses, ()
 
 
+class GlimpseStudy(_Study):
+    name = "study_glimpse"
+    description = "gradient study: one-pixel glimpses of a small image from a learned box, every read listed"
+    kinds = ("glimpse",)
+    defaults: Mapping[str, Any] = {**_COMMON, "image": 3, "glimpses": 1, "size": 1}
+    smoke: Mapping[str, Any] = {"image": 3, "draws": 4, "samples": [2, 4], "warmup": 2}
+    positive = ("image", "glimpses", "size", "steps", "eval_every", "lr", "batch_size", "draws", "samples")
+    non_negative = ("warmup",)
+    size_key = "image"
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        super().check(params)
+        if params["image"] ** (2 * params["glimpses"]) > 20_000:
+            raise ValueError(
+                f"image = {params['image']}, glimpses = {params['glimpses']}: (image^2)^glimpses "
+                "reads, at most 20,000"
+            )
+
+    def spec(self, kind: str, params: Mapping[str, Any]) -> Spec:
+        side = params["image"]
+        return GlimpseSpec(image_shape=(1, side, side), size=params["size"], glimpses=params["glimpses"])
+
+    def problem(self, cell: CellSetup, gen: torch.Generator) -> Problem:
+        side, g, layer, device = cell.params["image"], cell.params["glimpses"], cell.layer, cell.device
+        model = _Keys(0.5 * torch.randn(1, g, 4, generator=gen), layer)
+        image = torch.rand(1, 1, side, side, generator=gen).to(device)
+        target = 0.5
+
+        def losses(pixels: torch.Tensor) -> torch.Tensor:  # (m, g, k, k, 2) read pixels -> (m,)
+            return ((image[0, 0, pixels[..., 0], pixels[..., 1]] - target) ** 2).flatten(1).mean(-1)
+
+        def draw(s: int) -> torch.Tensor:
+            if isinstance(layer, FullImageReadout):  # no glimpse: nothing depends on the box
+                return torch.full((s,), float(((image - target) ** 2).mean()), device=device)
+            read = layer(image.expand(s, -1, -1, -1), model.theta.expand(s, -1, -1))  # (s, g, 1, k, k)
+            return ((read - target) ** 2).flatten(1).mean(-1)
+
+        return model, draw, losses, (image, model.theta)
+
+
 @hookimpl
 def register_tasks(register: Callable[[Task], None]) -> None:
     register(PermutationStudy())
     register(MatrixStudy())
+    register(GlimpseStudy())

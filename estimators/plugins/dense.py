@@ -23,6 +23,7 @@ from estimators.base import (
     Estimator,
     FullImageReadout,
     GlimpseSpec,
+    Outcomes,
     PermutationOutput,
     PermutationSpec,
     SparseMatrixSpec,
@@ -33,6 +34,7 @@ from estimators.base import (
 from estimators.params import Choice
 from estimators.shared.neuralsort import neuralsort, sort_matrix
 from estimators.shared.permutation import check_keys, check_positive, keys_only
+from estimators.shared.plackett_luce import all_orderings, perm_matrix
 from estimators.shared.sinkhorn import gumbel_noise
 from estimators.sparse import weight_shape
 
@@ -138,6 +140,17 @@ class NeuralSortLayer(StructureLayer):
                                  dtype=keys.dtype)
             keys = keys - noise
         return PermutationOutput(steps=[neuralsort(keys, self.tau)])
+
+    def outcomes(self, *inputs: Tensor) -> Outcomes | None:
+        """Stochastic: the Plackett-Luce orderings of one instance's keys ``(1, n)``, the law of
+        the sort of ``keys - G`` that the relaxation approaches as ``tau -> 0``, so the study
+        measures the relaxation's bias against the gradient of the expected hard loss.
+        Deterministic: ``None`` (no distribution)."""
+        if not self.stochastic:
+            return None
+        (keys,) = inputs
+        perms, log_probs = all_orderings(keys)
+        return Outcomes(perm_matrix(perms, keys.dtype), log_probs)
 
 
 @hookimpl

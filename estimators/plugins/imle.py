@@ -32,6 +32,7 @@ from torch import Tensor
 
 from estimators.base import (
     Estimator,
+    Outcomes,
     PermutationOutput,
     PermutationSpec,
     SparseMatrixSpec,
@@ -47,6 +48,7 @@ from estimators.shared.perturb import (
     sum_of_gamma_noise,
     topk_mask,
 )
+from estimators.shared.plackett_luce import all_orderings, perm_matrix
 from estimators.shared.sinkhorn import gumbel_noise, hungarian
 
 __all__ = ["NOISES", "ImleEstimator", "ImleMatrixLayer", "ImleSortLayer", "imle_sort", "imle_topk"]
@@ -186,7 +188,9 @@ class ImleMatrixLayer(StructureLayer):
         if noise not in NOISES:
             raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
         self.matrix = MaskedMatrix(spec)
-        self.lam, self.tau, self.samples, self.scale_grad, self.noise = lam, tau, samples, scale_grad, noise
+        # perturb-and-MAP states inside one forward; not ``samples``, the contract's rows per instance
+        self.lam, self.tau, self.noise_samples, self.scale_grad = lam, tau, samples, scale_grad
+        self.noise = noise
 
     def forward(self, x: Tensor) -> Tensor:
         self.matrix.check(x)
@@ -194,7 +198,7 @@ class ImleMatrixLayer(StructureLayer):
         if not self.training:
             return self.matrix.product(x, topk_mask(scores.detach(), k))
         theta = scores.expand(x.shape[0], -1)  # (b, entries): each instance its own draws
-        shape = (self.samples, *theta.shape)
+        shape = (self.noise_samples, *theta.shape)
         gumbel = self.noise == "gumbel"
         eps = _gumbel(shape, theta) if gumbel else sum_of_gamma_noise(shape, k, theta)
         mask = imle_topk(theta, self.tau * eps, k, self.lam, self.scale_grad)
@@ -214,14 +218,24 @@ class ImleSortLayer(StructureLayer):
         super().__init__()
         _check(lam, tau, samples)
         self.spec, self.keys = spec, Keys(spec)
-        self.lam, self.tau, self.samples, self.scale_grad = lam, tau, samples, scale_grad
+        # perturb-and-MAP states inside one forward; not ``samples``, the contract's rows per instance
+        self.lam, self.tau, self.noise_samples, self.scale_grad = lam, tau, samples, scale_grad
 
     def forward(self, inputs: Tensor | int, generator: torch.Generator | None = None) -> PermutationOutput:
         keys = self.keys(inputs)
         if not self.training:
             return PermutationOutput(steps=[sort_matrix(keys.detach())])
-        eps = _gumbel((self.samples, *keys.shape), keys, generator)
+        eps = _gumbel((self.noise_samples, *keys.shape), keys, generator)
         return PermutationOutput(steps=[imle_sort(keys, self.tau * eps, self.lam, self.scale_grad)])
+
+    def outcomes(self, *inputs: Tensor | int) -> Outcomes:
+        """Every ordering of one instance's keys and its probability as a perturb-and-MAP state:
+        the ascending sort of ``keys + tau G`` takes its *largest* item first with probability
+        ``softmax(keys / tau)`` (the Gumbel-max trick), so its reversal is Plackett-Luce in
+        ``keys / tau`` (``plackett_luce_log_prob`` of the keys ``-keys / tau``)."""
+        keys = self.keys(inputs[0])  # (1, n): the task's keys, or the learned ones for batch size 1
+        perms, log_probs = all_orderings(-keys / self.tau)  # perms: largest item first
+        return Outcomes(perm_matrix(perms.flip(-1), keys.dtype), log_probs)
 
     def snapshot(self) -> dict[str, Tensor]:
         return {} if self.keys.free is None else {"keys": self.keys.free.detach().cpu()}

@@ -106,7 +106,8 @@ class PerturbedMatrixLayer(StructureLayer):
         super().__init__()
         _check(samples, sigma)
         self.matrix = MaskedMatrix(spec)
-        self.samples, self.sigma = samples, sigma
+        # noise draws inside one forward; not ``samples``, the contract's rows per instance
+        self.noise_samples, self.sigma = samples, sigma
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         self.matrix.check(x)
@@ -114,7 +115,7 @@ class PerturbedMatrixLayer(StructureLayer):
         if not self.training:
             return self.matrix.product(x, topk_mask(scores.detach(), k))
         theta = scores.expand(x.shape[0], -1)  # (b, entries): each instance its own draws
-        mask = perturbed(theta, lambda s: topk_mask(s, k), self.samples, self.sigma, generator)
+        mask = perturbed(theta, lambda s: topk_mask(s, k), self.noise_samples, self.sigma, generator)
         return self.matrix.product(x, mask)
 
     def snapshot(self) -> dict[str, Tensor]:
@@ -131,13 +132,14 @@ class PerturbedSortLayer(StructureLayer):
         super().__init__()
         _check(samples, sigma)
         self.spec, self.keys = spec, Keys(spec)
-        self.samples, self.sigma = samples, sigma
+        # noise draws inside one forward; not ``samples``, the contract's rows per instance
+        self.noise_samples, self.sigma = samples, sigma
 
     def forward(self, inputs: Tensor | int, generator: torch.Generator | None = None) -> PermutationOutput:
         keys = self.keys(inputs)
         if not self.training:
             return PermutationOutput(steps=[sort_matrix(keys.detach())])
-        return PermutationOutput(steps=[perturbed(keys, _sort, self.samples, self.sigma, generator)])
+        return PermutationOutput(steps=[perturbed(keys, _sort, self.noise_samples, self.sigma, generator)])
 
     def snapshot(self) -> dict[str, Tensor]:
         return {} if self.keys.free is None else {"keys": self.keys.free.detach().cpu()}

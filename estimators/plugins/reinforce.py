@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
@@ -39,7 +38,12 @@ from estimators.base import (
 from estimators.shared.glimpse import box_points
 from estimators.shared.neuralsort import sort_matrix
 from estimators.shared.permutation import check_keys, keys_only
-from estimators.shared.plackett_luce import perm_matrix, plackett_luce_log_prob, plackett_luce_sample
+from estimators.shared.plackett_luce import (
+    all_orderings,
+    perm_matrix,
+    plackett_luce_log_prob,
+    plackett_luce_sample,
+)
 from estimators.sparse import SparseLayerError, rounded_product, sparse_mv, weight_shape
 from estimators.sparse.functional import transform_means, transform_sigmas
 
@@ -426,8 +430,48 @@ class ReinforceGlimpse(GlimpseLayer):
         self.baseline.copy_(decay * self.baseline + (1 - decay) * cost.mean())
         return base
 
+    def outcomes(self, *inputs: torch.Tensor) -> Outcomes | None:
+        """For one-point glimpses (``size = 1``): every pixel each glimpse can read, for one
+        instance's ``images (1, c, h, w)`` and ``boxes (1, g, 4)``, with its probability. The point
+        is the box centre, ``(y0 + y1) / 2`` and ``(x0 + x1) / 2`` in logit space: independent
+        Gaussians per axis (the corners are), so a pixel's probability is the product of two
+        Gaussian cell masses. ``structures`` are the read pixels ``(m, g, 1, 1, 2)`` as
+        ``(row, col)``, as the forward reads them. ``None`` for larger glimpses, whose points
+        move together (a joint law over the grid that is not listed here)."""
+        images, boxes = inputs
+        if self.spec.size != 1:
+            return None
+        h, w = images.shape[-2:]
+        g = self.spec.glimpses
+        if (h * w) ** g > MAX_OUTCOMES:
+            raise ValueError(f"({h} x {w})^{g} outcomes is too many to list (at most {MAX_OUTCOMES})")
+        mean = self.corners(boxes)[0]  # (g, 4)
+        var = (2 * self.log_std).exp().expand_as(mean)  # (g, 4)
+        centre, spread = (mean[:, :2] + mean[:, 2:]) / 2, (var[:, :2] + var[:, 2:]) / 4  # (g, 2)
+        rows = _cell_log_probs(centre[:, 0], spread[:, 0], h)  # (g, h)
+        cols = _cell_log_probs(centre[:, 1], spread[:, 1], w)  # (g, w)
+        pixel = (rows[:, :, None] + cols[:, None, :]).reshape(g, h * w)  # (g, h * w)
+        pick = torch.cartesian_prod(*(torch.arange(h * w) for _ in range(g))).reshape(-1, g)
+        pick = pick.to(pixel.device)  # (m, g) flat pixel per glimpse
+        log_probs = pixel.gather(1, pick.T).sum(0)  # (m,)
+        where = torch.stack([pick // w, pick % w], dim=-1)  # (m, g, 2)
+        return Outcomes(where[:, :, None, None, :], log_probs)
+
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {"std": self.log_std.detach().exp(), "baseline": self.baseline.detach().clone()}
+
+
+def _cell_log_probs(mean: torch.Tensor, var: torch.Tensor, extent: int) -> torch.Tensor:
+    """``log P(round(sigmoid(z) (extent - 1)) = j)`` for ``z ~ N(mean, var)``: ``(g,)`` -> ``(g,
+    extent)``. Pixel ``j`` owns ``sigmoid(z) (extent - 1)`` in ``[j - 1/2, j + 1/2)``, the logit
+    interval between ``logit((j -+ 1/2) / (extent - 1))``; the edge pixels own the tails."""
+    if extent == 1:
+        return torch.zeros(mean.shape[0], 1, dtype=mean.dtype, device=mean.device)
+    inner = (torch.arange(1, extent, dtype=mean.dtype, device=mean.device) - 0.5) / (extent - 1)
+    cdf = torch.special.ndtr((torch.logit(inner) - mean[:, None]) / var.sqrt()[:, None])  # (g, e - 1)
+    zero, one = torch.zeros_like(cdf[:, :1]), torch.ones_like(cdf[:, :1])
+    mass = torch.cat([cdf, one], 1) - torch.cat([zero, cdf], 1)  # (g, extent)
+    return mass.clamp(min=torch.finfo(mass.dtype).tiny).log()
 
 
 # ---- permutation --------------------------------------------------------------------------------
@@ -515,11 +559,7 @@ class PlackettLuceLayer(StructureLayer):
     def outcomes(self, *inputs: torch.Tensor) -> Outcomes:
         """All ``n!`` orderings of one instance's keys ``(1, n)`` under Plackett-Luce."""
         (keys,) = inputs
-        n = self.spec.n
-        if math.factorial(n) > MAX_OUTCOMES:
-            raise ValueError(f"{n}! orderings is too many to list (at most {MAX_OUTCOMES})")
-        perms = torch.tensor(list(itertools.permutations(range(n))), device=keys.device)  # (n!, n)
-        log_probs = plackett_luce_log_prob(keys.reshape(1, n).expand(len(perms), n), perms)
+        perms, log_probs = all_orderings(keys)
         return Outcomes(perm_matrix(perms, keys.dtype), log_probs)
 
     def baseline(self) -> torch.Tensor:

@@ -111,6 +111,8 @@ def _check_samples(samples: int) -> int:
 class RlooMatrixLayer(ReinforceMatrixLayer):
     """``ReinforceMatrixLayer`` drawing one structure per row (``S`` per instance), baseline LOO."""
 
+    min_samples = 2  # the fewest samples per instance a leave-one-out baseline takes
+
     def __init__(self, spec: SparseMatrixSpec, *, samples: int = 4, **kwargs: Any) -> None:
         super().__init__(spec, baseline="none", samples=0, **kwargs)  # samples=0: a draw per row
         self.samples = _check_samples(samples)
@@ -122,6 +124,8 @@ class RlooMatrixLayer(ReinforceMatrixLayer):
 class RlooPlackettLuceLayer(PlackettLuceLayer):
     """``PlackettLuceLayer`` with ``S`` orderings per instance, baseline LOO."""
 
+    min_samples = 2  # the fewest samples per instance a leave-one-out baseline takes
+
     def __init__(self, spec: PermutationSpec, *, samples: int = 4) -> None:
         super().__init__(spec, baseline="none", samples=_check_samples(samples))
 
@@ -131,6 +135,8 @@ class RlooPlackettLuceLayer(PlackettLuceLayer):
 
 class RlooGlimpse(ReinforceGlimpse):
     """``ReinforceGlimpse`` with ``S`` boxes per image, baseline LOO."""
+
+    min_samples = 2  # the fewest samples per instance a leave-one-out baseline takes
 
     def __init__(self, spec: GlimpseSpec, *, samples: int = 4, **kwargs: Any) -> None:
         super().__init__(spec, baseline="none", **kwargs)

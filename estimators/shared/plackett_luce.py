@@ -8,10 +8,15 @@ ascending sort, matching ``x_sorted = P @ x``. Sampling is the Gumbel trick: sor
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["perm_matrix", "plackett_luce_log_prob", "plackett_luce_sample"]
+from estimators.base import MAX_OUTCOMES
+
+__all__ = ["all_orderings", "perm_matrix", "plackett_luce_log_prob", "plackett_luce_sample"]
 
 
 def plackett_luce_sample(
@@ -37,3 +42,15 @@ def plackett_luce_log_prob(keys: torch.Tensor, perm: torch.Tensor) -> torch.Tens
 def perm_matrix(perm: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``P[b, i, perm[b, i]] = 1``: the matrix that puts item ``perm[i]`` at position ``i``."""
     return F.one_hot(perm, perm.shape[-1]).to(dtype)
+
+
+def all_orderings(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ordering of one instance's keys ``(1, n)`` and its Plackett-Luce log-probability:
+    ``(n!, n)`` long, ``(n!,)`` differentiable in ``keys``; for the layers' ``outcomes``.
+
+    ``ValueError`` beyond ``MAX_OUTCOMES``."""
+    n = keys.shape[-1]
+    if math.factorial(n) > MAX_OUTCOMES:
+        raise ValueError(f"{n}! orderings is too many to list (at most {MAX_OUTCOMES})")
+    perms = torch.tensor(list(itertools.permutations(range(n))), device=keys.device)  # (n!, n)
+    return perms, plackett_luce_log_prob(keys.reshape(1, n).expand(len(perms), n), perms)

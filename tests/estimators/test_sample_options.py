@@ -8,9 +8,11 @@ import itertools
 import pytest
 import torch
 
-from estimators.base import PermutationSpec, repeat_samples
+from estimators.base import PermutationSpec, SparseMatrixSpec, repeat_samples, training_samples
 from estimators.plugins.dense import DenseEstimator, NeuralSortLayer
 from estimators.plugins.gumbel_sinkhorn import GumbelSinkhornEstimator, GumbelSinkhornLayer
+from estimators.plugins.imle import ImleEstimator
+from estimators.plugins.perturbed import PerturbedEstimator
 from estimators.shared.neuralsort import sort_matrix
 from estimators.shared.plackett_luce import plackett_luce_log_prob
 from harness.testing import DEVICES, assert_conforms
@@ -96,3 +98,14 @@ def test_the_neuralsort_table_names_stochastic_neuralsort_apart():
     assert method_of(pd.Series({"estimator": "dense", "params.estimator.gumbel_samples": "5"})) == (
         "Stochastic NeuralSort (ours)")
     assert method_of(pd.Series({"estimator": "rloo"})) == "rloo (ours)"
+
+
+@pytest.mark.parametrize("est", ["perturbed", "imle"])
+def test_internal_noise_draws_are_not_rows_per_instance(est):
+    """perturbed and imle average ``samples`` noise draws inside one forward: a task must still
+    feed every instance once (``training_samples`` is 1), not ``samples`` times over."""
+    cls = {"perturbed": PerturbedEstimator, "imle": ImleEstimator}[est]
+    for spec in (KEYS, SparseMatrixSpec((3,), (3,), 2)):
+        layer = _with(cls, samples=7).build(spec, {**cls.defaults, "samples": 7}).train()
+        assert layer.noise_samples == 7
+        assert training_samples(layer) == 1

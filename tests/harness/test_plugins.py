@@ -53,7 +53,9 @@ def installed(plugin_dir, tmp_path):
 
 def test_builtins_register_every_task_and_estimator():
     registry = plugins.load()
-    assert set(registry.tasks) == {"identity", "attention", "sorting", "study_permutation", "study_matrix"}
+    assert set(registry.tasks) == {
+        "identity", "attention", "sorting", "study_permutation", "study_matrix", "study_glimpse"
+    }
     assert set(registry.estimators) >= {"sparse", "reinforce", "gumbel_sinkhorn", "dense", "bilinear"}
     assert registry.tasks["identity"].source == "built-in"
     assert registry.tasks["identity"].plugin == "plugins.identity"
