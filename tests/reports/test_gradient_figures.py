@@ -20,7 +20,7 @@ def test_the_report_draws_the_gradient_figures_and_marks_what_has_no_distributio
         "run", "--task", "identity", "--estimator", "reinforce", "--estimator", "dense", *COMMON,
         "--set", "tasks.identity.variants=[{n = 4}]", "--set", "tasks.identity.steps=20",
         "--set", "tasks.identity.eval_every=10", "--set", "tasks.identity.eval_samples=64",
-        "--set", "tasks.identity.snapshots=[]", "--set", "tuning.trials=0",
+        "--set", "tasks.identity.snapshots=[]",
         "--set", "diagnostics.every=10", "--set", "diagnostics.draws=3",
         "--set", "tuning.trials=0",  # one cell per estimator: the lines are the estimators, no trials
     ]) == 0  # fmt: skip
