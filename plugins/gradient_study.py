@@ -61,7 +61,14 @@ from estimators.base import (
 )
 from harness.task import CellSetup, Task, TaskRun
 
-__all__ = ["GlimpseStudy", "MatrixStudy", "PermutationStudy", "register_tasks", "study_metrics"]
+__all__ = [
+    "GlimpseStudy",
+    "GradientStudy",
+    "MatrixStudy",
+    "PermutationStudy",
+    "register_tasks",
+    "study_metrics",
+]
 
 #: (the model, S -> per-sample losses of S fresh draws (S,), structures -> their losses (m,), inputs
 #: of one instance for ``StructureLayer.outcomes``)
@@ -78,7 +85,7 @@ _COMMON: Mapping[str, Any] = {
 }
 
 
-class _Study(Task):
+class GradientStudy(Task):
     """What both studies share: the parameters, the metrics and the cell's shape."""
 
     # the variance at the largest S: every estimator has it (rloo has none from one sample)
@@ -190,7 +197,7 @@ def study_metrics(
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
-class PermutationStudy(_Study):
+class PermutationStudy(GradientStudy):
     name = "study_permutation"
     description = "gradient study: sort n <= 5 values by learned keys, every ordering listed"
     kinds = ("permutation",)
@@ -232,7 +239,7 @@ class _Keys(nn.Module):
         self.theta, self.layer = nn.Parameter(theta), layer
 
 
-class MatrixStudy(_Study):
+class MatrixStudy(GradientStudy):
     name = "study_matrix"
     description = "gradient study: an n x n sparse matrix of k tuples on one vector, every draw listed"
     kinds = ("sparse_matrix",)
@@ -263,7 +270,7 @@ class MatrixStudy(_Study):
         return layer, draw, losses, ()
 
 
-class GlimpseStudy(_Study):
+class GlimpseStudy(GradientStudy):
     name = "study_glimpse"
     description = "gradient study: one-pixel glimpses of a small image from a learned box, every read listed"
     kinds = ("glimpse",)
