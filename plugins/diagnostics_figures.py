@@ -138,39 +138,56 @@ def study_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _bias_variance_figure(
+    table: pd.DataFrame, x: str, xlabel: str, xbase: float, title: str,
+    rows: Callable[[pd.DataFrame], pd.DataFrame], suffix: Callable[[pd.DataFrame], str],
+):  # -> matplotlib Figure
+    """Variance (solid) and bias² (dashed) against ``x``, a panel per variant and a colour per
+    estimator; ``rows`` picks a panel's rows, ``suffix`` adds to an estimator's label. An estimator
+    with no distribution has no bias line (its label says so); a line with no positive value shows
+    as "0" in the legend (a log axis has no place for it)."""
+    from reports.frame import natural_key
+    from reports.plotting import plt
+
+    variants = sorted(dict.fromkeys(table["variant"]), key=natural_key)
+    fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 4.2), squeeze=False)
+    for ax, variant in zip(axes[0], variants, strict=True):
+        for name, data in rows(table[table["variant"].eq(variant)]).groupby("estimator", sort=True):
+            colour = None
+            for column, style in (("variance", "-o"), ("bias2", "--x")):
+                values = data.set_index(x)[column].astype(float).dropna()
+                if values.empty:
+                    continue
+                shown = values[values > 0]
+                label = f"{name}: {column.replace('2', '²')}{suffix(data)}" + (" 0" if shown.empty else "")
+                (line,) = ax.plot(shown.index, shown.values, style, color=colour, label=label)
+                colour = line.get_color()
+        ax.set_xscale("log", base=xbase)
+        ax.set_yscale("log")
+        ax.set_title(variant)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("relative to ||exact gradient||² (else ||mean||²)")
+    legend = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels(),
+                                                                        strict=True)}
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.legend(legend.values(), legend.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    return fig
+
+
 def _draw_study(task: str) -> Callable[[ReportContext], list[Path]]:
     def draw(ctx: ReportContext) -> list[Path]:
-        from reports.frame import natural_key
-        from reports.plotting import plt, save
+        from reports.plotting import save
         from reports.tables import write_table
 
         table = study_table(ctx.runs[ctx.runs["task"].eq(task)])
         if table.empty:
             raise NoFigureData(f"no {task} cell has finished")
-        variants = sorted(dict.fromkeys(table["variant"]), key=natural_key)
-        fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 4.2), squeeze=False)
-        for ax, variant in zip(axes[0], variants, strict=True):
-            part = table[table["variant"].eq(variant)]
-            for name, data in part.groupby("estimator", sort=True):
-                colour = None
-                for column, style in (("variance", "-o"), ("bias2", "--x")):
-                    values = data.set_index("samples")[column].astype(float).dropna()
-                    if values.empty:
-                        continue  # no bias without a distribution: the legend says so
-                    shown = values[values > 0]  # an exact zero has no place on a log axis
-                    label = f"{name}: {column.replace('2', '²')}" + (" 0" if shown.empty else "")
-                    (line,) = ax.plot(shown.index, shown.values, style, color=colour, label=label)
-                    colour = line.get_color()
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_title(variant)
-            ax.set_xlabel("samples per estimate")
-            ax.set_ylabel("relative to ||exact gradient||² (else ||mean||²)")
-        legend = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels(),
-                                                                            strict=True)}
-        fig.suptitle(f"{task}: bias² and variance of each estimator's gradient")
-        fig.tight_layout()
-        fig.legend(legend.values(), legend.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+        fig = _bias_variance_figure(
+            table, "samples", "samples per estimate", 2,
+            f"{task}: bias² and variance of each estimator's gradient",
+            rows=lambda part: part, suffix=lambda data: "",
+        )
         return save(fig, ctx.out_dir, f"gradient_{task}") + write_table(
             table, ctx.out_dir, f"gradient_{task}_table", f"{task}: bias, variance and MSE"
         )
@@ -210,39 +227,21 @@ def temperature_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _draw_temperature(task: str) -> Callable[[ReportContext], list[Path]]:
     def draw(ctx: ReportContext) -> list[Path]:
-        from reports.frame import natural_key
-        from reports.plotting import plt, save
+        from reports.plotting import save
         from reports.tables import write_table
 
         table = temperature_table(ctx.runs[ctx.runs["task"].eq(task)])
         if table.empty:
             raise NoFigureData(f"no finished {task} cell sweeps a temperature")
-        variants = sorted(dict.fromkeys(table["variant"]), key=natural_key)
-        fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 4.2), squeeze=False)
-        for ax, variant in zip(axes[0], variants, strict=True):
-            part = table[table["variant"].eq(variant)]
-            largest = part.groupby("estimator")["samples"].transform("max")
-            for name, data in part[part["samples"].eq(largest)].groupby("estimator", sort=True):
-                colour = None
-                for column, style in (("variance", "-o"), ("bias2", "--x")):
-                    values = data.set_index("temperature")[column].astype(float).dropna()
-                    if values.empty:
-                        continue  # no bias without a distribution: the label says so
-                    shown = values[values > 0]  # an exact zero has no place on a log axis
-                    s = int(data["samples"].iloc[0])
-                    label = f"{name}: {column.replace('2', '²')} (S = {s})" + (" 0" if shown.empty else "")
-                    (line,) = ax.plot(shown.index, shown.values, style, color=colour, label=label)
-                    colour = line.get_color()
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_title(variant)
-            ax.set_xlabel("temperature (tau, temperature)")
-            ax.set_ylabel("relative to ||exact gradient||² (else ||mean||²)")
-        legend = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels(),
-                                                                            strict=True)}
-        fig.suptitle(f"{task}: bias² and variance against the relaxation's temperature")
-        fig.tight_layout()
-        fig.legend(legend.values(), legend.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+
+        def largest_samples(part: pd.DataFrame) -> pd.DataFrame:
+            return part[part["samples"].eq(part.groupby("estimator")["samples"].transform("max"))]
+
+        fig = _bias_variance_figure(
+            table, "temperature", "temperature (tau, temperature)", 10,
+            f"{task}: bias² and variance against the relaxation's temperature",
+            rows=largest_samples, suffix=lambda data: f" (S = {int(data['samples'].iloc[0])})",
+        )
         return save(fig, ctx.out_dir, f"gradient_temperature_{task}") + write_table(
             table, ctx.out_dir, f"gradient_temperature_{task}_table",
             f"{task}: bias, variance and MSE against the temperature",

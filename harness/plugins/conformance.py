@@ -600,14 +600,21 @@ def _smoke_params(task: Task) -> dict[str, Any]:
     return params
 
 
-def _train(task: Task, est: Estimator, cache: Path) -> str:
-    """A few optimiser steps of one cell at the task's smoke sizes, on the CPU, as the runner
-    takes them; then ``evaluate`` twice (it must repeat itself) and the artifacts once."""
+def _smoke_cell(task: Task, est: Estimator) -> tuple[dict[str, Any], dict[str, Any], str, Spec]:
+    """The smoke cell of ``task`` with ``est``: its parameters, the estimator's, the kind and the
+    spec; ``_Skipped`` (n/a) when the estimator serves none of the task's kinds."""
     params = _smoke_params(task)
     est_params = dict(est.defaults)
     kind, spec, reason = choose_kind(task, est, params, est_params)
     if kind is None:
         raise _Skipped(f"n/a: {reason}")
+    return params, est_params, kind, spec
+
+
+def _train(task: Task, est: Estimator, cache: Path) -> str:
+    """A few optimiser steps of one cell at the task's smoke sizes, on the CPU, as the runner
+    takes them; then ``evaluate`` twice (it must repeat itself) and the artifacts once."""
+    params, est_params, kind, spec = _smoke_cell(task, est)
     device = torch.device("cpu")
     with _seeded(0):
         try:
@@ -697,11 +704,7 @@ def _samples_smoke(task: Task, est: Estimator, cache: Path) -> str:
     """One training step with the layer's ``samples`` as built (S) and doubled (2S), on the CPU: the
     task must feed the layer twice the rows, as sample-major copies, hand ``objective`` one loss
     per row, and evaluate exactly as before (evaluation ignores ``samples``)."""
-    params = _smoke_params(task)
-    est_params = dict(est.defaults)
-    kind, spec, reason = choose_kind(task, est, params, est_params)
-    if kind is None:
-        raise _Skipped(f"n/a: {reason}")
+    params, est_params, kind, spec = _smoke_cell(task, est)
     device = torch.device("cpu")
     seen: dict[int, _Recorder] = {}
     metrics: dict[int, dict[str, float]] = {}
