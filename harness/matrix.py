@@ -453,18 +453,9 @@ def _expand(
     points: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
     keys = list(sweep)
     for combo in itertools.product(*(sweep[k] for k in keys)) if keys else [()]:
-        tp, ep = dict(tparams), dict(eparams)
-        for key, value in zip(keys, combo, strict=True):
-            scope, _, name = key.partition(".")
-            if scope == "task":
-                _update(f"[[overrides]] sweep for {where}", tp, {name: value}, task)
-            elif scope == "estimator":
-                _update(f"[[overrides]] sweep for {where}", ep, {name: value}, est)
-            else:
-                raise ConfigError(f"[[overrides]] sweep key {key!r} must start with 'task.' or 'estimator.'")
-        label_sweep = ",".join(f"{k.partition('.')[2]}={v}" for k, v in zip(keys, combo, strict=True))
-        _check_cell(f"{where}{'/' + label_sweep if label_sweep else ''}", task, tp, est, ep)
-        points.append((label_sweep, tp, ep))
+        values = dict(zip(keys, combo, strict=True))
+        tp, ep = _apply("[[overrides]] sweep", where, task, tparams, est, eparams, values)
+        points.append((_values_label(values), tp, ep))
 
     code = {"task": registry.code("task", task_name), "estimator": registry.code("estimator", est_name)}
     sources = {
@@ -479,7 +470,9 @@ def _expand(
         ((_, tp, ep),) = points
         trials = list(enumerate(draw(where, axes, ruleset)))
         tuning = ruleset.record(task.select_metric)
-        points = [(_trial_label(i, v), *_apply(where, task, tp, est, ep, v)) for i, v in trials]
+        points = [
+            (_trial_label(i, v), *_apply("[tuning] trial", where, task, tp, est, ep, v)) for i, v in trials
+        ]
     cells = []
     for (sw, tp, ep), (trial, values) in zip(points, trials, strict=True):
         kind, spec, reason = choose_kind(task, est, tp, ep)
@@ -522,24 +515,33 @@ def _axes(
     return axes
 
 
+def _values_label(values: Mapping[str, Any]) -> str:
+    """``lr=0.00312,temperature=1.2``: a sweep point's or a trial's values, as a sweep label."""
+    return ",".join(f"{k.partition('.')[2]}={v}" for k, v in values.items())
+
+
 def _trial_label(index: int, values: Mapping[str, Any]) -> str:
     """``trial=3,lr=0.00312,temperature=1.2``: the trial's index and values, as a sweep label."""
-    return ",".join([f"trial={index}", *(f"{k.partition('.')[2]}={v}" for k, v in values.items())])
+    return ",".join(part for part in (f"trial={index}", _values_label(values)) if part)
 
 
 def _apply(
-    where: str, task: Task, tparams: Mapping[str, Any], est: Estimator, eparams: Mapping[str, Any],
-    values: Mapping[str, Any],
+    context: str, where: str, task: Task, tparams: Mapping[str, Any], est: Estimator,
+    eparams: Mapping[str, Any], values: Mapping[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The cell's params with a trial's values put in, checked as any cell's are."""
+    """The cell's params with ``task.``/``estimator.`` values put in (a sweep point or a tuning
+    trial; ``context`` names which in errors), checked as any cell's are."""
     tp, ep = dict(tparams), dict(eparams)
     for key, value in values.items():
         scope, _, name = key.partition(".")
         if scope == "task":
-            _update(f"[tuning] trial for {where}", tp, {name: value}, task)
+            _update(f"{context} for {where}", tp, {name: value}, task)
+        elif scope == "estimator":
+            _update(f"{context} for {where}", ep, {name: value}, est)
         else:
-            _update(f"[tuning] trial for {where}", ep, {name: value}, est)
-    _check_cell(f"{where}/{_trial_label(0, values).partition(',')[2]}", task, tp, est, ep)
+            raise ConfigError(f"{context} key {key!r} must start with 'task.' or 'estimator.'")
+    label = _values_label(values)
+    _check_cell(f"{where}{'/' + label if label else ''}", task, tp, est, ep)
     return tp, ep
 
 
